@@ -1,0 +1,53 @@
+"""Connecting to Ray the same way from every pipeline stage.
+
+Locally ``ray.init()`` starts a private cluster; with ``--address`` or ``RAY_ADDRESS`` the
+same code joins a real cluster (inside a Ray job, ``ray.init()`` connects to it). The AWS
+variables that point S3 clients at an endpoint and carry credentials are forwarded to
+workers through the runtime env, never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# forwarded to every Ray worker so s3fs / pyarrow there see the same S3 as the driver
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_EC2_METADATA_DISABLED",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+)
+
+
+def worker_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
+    """Start or join Ray unless already connected (tests and ``demo`` connect once)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = kwargs.pop("runtime_env", None) or {}
+    env_vars = {**worker_env(), **runtime_env.get("env_vars", {})}
+    if env_vars:
+        runtime_env = {**runtime_env, "env_vars": env_vars}
+    init_kwargs: dict[str, Any] = {"runtime_env": runtime_env or None, "log_to_driver": True, **kwargs}
+    if address:
+        logger.info("joining Ray cluster at %s", address)
+        ray.init(address=address, **init_kwargs)
+    else:
+        logger.info("starting local Ray (num_cpus=%s)", num_cpus)
+        ray.init(num_cpus=num_cpus, include_dashboard=kwargs.pop("include_dashboard", False), **init_kwargs)
