@@ -1,0 +1,116 @@
+"""FastModel: the indexable dual encoder ``s_fast(x, y) = f(x)^T g(y)``.
+
+``f(x)``: ResNet -> global average pool of the stride-32 map -> linear -> L2 norm. For a video
+the per-frame pooled features are averaged over frames *before* the projection (DESIGN.md),
+so a video costs one projection and lives in the same space as images.
+``g(y)``: bag-of-words or HF transformer (``thinkfast.models.text``) -> linear -> L2 norm.
+
+``forward(pixel_values, input_ids, attention_mask)`` returns both embeddings so that
+``DistributedDataParallel(model)(...)`` sees every parameter used in one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from thinkfast.models.config import FastConfig, fast_preset
+from thinkfast.models.io import TEXT_ENCODER_DIR, PretrainedMixin
+from thinkfast.models.text import HFTextEncoder, build_text_encoder
+from thinkfast.models.vision import ResNetBackbone, check_pixels
+
+logger = logging.getLogger(__name__)
+
+
+class FastModel(PretrainedMixin, nn.Module):
+    """Dual encoder; see the module docstring. Build with ``from_preset`` / ``from_pretrained``."""
+
+    model_kind = "fast"
+    config_class = FastConfig
+
+    def __init__(self, config: FastConfig, tokenizer: Any, load_pretrained: bool = True, hf_text_config: Any | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.backbone = ResNetBackbone(config.vision, load_pretrained=load_pretrained)
+        self.image_proj = nn.Linear(config.vision.hidden_sizes[-1], config.embed_dim)
+        self.text_encoder = build_text_encoder(config.text, hf_config=hf_text_config, load_pretrained=load_pretrained)
+        self.text_dropout = nn.Dropout(config.text.dropout)
+        self.text_proj = nn.Linear(self.text_encoder.output_dim, config.embed_dim)
+
+    # ------------------------------------------------------------ construction hooks
+    @classmethod
+    def preset_config(cls, name: str) -> FastConfig:
+        return fast_preset(name)
+
+    @classmethod
+    def _default_tokenizer(cls, config: FastConfig) -> Any:
+        if config.text.kind == "hf":
+            from thinkfast.data.tokenizer import HFTokenizer
+
+            return HFTokenizer(config.text.hf_name_or_path, max_length=config.max_text_length)
+        return super()._default_tokenizer(config)
+
+    @classmethod
+    def _with_vocab(cls, config: FastConfig, tokenizer: Any) -> FastConfig:
+        if config.text.kind == "bow":
+            return dataclasses.replace(config, text=dataclasses.replace(config.text, vocab_size=int(tokenizer.vocab_size)))
+        return config
+
+    @classmethod
+    def _build(cls, config: FastConfig, tokenizer: Any, load_pretrained: bool, directory: str | None) -> "FastModel":
+        hf_config = None
+        if directory is not None and config.text.kind == "hf":
+            from transformers import AutoConfig
+
+            from thinkfast.errors import CheckpointError
+
+            try:
+                hf_config = AutoConfig.from_pretrained(os.path.join(directory, TEXT_ENCODER_DIR))
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{directory} lacks a readable {TEXT_ENCODER_DIR}/config.json: {exc}") from exc
+        return cls(config, tokenizer, load_pretrained=load_pretrained, hf_text_config=hf_config)
+
+    def _save_extra(self, directory: str) -> None:
+        if isinstance(self.text_encoder, HFTextEncoder):
+            self.text_encoder.hf_config.save_pretrained(os.path.join(directory, TEXT_ENCODER_DIR))
+
+    # ------------------------------------------------------------ encoders
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features before projection ``(B, C4)``; frames averaged for videos."""
+        frames, b, f = check_pixels(pixel_values)
+        frames = frames.to(device=self.device, dtype=self.image_proj.weight.dtype)
+        last = self.backbone(frames)[-1]  # (B*F, C4, h, w)
+        pooled = last.mean(dim=(2, 3))  # (B*F, C4)
+        return pooled.reshape(b, f, -1).mean(dim=1)  # (B, C4)
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """f(x): images ``(B, 3, H, W)`` or videos ``(B, F, 3, H, W)`` -> ``(B, d)``."""
+        emb = self.image_proj(self.image_features(pixel_values))  # (B, d)
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """g(y): token ids ``(B, L)`` with mask ``(B, L)`` -> ``(B, d)``."""
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        feats = self.text_dropout(self.text_encoder(input_ids, attention_mask))  # (B, H)
+        emb = self.text_proj(feats)  # (B, d)
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    @staticmethod
+    def score(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Pairwise ``s_fast``: ``(B, d)`` and ``(B, d)`` -> ``(B,)`` (row i with row i)."""
+        return (image_embeddings * text_embeddings).sum(-1)
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both embeddings in one call (what DDP wraps): ``((B, d) images, (B, d) texts)``."""
+        return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.config.embed_dim}, image_size={self.config.image_size}, text={self.config.text.kind}"
