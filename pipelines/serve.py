@@ -1,0 +1,209 @@
+"""``thinkfast serve``: start the two-stage search service on Ray Serve.
+
+Either from flags (``--fast --slow --index --embeddings --corpus``) or from a Serve config
+file (``--config cluster/serve.yaml``, the same file ``serve run`` / ``serve deploy`` and
+a KubeRay RayService take). Both end in one validated :class:`ServeArgs` and the same
+``build_app``. Inputs are checked before Ray starts, so a wrong path is one clear line,
+not a replica traceback. The plain function :func:`serve` is the Python API (the demo,
+tests and benchmarks call it with ``blocking=False`` and get the base URL back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from pipelines.serve_app.args import ServeArgs
+from thinkfast.errors import ThinkfastError
+from thinkfast.utils import fs
+
+logger = logging.getLogger(__name__)
+
+APP_IMPORT_PATH = "pipelines.serve_app.app:build_app"
+DEFAULT_APP_NAME = "thinkfast"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """One application of a Serve config file, plus the HTTP options it asks for."""
+
+    args: ServeArgs  # the application's validated ``args:``
+    name: str  # Serve application name
+    route_prefix: str  # where the app is mounted on the HTTP proxy
+    host: str | None  # http_options.host, if the file sets it
+    port: int | None  # http_options.port, if the file sets it
+
+
+def load_serve_config(path: str) -> ServeConfig:
+    """Read a Serve config YAML (local or ``s3://``) that deploys this project's app."""
+    import yaml
+
+    if not fs.exists(path):
+        raise ThinkfastError(f"serve config {path} does not exist")
+    try:
+        doc = yaml.safe_load(fs.read_bytes(path).decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ThinkfastError(f"serve config {path} is not valid YAML: {exc}") from None
+    apps = (doc or {}).get("applications") if isinstance(doc, dict) else None
+    ours = [a for a in apps or [] if isinstance(a, dict) and a.get("import_path") == APP_IMPORT_PATH]
+    if len(ours) != 1:
+        raise ThinkfastError(f"serve config {path} must have exactly one application with import_path {APP_IMPORT_PATH}")
+    app = ours[0]
+    try:
+        args = ServeArgs.model_validate(app.get("args") or {})
+    except ValidationError as exc:
+        raise ThinkfastError(f"serve config {path}: invalid args: {_one_line(exc)}") from None
+    http = doc.get("http_options") or {}
+    return ServeConfig(
+        args=args,
+        name=str(app.get("name", DEFAULT_APP_NAME)),
+        route_prefix=str(app.get("route_prefix", "/")),
+        host=http.get("host"),
+        port=int(http["port"]) if "port" in http else None,
+    )
+
+
+def check_inputs(args: ServeArgs) -> None:
+    """Fail fast, before Ray, when an artifact the replicas would load is missing."""
+    required = {
+        "--fast": fs.join(args.fast, "config.json"),
+        "--slow": fs.join(args.slow, "config.json"),
+        "--index": fs.join(args.index, "manifest.json"),
+        "--embeddings": fs.join(args.embeddings, "tokens", "manifest.json"),
+        "--corpus": args.corpus,
+    }
+    for flag, uri in required.items():
+        if not fs.exists(uri, args.s3_endpoint):
+            raise ThinkfastError(f"{flag}: {uri} does not exist")
+
+
+def _http_address(requested_host: str, requested_port: int) -> tuple[str, int]:
+    """Where the Serve proxy really listens: the first ``serve.start`` on a cluster fixes it."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        config = _get_global_client().http_config
+        return str(config.host or requested_host), int(config.port)
+    except Exception:  # noqa: BLE001 - private API; fall back to what was asked
+        return requested_host, requested_port
+
+
+def serve(
+    args: ServeArgs | dict[str, Any],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str = DEFAULT_APP_NAME,
+    route_prefix: str = "/",
+    address: str | None = None,
+    blocking: bool = False,
+) -> str:
+    """Deploy the search app and return its base URL (``http://host:port/prefix``).
+
+    ``blocking=True`` keeps the process (and a local Ray) alive until Ctrl-C; otherwise
+    the app keeps running in the connected Ray cluster after this returns."""
+    from ray import serve as ray_serve
+
+    from pipelines.ray_utils import init_ray
+    from pipelines.serve_app.app import build_app
+
+    if not isinstance(args, ServeArgs):
+        try:
+            args = ServeArgs.model_validate(args)
+        except ValidationError as exc:
+            raise ThinkfastError(f"invalid serve arguments: {_one_line(exc)}") from None
+    check_inputs(args)
+    init_ray(address=address)
+    ray_serve.start(http_options={"host": host, "port": port})
+    real_host, real_port = _http_address(host, port)
+    if (real_host, real_port) != (host, port):
+        logger.warning("Serve already listens on %s:%d; %s:%d ignored", real_host, real_port, host, port)
+    started = time.perf_counter()
+    try:
+        ray_serve.run(build_app(args), name=name, route_prefix=route_prefix)
+    except ThinkfastError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a replica failed in __init__: one line for the CLI
+        raise ThinkfastError(f"the service failed to start: {_one_line(exc)}") from exc
+    url = f"http://{real_host}:{real_port}{route_prefix.rstrip('/')}"
+    logger.info("search service %r up in %.1f s at %s", name, time.perf_counter() - started, url)
+    if blocking:
+        print(f"thinkfast serve: listening on {url}/  (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            ray_serve.delete(name)
+    return url
+
+
+def _one_line(exc: BaseException) -> str:
+    """The most telling single line of an exception (replica errors carry whole tracebacks)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error" in line:
+            return line[:500]
+    return (lines[-1] if lines else type(exc).__name__)[:500]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_argument_group("artifacts (or --config)")
+    src.add_argument("--fast", metavar="DIR", help="fast model directory or URI")
+    src.add_argument("--slow", metavar="DIR", help="slow model directory or URI")
+    src.add_argument("--index", metavar="URI", help="index directory (thinkfast index --out)")
+    src.add_argument("--embeddings", metavar="URI", help="thinkfast embed --out (its tokens/ are used)")
+    src.add_argument("--corpus", metavar="URI", help="corpus Parquet (captions and /media)")
+    src.add_argument("--config", metavar="YAML", help="a Serve config file, e.g. cluster/serve.yaml")
+    parser.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1, or the config's)")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port (default 8000, or the config's)")
+    parser.add_argument("--name", default=None, help=f"Serve application name (default {DEFAULT_APP_NAME})")
+    parser.add_argument("--beta", type=float, default=None, help="weight of s_fast in the final score")
+    parser.add_argument("--nprobe", type=int, default=None, help="IVF probes per shard search")
+    parser.add_argument("--min-replicas", type=int, default=None, help="re-ranker replicas kept warm")
+    parser.add_argument("--max-replicas", type=int, default=None, help="re-ranker autoscaling ceiling")
+    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
+    parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    parser.add_argument("--detach", action="store_true", help="deploy and return (the app stays up on the cluster)")
+
+
+def args_from_cli(ns: argparse.Namespace) -> tuple[ServeArgs, str, int, str, str]:
+    """(ServeArgs, host, port, app name, route prefix) from parsed flags and/or --config."""
+    flags = {k: getattr(ns, k) for k in ("fast", "slow", "index", "embeddings", "corpus")}
+    if ns.config:
+        if any(flags.values()):
+            raise ThinkfastError("give either --config or the artifact flags (--fast ... --corpus), not both")
+        cfg = load_serve_config(ns.config)
+        base: dict[str, Any] = cfg.args.model_dump()
+        host, port, name, prefix = cfg.host or "127.0.0.1", cfg.port or 8000, cfg.name, cfg.route_prefix
+    else:
+        missing = [f"--{k}" for k, v in flags.items() if not v]
+        if missing:
+            raise ThinkfastError(f"missing {', '.join(missing)} (or give --config YAML)")
+        base = dict(flags)
+        host, port, name, prefix = "127.0.0.1", 8000, DEFAULT_APP_NAME, "/"
+    for key in ("beta", "nprobe", "s3_endpoint"):
+        if getattr(ns, key) is not None:
+            base[key] = getattr(ns, key)
+    reranker = dict(base.get("reranker") or {})
+    if ns.min_replicas is not None:
+        reranker["min_replicas"] = ns.min_replicas
+    if ns.max_replicas is not None:
+        reranker["max_replicas"] = ns.max_replicas
+    if reranker:
+        base["reranker"] = reranker
+    try:
+        args = ServeArgs.model_validate(base)
+    except ValidationError as exc:
+        raise ThinkfastError(f"invalid serve arguments: {_one_line(exc)}") from None
+    return args, ns.host or host, ns.port or port, ns.name or name, prefix
+
+
+def run(ns: argparse.Namespace) -> int:
+    args, host, port, name, prefix = args_from_cli(ns)
+    serve(args, host=host, port=port, name=name, route_prefix=prefix, address=ns.address, blocking=not ns.detach)
+    return 0

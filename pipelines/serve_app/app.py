@@ -1,0 +1,68 @@
+"""The Serve application builder: ``ServeArgs`` -> the bound deployment graph.
+
+This is the ``import_path`` of ``cluster/serve.yaml`` (``pipelines.serve_app.app:build_app``)
+and what ``thinkfast serve`` calls, so ``serve run``, ``serve deploy``, a KubeRay
+RayService and the CLI build the same graph from the same validated arguments.
+
+No ``from __future__ import annotations`` here on purpose: Serve inspects the builder's
+parameter annotation at runtime to validate the YAML ``args:`` into ``ServeArgs``, and a
+string annotation would bypass that validation.
+"""
+
+import logging
+from typing import Any
+
+from ray.serve import Application
+
+from pipelines.serve_app.args import DeploymentSize, RerankerSize, ServeArgs
+
+logger = logging.getLogger(__name__)
+
+
+def _fixed(size: DeploymentSize) -> dict[str, Any]:
+    return {
+        "num_replicas": size.num_replicas,
+        "max_ongoing_requests": size.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": size.num_cpus},
+    }
+
+
+def _autoscaled(size: RerankerSize) -> dict[str, Any]:
+    return {
+        "max_ongoing_requests": size.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": size.num_cpus},
+        "autoscaling_config": {
+            "min_replicas": size.min_replicas,
+            "max_replicas": size.max_replicas,
+            "target_ongoing_requests": size.target_ongoing_requests,
+            "upscale_delay_s": size.upscale_delay_s,
+            "downscale_delay_s": size.downscale_delay_s,
+            "look_back_period_s": size.look_back_period_s,
+        },
+    }
+
+
+def index_shard_count(args: ServeArgs) -> int:
+    """Shards in the index (one Retriever deployment each), from its manifest alone."""
+    from thinkfast.index.sharded import ShardedIndex
+
+    return int(ShardedIndex.read_manifest(args.index, s3_endpoint=args.s3_endpoint).num_shards)
+
+
+def build_app(args: ServeArgs) -> Application:
+    """Bind Ingress -> TextEncoder, Retriever x shards, Reranker (autoscaled), Catalog."""
+    from pipelines.serve_app.deployments import Catalog, Reranker, Retriever, TextEncoder
+    from pipelines.serve_app.ingress import Ingress
+
+    if not isinstance(args, ServeArgs):  # called directly with a dict (e.g. from a notebook)
+        args = ServeArgs.model_validate(args)
+    shards = index_shard_count(args)
+    logger.info("building the search app: %d retriever shard(s) over %s", shards, args.index)
+    encoder = TextEncoder.options(**_fixed(args.encoder)).bind(args)
+    retrievers = [
+        Retriever.options(name=f"Retriever_{i}", **_fixed(args.retriever)).bind(args, i) for i in range(shards)
+    ]
+    reranker = Reranker.options(**_autoscaled(args.reranker)).bind(args)
+    catalog = Catalog.options(**_fixed(args.catalog)).bind(args)
+    return Ingress.options(**_fixed(args.ingress)).bind(args, encoder, retrievers, reranker, catalog)
+

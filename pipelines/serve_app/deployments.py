@@ -1,0 +1,202 @@
+"""The Serve deployments behind the ingress: text encoder, per-shard retrievers, the
+batched slow re-ranker and the corpus catalog.
+
+Each replica loads what it needs from URIs in ``__init__`` (nothing at import), and holds
+only its own part: retrievers hold one index shard each, so the index can exceed one
+machine's memory; only the re-ranker holds the slow model and the token store, and only
+it autoscales, because the slow scoring of K candidates dominates a query's cost.
+Replies are plain Python / numpy objects, which Serve passes between replicas by pickle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from ray import serve
+
+from pipelines.serve_app.args import ServeArgs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """A query's fast candidates, best first."""
+
+    keys: list[str]  # (K,)
+    fast_scores: np.ndarray  # (K,) float32, s_fast
+
+
+@dataclass(frozen=True)
+class RerankItem:
+    """One request's share of a re-rank batch."""
+
+    query: str
+    candidates: Candidates
+    k: int  # results wanted (<= K)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """Final ranking of one query, best first (length min(k, K))."""
+
+    keys: list[str]
+    score: np.ndarray  # (k,) h + beta * s_fast
+    fast_score: np.ndarray  # (k,)
+    slow_score: np.ndarray  # (k,) h = h_fwd + h_bwd
+
+
+def merge_shard_results(results: list[tuple[list[list[str]], np.ndarray]], k: int) -> list[Candidates]:
+    """Per-shard top-k lists of each query -> global top-k per query (drops shard padding).
+
+    Shards are disjoint, so the global top-k is the top-k of the union; ties keep shard
+    order (a stable sort), which is what a single exact index over the same vectors gives."""
+    if not results:
+        return []
+    n = len(results[0][0])
+    merged = []
+    for q in range(n):
+        keys: list[str] = []
+        scores: list[np.ndarray] = []
+        for shard_keys, shard_scores in results:
+            row_keys = shard_keys[q]
+            row_scores = np.asarray(shard_scores[q], dtype=np.float32)
+            valid = [i for i, key in enumerate(row_keys) if key and np.isfinite(row_scores[i])]
+            keys.extend(row_keys[i] for i in valid)
+            scores.append(row_scores[valid])
+        flat = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+        order = np.argsort(-flat, kind="stable")[:k]
+        merged.append(Candidates([keys[i] for i in order], flat[order]))
+    return merged
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+@serve.deployment
+class TextEncoder:
+    """g(y): the fast model's text tower. Batches concurrent queries into one forward pass."""
+
+    def __init__(self, args: ServeArgs, torch_threads: int = 1) -> None:
+        from thinkfast import FastModel
+
+        _set_threads(torch_threads)
+        self.model = FastModel.from_pretrained(args.fast).eval()
+        self.identity = self.model.identity
+        logger.info("text encoder ready: %s (identity %s)", args.fast, self.identity)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def encode(self, queries: list[str]) -> list[np.ndarray]:
+        return await asyncio.to_thread(self._encode, queries)
+
+    def _encode(self, queries: list[str]) -> list[np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            batch = self.model.tokenize(list(queries))
+            vectors = self.model.encode_text(batch["input_ids"], batch["attention_mask"])  # (B, d)
+        out = vectors.float().cpu().numpy()
+        return [out[i] for i in range(len(queries))]
+
+    def model_identity(self) -> str:
+        return self.identity
+
+
+@serve.deployment
+class Retriever:
+    """One index shard. Concurrent queries are searched as one (n, d) FAISS batch."""
+
+    def __init__(self, args: ServeArgs, shard: int, expected_model_identity: str | None = None) -> None:
+        from thinkfast import ShardedIndex
+
+        self.shard = shard
+        self.index = ShardedIndex.load(args.index, shards=[shard], expected_model_identity=expected_model_identity)
+        self.nprobe = args.nprobe
+        logger.info("retriever for shard %d of %s ready", shard, args.index)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def search(self, requests: list[tuple[np.ndarray, int]]) -> list[tuple[list[str], np.ndarray]]:
+        return await asyncio.to_thread(self._search, requests)
+
+    def _search(self, requests: list[tuple[np.ndarray, int]]) -> list[tuple[list[str], np.ndarray]]:
+        queries = np.stack([np.asarray(v, dtype=np.float32) for v, _ in requests])  # (n, d)
+        k_max = max(k for _, k in requests)
+        kwargs = {"nprobe": self.nprobe} if self.nprobe else {}
+        keys, scores = self.index.search(queries, k_max, **kwargs)  # (n, k_max) each
+        return [
+            (list(keys[i][:k]), np.asarray(scores[i][:k], dtype=np.float32)) for i, (_, k) in enumerate(requests)
+        ]
+
+
+@serve.deployment
+class Reranker:
+    """The slow model over cached phi(x) tokens: candidates of concurrent requests are
+    scored together (``@serve.batch``) through ``thinkfast.rerank``, the same code path as
+    ``thinkfast eval``, so the service and the evaluation rank identically."""
+
+    def __init__(self, args: ServeArgs) -> None:
+        from thinkfast import SlowModel, TokenStore
+        from thinkfast import rerank
+
+        size = args.reranker
+        _set_threads(size.torch_threads)
+        self.model = SlowModel.from_pretrained(args.slow).eval()
+        self.store = TokenStore.open(args.embeddings, s3_endpoint=args.s3_endpoint)
+        self.beta = rerank.DEFAULT_BETA if args.beta is None else args.beta
+        self.score_batch_size = size.score_batch_size
+        self.rerank.set_max_batch_size(size.max_batch_size)
+        self.rerank.set_batch_wait_timeout_s(size.batch_wait_timeout_s)
+        logger.info(
+            "re-ranker ready: %s, %d token sets of shape %s, beta %.3f", args.slow, len(self.store),
+            self.store.shape[1:], self.beta,
+        )
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def rerank(self, items: list[RerankItem]) -> list[Ranked]:
+        return await asyncio.to_thread(self._rerank, items)
+
+    def _rerank(self, items: list[RerankItem]) -> list[Ranked]:
+        from thinkfast import rerank
+
+        results = rerank.rerank_candidates(
+            self.model,
+            [it.query for it in items],
+            [(it.candidates.keys, it.candidates.fast_scores) for it in items],
+            self.store.get,
+            k=[it.k for it in items],
+            beta=self.beta,
+            batch_size=self.score_batch_size,
+        )
+        return [Ranked(list(r.keys), r.score, r.fast_score, r.slow_score) for r in results]
+
+
+@serve.deployment
+class Catalog:
+    """Captions and media bytes by key (see ``catalog.CorpusCatalog``)."""
+
+    def __init__(self, args: ServeArgs) -> None:
+        from pipelines.serve_app.catalog import CorpusCatalog
+
+        self.catalog = CorpusCatalog.open(args.corpus, s3_endpoint=args.s3_endpoint)
+
+    def captions(self, keys: list[str]) -> list[str]:
+        return self.catalog.captions(keys)
+
+    def media(self, key: str) -> tuple[bytes, str] | None:
+        """(bytes, content type), or None for a key the corpus does not have."""
+        from pipelines.serve_app.catalog import UnknownMediaKey
+
+        try:
+            blob = self.catalog.media(key)
+        except UnknownMediaKey:
+            return None
+        return blob.data, blob.content_type
+
+    def size(self) -> int:
+        return len(self.catalog)

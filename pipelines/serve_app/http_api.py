@@ -1,0 +1,137 @@
+"""The HTTP contract of ``POST /search`` (DESIGN.md section 3) and its input validation.
+
+The body is parsed here by hand rather than by FastAPI's automatic body binding so that
+every way a body can be wrong (too large, not UTF-8, not JSON, not an object, unknown
+fields, wrong types, out-of-range values, lone surrogates that would crash the JSON
+encoder later) maps to one 4xx with a JSON ``detail`` and never reaches a model. Pure
+Python + pydantic: importable and testable without Ray or FastAPI.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_BODY_BYTES = 16 * 1024  # request bodies above this are refused before parsing (413)
+MAX_QUERY_CHARS = 1000  # longest query accepted
+MAX_K = 100  # most results one response may carry
+MAX_RERANK = 1000  # most candidates the slow model may score for one query
+DEFAULT_K = 10  # results returned when the body does not say
+DEFAULT_RERANK = 50  # candidates re-ranked when the body does not say (raised to k if smaller)
+MAX_MEDIA_KEY_CHARS = 1024  # longer /media keys are refused without a lookup
+
+
+class RequestError(Exception):
+    """A client error: ``status`` (4xx) and a JSON-serialisable ``detail``."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(str(detail))
+        self.status = status
+        self.detail = detail
+
+
+class SearchRequest(BaseModel):
+    """``{"query", "k", "rerank"}``; strict types: ``"5"`` or ``5.0`` or ``true`` is not an int."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="the text to search for")
+    k: int = Field(DEFAULT_K, ge=1, le=MAX_K, description="results to return")
+    rerank: int | None = Field(
+        None, ge=0, le=MAX_RERANK, description="K candidates the slow model re-scores; 0 = fast only"
+    )
+
+    @field_validator("query")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("query must contain a non-whitespace character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates from "\ud800" JSON escapes
+            raise ValueError("query is not valid Unicode (lone surrogate)") from exc
+        if "\x00" in value:
+            raise ValueError("query must not contain NUL characters")
+        return value
+
+    @model_validator(mode="after")
+    def _rerank_covers_k(self) -> "SearchRequest":
+        if self.rerank is not None and self.rerank != 0 and self.rerank < self.k:
+            raise ValueError(f"rerank ({self.rerank}) must be 0 or >= k ({self.k})")
+        return self
+
+    def candidates(self) -> int:
+        """K: how many fast candidates to fetch (and re-rank unless fast-only)."""
+        if self.rerank is None:
+            return max(self.k, DEFAULT_RERANK)
+        return self.rerank if self.rerank > 0 else self.k
+
+    @property
+    def fast_only(self) -> bool:
+        return self.rerank == 0
+
+
+class SearchResult(BaseModel):
+    key: str  # corpus key; its media is GET /media/{key}
+    score: float  # final ranking score: h + beta * s_fast, or s_fast when fast only
+    fast_score: float  # s_fast = f(x)^T g(y)
+    slow_score: float | None  # h = h_fwd + h_bwd (<= 0); None when not re-ranked
+    caption: str  # the corpus' first caption of this item (display only)
+
+
+class SearchResponse(BaseModel):
+    query: str
+    k: int  # results asked for
+    rerank: int  # candidates re-ranked (0 = fast only)
+    results: list[SearchResult]
+    timings_ms: dict[str, float]  # encode, retrieve, rerank, total
+
+
+def _json_ok_media_type(content_type: str | None) -> bool:
+    if not content_type:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in ("application/json", "text/plain") or media.endswith("+json")
+
+
+def _clean_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic's errors without the offending input (a 10 kB query would be echoed back)."""
+    return [
+        {"loc": [str(p) for p in err.get("loc", ())], "msg": err.get("msg", ""), "type": err.get("type", "")}
+        for err in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]
+
+
+def parse_search_body(body: bytes, content_type: str | None = None) -> SearchRequest:
+    """Bytes of a ``POST /search`` body -> a valid :class:`SearchRequest`, or :class:`RequestError`."""
+    if len(body) > MAX_BODY_BYTES:
+        raise RequestError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    if not _json_ok_media_type(content_type):
+        raise RequestError(415, f"content type {content_type!r} is not JSON; send application/json")
+    if not body.strip():
+        raise RequestError(400, "request body is empty; send a JSON object like {\"query\": \"a red circle\"}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(400, f"request body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except (RecursionError, ValueError) as exc:  # deep nesting; ints over Python's 4300-digit limit
+        raise RequestError(400, f"request body is not acceptable JSON: {type(exc).__name__}") from None
+    if not isinstance(payload, dict):
+        raise RequestError(422, f"request body must be a JSON object, not {type(payload).__name__}")
+    try:
+        return SearchRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise RequestError(422, _clean_errors(exc)) from None
+
+
+def check_media_key(key: str) -> str:
+    """Cheap pre-check of a ``/media/{key}`` path parameter; the real check is the table lookup."""
+    if not key or len(key) > MAX_MEDIA_KEY_CHARS:
+        raise RequestError(404, "unknown media key")
+    return key

@@ -1,0 +1,170 @@
+"""The HTTP face of the service: a FastAPI app served by the ``Ingress`` deployment.
+
+``POST /search`` runs the two stages by composing deployment handles: text encoder ->
+every retriever shard in parallel -> merged top-K -> re-ranker (with the captions of the K
+candidates fetched from the catalog at the same time). ``GET /media/{key}`` answers only
+keys the catalog's table holds. Every client error is a 4xx JSON ``{"detail": ...}``
+(see ``http_api``); the ingress itself holds no model, so it stays cheap to replicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from pipelines.serve_app.args import ServeArgs
+from pipelines.serve_app.deployments import Candidates, RerankItem, merge_shard_results
+from pipelines.serve_app.http_api import (
+    MAX_BODY_BYTES,
+    RequestError,
+    SearchRequest,
+    SearchResponse,
+    SearchResult,
+    check_media_key,
+    parse_search_body,
+)
+
+logger = logging.getLogger(__name__)
+
+app = FastAPI(
+    title="thinkfast search",
+    description="Two-stage text-to-visual search: fast dual encoder + FAISS, slow cross-attention re-ranking.",
+)
+
+
+@app.exception_handler(RequestError)
+async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content={"detail": exc.detail})
+
+
+async def read_body_limited(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused (413) as soon as it passes ``limit`` bytes: a declared
+    Content-Length is checked before reading, and a chunked body is counted as it streams."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise RequestError(400, "Content-Length is not a number") from None
+        if size > limit:
+            raise RequestError(413, f"request body is {size} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise RequestError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _page_html() -> str:
+    return resources.files("pipelines.serve_app").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    """Owns the handles of the other deployments and orchestrates one query."""
+
+    def __init__(
+        self,
+        args: ServeArgs,
+        encoder: DeploymentHandle,
+        retrievers: list[DeploymentHandle],
+        reranker: DeploymentHandle,
+        catalog: DeploymentHandle,
+    ) -> None:
+        self.args = args
+        self.encoder = encoder
+        self.retrievers = retrievers
+        self.reranker = reranker
+        self.catalog = catalog
+        self.page = _page_html()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "shards": len(self.retrievers)}
+
+    @app.post(
+        "/search",
+        response_model=SearchResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": SearchRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def search(self, request: Request) -> SearchResponse:
+        start = time.perf_counter()
+        req = parse_search_body(await read_body_limited(request), request.headers.get("content-type"))
+        return await self.run_query(req, start)
+
+    async def run_query(self, req: SearchRequest, start: float) -> SearchResponse:
+        timings: dict[str, float] = {}
+        big_k = req.candidates()
+
+        t = time.perf_counter()
+        vector = await self.encoder.encode.remote(req.query)  # (d,)
+        timings["encode"] = _ms(t)
+
+        t = time.perf_counter()
+        shard_results = await asyncio.gather(*(r.search.remote((vector, big_k)) for r in self.retrievers))
+        cands: Candidates = merge_shard_results([([keys], scores[None, :]) for keys, scores in shard_results], big_k)[0]
+        timings["retrieve"] = _ms(t)
+
+        t = time.perf_counter()
+        if req.fast_only or not cands.keys:
+            keys = cands.keys[: req.k]
+            fast = cands.fast_scores[: req.k]
+            captions = await self.catalog.captions.remote(keys)
+            results = [
+                SearchResult(key=key, score=float(s), fast_score=float(s), slow_score=None, caption=cap)
+                for key, s, cap in zip(keys, fast, captions)
+            ]
+            timings["rerank"] = 0.0
+        else:
+            caption_call = self.catalog.captions.remote(cands.keys)  # overlaps with slow scoring
+            ranked = await self.reranker.rerank.remote(RerankItem(req.query, cands, req.k))
+            timings["rerank"] = _ms(t)
+            by_key = dict(zip(cands.keys, await caption_call))
+            results = [
+                SearchResult(
+                    key=key, score=float(s), fast_score=float(f), slow_score=float(h), caption=by_key.get(key, "")
+                )
+                for key, s, f, h in zip(ranked.keys, ranked.score, ranked.fast_score, ranked.slow_score)
+            ]
+        timings["total"] = _ms(start)
+        return SearchResponse(
+            query=req.query,
+            k=req.k,
+            rerank=0 if req.fast_only else len(cands.keys),
+            results=results,
+            timings_ms=timings,
+        )
+
+    @app.get("/media/{key:path}")
+    async def media(self, key: str) -> Response:
+        check_media_key(key)
+        found = await self.catalog.media.remote(key)
+        if found is None:
+            raise RequestError(404, "unknown media key")
+        data, content_type = found
+        return Response(content=data, media_type=content_type, headers={"Cache-Control": "public, max-age=3600"})
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000.0, 3)
+

@@ -1,0 +1,161 @@
+"""The serve contract without Ray: request validation, config files, CLI plumbing, result
+merging and the search client's output. Fast (well under a second each)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+
+import numpy as np
+import pytest
+import yaml
+
+from pipelines.serve_app.args import ServeArgs
+from pipelines.serve_app.http_api import MAX_BODY_BYTES, RequestError, parse_search_body
+from thinkfast.errors import ThinkfastError
+
+BAD_BODIES = {
+    "empty": (b"", 400),
+    "whitespace body": (b"  \n ", 400),
+    "empty query": (b'{"query": ""}', 422),
+    "whitespace query": (b'{"query": " \\t\\n "}', 422),
+    "10 kB query": (b'{"query": "' + b"a" * 10_000 + b'"}', 422),
+    "non-UTF-8": (b'{"query": "caf\xe9"}', 400),
+    "bad JSON": (b'{"query": "x",', 400),
+    "JSON array": (b'["x"]', 422),
+    "query not a string": (b'{"query": 7}', 422),
+    "k as string": (b'{"query": "x", "k": "5"}', 422),
+    "k as float": (b'{"query": "x", "k": 5.0}', 422),
+    "k as bool": (b'{"query": "x", "k": true}', 422),
+    "k = 0": (b'{"query": "x", "k": 0}', 422),
+    "k = 10^6": (b'{"query": "x", "k": 1000000}', 422),
+    "negative rerank": (b'{"query": "x", "rerank": -1}', 422),
+    "rerank > 1000": (b'{"query": "x", "rerank": 1001}', 422),
+    "rerank < k": (b'{"query": "x", "k": 20, "rerank": 10}', 422),
+    "unknown field": (b'{"query": "x", "filter": "red"}', 422),
+    "lone surrogate": (b'{"query": "\\ud800"}', 422),
+    "NUL in query": (b'{"query": "a\\u0000b"}', 422),
+    "5000-digit int": (b'{"query": "x", "k": ' + b"9" * 5000 + b"}", 400),
+    "oversized body": (b'{"query": "x", "pad": "' + b"p" * MAX_BODY_BYTES + b'"}', 413),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_BODIES))
+def test_bad_bodies_are_4xx_with_json_detail(name: str) -> None:
+    body, status = BAD_BODIES[name]
+    with pytest.raises(RequestError) as info:
+        parse_search_body(body, "application/json")
+    assert info.value.status == status
+    assert info.value.detail  # str or a list of {loc, msg, type}
+    assert len(str(info.value.detail)) < 2000  # the 10 kB query is not echoed back
+
+
+def test_wrong_content_type_is_415() -> None:
+    with pytest.raises(RequestError) as info:
+        parse_search_body(b'{"query": "x"}', "multipart/form-data; boundary=x")
+    assert info.value.status == 415
+
+
+def test_good_bodies_and_candidate_counts() -> None:
+    req = parse_search_body(b'{"query": "a red circle", "k": 5, "rerank": 20}', "application/json; charset=utf-8")
+    assert (req.query, req.k, req.candidates(), req.fast_only) == ("a red circle", 5, 20, False)
+    fast = parse_search_body(b'{"query": "x", "k": 7, "rerank": 0}')
+    assert fast.fast_only and fast.candidates() == 7
+    default = parse_search_body('{"query": "überall ✓"}'.encode())
+    assert default.k == 10 and default.candidates() == 50 and not default.fast_only
+    assert parse_search_body(b'{"query": "x", "k": 80}').candidates() == 80
+
+
+def test_serve_yaml_is_a_valid_serve_config_for_our_builder() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipelines.serve import APP_IMPORT_PATH, load_serve_config
+
+    doc = yaml.safe_load(open("cluster/serve.yaml", encoding="utf-8"))
+    schema = ServeDeploySchema.model_validate(doc)
+    assert [a.import_path for a in schema.applications] == [APP_IMPORT_PATH]
+    cfg = load_serve_config("cluster/serve.yaml")
+    assert cfg.args.reranker.max_replicas > cfg.args.reranker.min_replicas  # it can autoscale
+    assert cfg.args.reranker.max_ongoing_requests >= cfg.args.reranker.max_batch_size
+    assert cfg.port == 8000 and cfg.name == "thinkfast"
+
+
+def test_serve_args_reject_typos_and_inconsistent_sizes() -> None:
+    base = {"fast": "f", "slow": "s", "index": "i", "embeddings": "e", "corpus": "c"}
+    ServeArgs.model_validate(base)
+    with pytest.raises(Exception, match="extra"):
+        ServeArgs.model_validate({**base, "rerankr": {}})
+    with pytest.raises(Exception, match="max_replicas"):
+        ServeArgs.model_validate({**base, "reranker": {"min_replicas": 3, "max_replicas": 2}})
+    with pytest.raises(Exception, match="batches could never fill"):
+        ServeArgs.model_validate({**base, "reranker": {"max_batch_size": 16, "max_ongoing_requests": 8}})
+
+
+def _ns(**kw) -> argparse.Namespace:
+    from pipelines.serve import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = []
+    for key, value in kw.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return parser.parse_args(argv)
+
+
+def test_cli_flags_and_config_fill_the_same_args(tmp_path) -> None:
+    from pipelines.serve import args_from_cli
+
+    args, host, port, name, prefix = args_from_cli(
+        _ns(fast="F", slow="S", index="I", embeddings="E", corpus="C", port=9123, max_replicas=3, beta=0.5)
+    )
+    assert (args.fast, args.corpus, args.beta, args.reranker.max_replicas) == ("F", "C", 0.5, 3)
+    assert (host, port, name, prefix) == ("127.0.0.1", 9123, "thinkfast", "/")
+    cfg_args, host, port, _, _ = args_from_cli(_ns(config="cluster/serve.yaml", port=9000))
+    assert cfg_args.index == "s3://thinkfast-data/index" and port == 9000 and host == "0.0.0.0"
+    with pytest.raises(ThinkfastError, match="missing --slow"):
+        args_from_cli(_ns(fast="F", index="I", embeddings="E", corpus="C"))
+    with pytest.raises(ThinkfastError, match="not both"):
+        args_from_cli(_ns(config="cluster/serve.yaml", fast="F"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - import_path: somewhere.else:app\n")
+    with pytest.raises(ThinkfastError, match="exactly one application"):
+        args_from_cli(_ns(config=str(bad)))
+
+
+def test_check_inputs_names_the_missing_artifact(tmp_path) -> None:
+    from pipelines.serve import check_inputs
+
+    args = ServeArgs(fast=str(tmp_path / "nope"), slow="s", index="i", embeddings="e", corpus="c")
+    with pytest.raises(ThinkfastError, match="--fast: .*nope.*does not exist"):
+        check_inputs(args)
+
+
+def test_merge_shard_results_is_a_global_top_k() -> None:
+    from pipelines.serve_app.deployments import merge_shard_results
+
+    shard_a = ([["a1", "a2", "a3"]], np.array([[0.9, 0.5, 0.1]], np.float32))
+    shard_b = ([["b1", "b2", ""]], np.array([[0.7, 0.6, -np.inf]], np.float32))  # padded shard
+    (merged,) = merge_shard_results([shard_a, shard_b], 4)
+    assert merged.keys == ["a1", "b1", "b2", "a2"]
+    np.testing.assert_allclose(merged.fast_scores, [0.9, 0.7, 0.6, 0.5])
+    (short,) = merge_shard_results([shard_b], 10)
+    assert short.keys == ["b1", "b2"]  # padding dropped, never returned as a result
+
+
+def test_search_client_prints_a_table() -> None:
+    from pipelines.search import print_results
+
+    data = {
+        "query": "a red circle", "k": 2, "rerank": 10,
+        "results": [
+            {"key": "img1", "score": -3.25, "fast_score": 0.5, "slow_score": -3.5, "caption": "a red circle"},
+            {"key": "img2", "score": -4.0, "fast_score": 0.4, "slow_score": None, "caption": "a blue square"},
+        ],
+        "timings_ms": {"encode": 1.0, "retrieve": 2.0, "rerank": 3.0, "total": 6.5},
+    }
+    out = io.StringIO()
+    print_results(data, out)
+    text = out.getvalue()
+    assert "img1" in text and "-3.250" in text and "a blue square" in text and "total 6.5" in text
+    lines = text.splitlines()
+    assert lines[2].split()[:2] == ["1", "img1"] and lines[3].split()[:2] == ["2", "img2"]
