@@ -1,0 +1,105 @@
+"""``thinkfast submit`` without a cluster: entrypoint, runtime env, what gets shipped,
+how a finished job maps to an exit code, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from pipelines import submit as sub
+from pipelines.cli import main
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_entrypoint_runs_the_subcommand_through_python_m_and_quotes_flags():
+    entry = sub.build_entrypoint(["--", "embed", "--corpus", "s3://b/my corpus", "--out", "s3://b/o"])
+    assert entry == "python -m pipelines.cli embed --corpus 's3://b/my corpus' --out s3://b/o"
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [([], "no subcommand"), (["--"], "no subcommand"), (["submit", "--address", "x"], "cannot run `submit`"), (["frobnicate"], "unknown subcommand")],
+)
+def test_entrypoint_rejects_bad_commands(command, message):
+    with pytest.raises(sub.JobSubmissionError, match=message):
+        sub.build_entrypoint(command)
+
+
+def test_parse_env_pairs_and_errors():
+    assert sub.parse_env(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
+    with pytest.raises(sub.JobSubmissionError, match="KEY=VALUE"):
+        sub.parse_env(["NOEQUALS"])
+    with pytest.raises(sub.JobSubmissionError, match="KEY=VALUE"):
+        sub.parse_env(["=v"])
+
+
+def test_runtime_env_ships_checkout_and_forwards_aws_env(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1234")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    env = sub.build_runtime_env(str(ROOT), pip=["tqdm"], env={"AWS_ACCESS_KEY_ID": "override", "X": "1"})
+    assert env["working_dir"] == str(ROOT)
+    assert {".venv", ".git", "tests/data", "benchmarks/results"} <= set(env["excludes"])
+    assert env["pip"] == ["tqdm"]
+    assert env["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:1234"
+    assert env["env_vars"]["AWS_ACCESS_KEY_ID"] == "override"  # explicit --env wins
+    assert env["env_vars"]["X"] == "1"
+    assert env["env_vars"]["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"
+    assert "AWS_SESSION_TOKEN" not in env["env_vars"]
+    assert "working_dir" not in sub.build_runtime_env(None)
+
+
+def test_runtime_env_rejects_a_dir_that_is_not_a_checkout(tmp_path):
+    with pytest.raises(sub.JobSubmissionError, match="not a thinkfast checkout"):
+        sub.build_runtime_env(str(tmp_path))
+
+
+def test_shipped_package_has_the_code_and_none_of_the_excluded_dirs(tmp_path):
+    """Package the checkout exactly as Ray's job client does and look inside."""
+    from ray._private.runtime_env.packaging import create_package
+
+    env = sub.build_runtime_env(str(ROOT))
+    target = tmp_path / "pkg.zip"
+    create_package(env["working_dir"], target, include_gitignore=True, excludes=env["excludes"])
+    names = zipfile.ZipFile(target).namelist()
+    assert "pipelines/cli.py" in names and "thinkfast/errors.py" in names and "pyproject.toml" in names
+    for prefix in (".venv/", ".git/", "tests/data/", "benchmarks/results/"):
+        assert not any(n.startswith(prefix) for n in names), prefix
+    assert not any("__pycache__" in n for n in names)
+    assert target.stat().st_size < 50 * 1024 * 1024  # far below Ray's upload cap
+
+
+def _result(status: str, code: int | None, logs: str = "", message: str = "") -> sub.JobResult:
+    return sub.JobResult("raysubmit_x", status, message, code, logs)
+
+
+def test_job_result_exit_codes_and_error_line():
+    assert _result("SUCCEEDED", 0).exit_code == 0
+    failed = _result(
+        "FAILED",
+        2,
+        logs="starting\nthinkfast embed: error: corpus not found: s3://b/missing\n",
+        message="Job entrypoint command failed with exit code 2, last available logs ...",
+    )
+    assert failed.exit_code == 2
+    assert failed.error_line == "thinkfast embed: error: corpus not found: s3://b/missing"
+    crashed = _result("FAILED", 1, logs='Traceback (most recent call last):\n  File "x.py", line 1\nValueError: boom\n')
+    assert crashed.exit_code == 1 and crashed.error_line == "ValueError: boom"
+    stopped = _result("STOPPED", None, message="Job was intentionally stopped.")
+    assert stopped.exit_code == 1 and stopped.error_line == "Job was intentionally stopped."
+
+
+def test_cli_unreachable_dashboard_is_one_clear_error(capsys):
+    code = main(["submit", "--address", f"http://127.0.0.1:{free_port()}", "--", "embed", "--help"])
+    assert code == 2
+    assert "thinkfast submit: error: cannot reach the Ray Jobs API" in capsys.readouterr().err
+
+
+def test_cli_requires_an_address(capsys, monkeypatch):
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    assert main(["submit", "--", "embed", "--help"]) == 2
+    assert "--address is required" in capsys.readouterr().err
