@@ -1,0 +1,504 @@
+"""``ShardedIndex``: FAISS shards + key tables + manifest, searched shard-parallel.
+
+Each shard is an ordinary FAISS index file whose ids are row numbers in the shard's key
+table, so global ids are ``shard offset + row``. A search runs every shard in a thread
+(FAISS releases the GIL), merges the per-shard top-k with FAISS's own ``ResultHeap``
+(the merge ``IndexShards`` does), and maps ids back to keys. Removed keys are
+tombstoned in the key table and hidden with an ``IDSelectorBitmap`` at search time, so
+shard files never change after they are written: they can be memory-mapped, cached
+from S3, and shared between processes. ``add`` appends a shard cloned from the stored
+trained (empty) index, without retraining or rewriting existing shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+
+from thinkfast.errors import IndexMismatchError, ThinkfastError
+from thinkfast.index import build as B
+from thinkfast.index.manifest import (
+    MANIFEST_NAME,
+    TRAINED_NAME,
+    IndexManifest,
+    ShardRecord,
+    read_manifest,
+    write_manifest,
+)
+from thinkfast.index.params import SearchSettings, search_with
+from thinkfast.utils import fs
+from thinkfast.utils.timer import StageTimer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "thinkfast", "index")
+
+
+@dataclass
+class _Shard:
+    """A loaded shard: FAISS index, keys by FAISS id, tombstones, optional raw vectors."""
+
+    record: ShardRecord
+    index: faiss.Index
+    keys: np.ndarray  # (total,) object: key of FAISS id i
+    removed: np.ndarray  # (total,) bool
+    vectors: np.ndarray | None  # (total, d) float32 memmap, for exact re-scoring
+    selector: faiss.IDSelector | None = None  # hides removed ids; None when nothing is removed
+    bitmap: np.ndarray | None = None  # backing store of the selector (SWIG does not own it)
+
+    def refresh_selector(self) -> None:
+        if not self.removed.any():
+            self.selector, self.bitmap = None, None
+            return
+        self.bitmap = np.packbits(~self.removed, bitorder="little")
+        self.selector = faiss.IDSelectorBitmap(len(self.removed), faiss.swig_ptr(self.bitmap))
+
+
+def _read_local_shard(directory: str, record: ShardRecord, dim: int, mmap: bool) -> _Shard:
+    """Load one shard from a local directory, checking sizes against the manifest first
+    (a truncated FAISS file can otherwise crash or half-load)."""
+    index_path = os.path.join(directory, record.index_file)
+    size = os.path.getsize(index_path) if os.path.exists(index_path) else -1
+    if size != record.index_bytes:
+        raise IndexMismatchError(
+            f"{index_path}: {size} bytes, the manifest says {record.index_bytes}; the shard is truncated or missing"
+        )
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    try:
+        index = faiss.read_index(index_path, flags)
+    except RuntimeError as exc:
+        raise IndexMismatchError(f"{index_path}: FAISS cannot read this shard ({exc})") from exc
+    if index.d != dim or index.ntotal != record.total:
+        raise IndexMismatchError(
+            f"{index_path}: holds {index.ntotal} vectors of dim {index.d}, manifest says {record.total} of dim {dim}"
+        )
+    keys_path = os.path.join(directory, record.keys_file)
+    try:
+        table = pq.read_table(keys_path)
+    except (OSError, ValueError) as exc:
+        raise IndexMismatchError(f"{keys_path}: key table is missing or damaged ({exc})") from exc
+    if table.num_rows != record.total:
+        raise IndexMismatchError(f"{keys_path}: {table.num_rows} keys for {record.total} vectors")
+    keys = table.column("key").to_numpy(zero_copy_only=False).astype(object)
+    removed = table.column("removed").to_numpy(zero_copy_only=False).astype(bool)
+    if int(removed.sum()) != record.removed:
+        raise IndexMismatchError(f"{keys_path}: {int(removed.sum())} removed keys, manifest says {record.removed}")
+    vectors = None
+    if record.vectors_bytes:
+        vec_path = os.path.join(directory, record.vectors_file)
+        vsize = os.path.getsize(vec_path) if os.path.exists(vec_path) else -1
+        if vsize != record.vectors_bytes or vsize != record.total * dim * 4:
+            raise IndexMismatchError(f"{vec_path}: {vsize} bytes, expected {record.vectors_bytes}; truncated")
+        vectors = np.memmap(vec_path, dtype=np.float32, mode="r", shape=(record.total, dim))
+    shard = _Shard(record=record, index=index, keys=keys, removed=removed, vectors=vectors)
+    shard.refresh_selector()
+    return shard
+
+
+class ShardedIndex:
+    """A loaded index directory. Build with :meth:`build` (arrays) or ``thinkfast index``
+    (Parquet, Ray); open with :meth:`load`; query with :meth:`search`."""
+
+    def __init__(
+        self, uri: str, local_dir: str, manifest: IndexManifest, shards: list[_Shard], s3_endpoint: str | None = None
+    ) -> None:
+        self.uri = str(uri)
+        self.local_dir = local_dir
+        self.manifest = manifest
+        self.s3_endpoint = s3_endpoint
+        self._shards = shards
+        self._lock = threading.RLock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._warned_identity = False
+        self._positions: dict[str, tuple[int, int]] | None = None  # live key -> (shard, row), built on demand
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def factory(self) -> str:
+        return self.manifest.factory
+
+    @property
+    def model_identity(self) -> str | None:
+        return self.manifest.model_identity
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    def __len__(self) -> int:
+        return self.manifest.count
+
+    def keys(self) -> list[str]:
+        """Live keys in global-id order."""
+        return [k for s in self._shards for k, r in zip(s.keys, s.removed) if not r]
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._live_positions()
+
+    # ------------------------------------------------------------------ building and loading
+
+    @classmethod
+    def build(
+        cls,
+        keys: Sequence[str],
+        vectors: np.ndarray,
+        out_uri: str,
+        *,
+        shards: int = 1,
+        factory: str | None = None,
+        train_sample: int | None = None,
+        model_identity: str | None = None,
+        store_vectors: bool = True,
+        exact_below: int = B.EXACT_BELOW,
+        seed: int = 0,
+        s3_endpoint: str | None = None,
+    ) -> "ShardedIndex":
+        """Build from in-memory ``keys`` and ``vectors`` (N, d) into ``out_uri`` and load it.
+
+        Trains once on ``train_sample`` vectors, adds ``shards`` shards in threads. For
+        corpora on disk use ``pipelines.index.build_index`` (streams, Ray tasks)."""
+        keys = [str(k) for k in keys]
+        if len(keys) != len(vectors):
+            raise ThinkfastError(f"{len(keys)} keys but {len(vectors)} vectors")
+        if len(set(keys)) != len(keys):
+            raise ThinkfastError(f"{len(keys) - len(set(keys))} duplicate key(s)")
+        if not keys:
+            raise ThinkfastError("cannot build an index from zero vectors")
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2:
+            raise ThinkfastError(f"vectors must be (N, d), got shape {vectors.shape}")
+        dim = int(vectors.shape[1])
+        timer = StageTimer(logger)
+        x = B.prepare_vectors(vectors, dim)
+        n = len(keys)
+        factory = factory or B.choose_factory(n, dim, exact_below=exact_below)
+        with timer.stage("train"):
+            size = min(n, train_sample or B.default_train_size(factory, dim, n))
+            rng = np.random.default_rng(seed)
+            sample = x if size >= n else x[np.sort(rng.choice(n, size=size, replace=False))]
+            trained = B.train_index(factory, dim, sample, seed)
+            B.save_trained(out_uri, trained, s3_endpoint)
+            defaults = B.tune_search_defaults(trained, sample, seed=seed)
+        ranges = B.shard_ranges(n, shards)
+        with timer.stage("add"), ThreadPoolExecutor(max_workers=min(len(ranges), os.cpu_count() or 1)) as pool:
+            records = list(
+                pool.map(
+                    lambda i: B.write_shard(
+                        out_uri, B.shard_name(i), trained, keys[ranges[i][0] : ranges[i][1]],
+                        x[ranges[i][0] : ranges[i][1]], store_vectors, s3_endpoint,
+                    ),
+                    range(len(ranges)),
+                )
+            )
+        B.finalize_build(
+            out_uri, dim, factory, records, defaults, len(sample), model_identity, timer.as_dict(), s3_endpoint
+        )
+        return cls.load(out_uri, s3_endpoint=s3_endpoint)
+
+    @classmethod
+    def load(
+        cls,
+        uri: str,
+        *,
+        mmap: bool = True,
+        cache_dir: str | None = None,
+        expected_dim: int | None = None,
+        expected_model_identity: str | None = None,
+        s3_endpoint: str | None = None,
+    ) -> "ShardedIndex":
+        """Open an index directory (local or ``s3://``; S3 is copied to ``cache_dir`` first,
+        reusing files whose size already matches). Shards are memory-mapped when ``mmap``.
+        ``expected_dim`` / ``expected_model_identity`` fail fast with IndexMismatchError."""
+        manifest = read_manifest(uri, s3_endpoint)
+        if fs.is_s3(uri):
+            local_dir = _sync_from_s3(uri, manifest, cache_dir, s3_endpoint)
+        else:
+            local_dir = os.path.abspath(fs.strip_scheme(uri))
+        shards = [_read_local_shard(local_dir, record, manifest.dim, mmap) for record in manifest.shards]
+        index = cls(uri, local_dir, manifest, shards, s3_endpoint)
+        index.check_compatible(dim=expected_dim, model_identity=expected_model_identity)
+        logger.info(
+            "loaded index %s: %d vectors, %d shard(s), %s", uri, len(index), len(shards), manifest.factory
+        )
+        return index
+
+    def check_compatible(self, dim: int | None = None, model_identity: str | None = None) -> None:
+        """Raise IndexMismatchError when the query side's dimension or fast-model identity
+        differs from what built the index (searching it would return plausible garbage)."""
+        if dim is not None and int(dim) != self.dim:
+            raise IndexMismatchError(f"index {self.uri} holds {self.dim}-d vectors, the queries are {dim}-d")
+        if model_identity is None:
+            return
+        if self.model_identity is None:
+            if not self._warned_identity:
+                logger.warning("index %s records no model identity; cannot check it matches %s", self.uri, model_identity)
+                self._warned_identity = True
+            return
+        if model_identity != self.model_identity:
+            raise IndexMismatchError(
+                f"index {self.uri} was built from embeddings of fast model {self.model_identity}, "
+                f"but the queries come from {model_identity}; rebuild the index (thinkfast embed + index)"
+            )
+
+    # ------------------------------------------------------------------ search
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        *,
+        nprobe: int | None = None,
+        efSearch: int | None = None,
+        rescore: bool | None = None,
+        rescore_factor: int = 4,
+        expected_model_identity: str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by inner product over all shards: ``(keys (n, k) object, scores (n, k) float32)``.
+
+        ``k`` is capped at the number of live vectors. Slots an approximate index could
+        not fill hold key ``None`` and score ``-inf``. ``nprobe`` / ``efSearch`` default
+        to the values tuned at build time. ``rescore`` fetches ``k * rescore_factor``
+        candidates and re-ranks them by exact inner product with the stored vectors
+        (default: on only when the build's tuning found the codes too lossy)."""
+        self.check_compatible(model_identity=expected_model_identity)
+        x = np.asarray(queries, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise IndexMismatchError(f"queries have shape {np.shape(queries)}, the index expects (n, {self.dim})")
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ThinkfastError(f"k must be a positive integer, got {k!r}")
+        x = B.prepare_vectors(x, self.dim, normalize=self.manifest.normalize)
+        with self._lock:
+            shards, live = list(self._shards), self.manifest.count
+        k = int(min(k, live))
+        if k == 0 or len(x) == 0:
+            return np.empty((len(x), k), dtype=object), np.empty((len(x), k), dtype=np.float32)
+        defaults = self.manifest.search_defaults
+        settings = SearchSettings(
+            nprobe=nprobe if nprobe is not None else defaults.get("nprobe"),
+            efSearch=efSearch if efSearch is not None else defaults.get("efSearch"),
+        )
+        do_rescore = bool(defaults.get("rescore", False)) if rescore is None else bool(rescore)
+        if do_rescore and not self.manifest.stores_vectors:
+            raise IndexMismatchError(f"index {self.uri} was built without stored vectors; exact re-scoring needs them")
+        fetch = int(min(live, k * max(1, rescore_factor))) if do_rescore else k
+        scores, ids = self._search_ids(shards, x, fetch, settings)
+        if do_rescore:
+            scores, ids = self._rescore(shards, x, scores, ids, k)
+        return self._keys_of(shards, ids), scores
+
+    def _search_ids(
+        self, shards: list[_Shard], x: np.ndarray, k: int, settings: SearchSettings
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Global ids and scores of the merged top-k (ids -1 where nothing was found)."""
+        offsets = np.cumsum([0] + [s.record.total for s in shards])
+
+        def one(i: int) -> tuple[np.ndarray, np.ndarray]:
+            shard = shards[i]
+            if shard.record.count == 0:
+                return np.full((len(x), 0), -np.inf, np.float32), np.full((len(x), 0), -1, np.int64)
+            dist, local = search_with(shard.index, x, min(k, shard.record.count), settings, shard.selector)
+            return dist, np.where(local >= 0, local + offsets[i], -1)
+
+        if len(shards) == 1:
+            results = [one(0)]
+        else:
+            results = list(self._executor().map(one, range(len(shards))))
+        heap = faiss.ResultHeap(len(x), k, keep_max=True)
+        for dist, gid in results:
+            if dist.shape[1]:
+                heap.add_result(dist, gid)
+        heap.finalize()
+        scores = heap.D.copy()
+        scores[heap.I < 0] = -np.inf
+        return scores, heap.I.copy()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=max(1, min(len(self._shards), os.cpu_count() or 1)))
+        return self._pool
+
+    def _locate(self, shards: list[_Shard], ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        offsets = np.cumsum([0] + [s.record.total for s in shards])
+        shard_of = np.searchsorted(offsets, ids, side="right") - 1
+        return shard_of, ids - offsets[np.clip(shard_of, 0, len(shards) - 1)]
+
+    def _keys_of(self, shards: list[_Shard], ids: np.ndarray) -> np.ndarray:
+        out = np.full(ids.shape, None, dtype=object)
+        valid = ids >= 0
+        shard_of, row = self._locate(shards, ids[valid])
+        found = np.empty(len(row), dtype=object)
+        for s in np.unique(shard_of):
+            mask = shard_of == s
+            found[mask] = shards[s].keys[row[mask]]
+        out[valid] = found
+        return out
+
+    def _rescore(
+        self, shards: list[_Shard], x: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact inner products of the candidates with their stored float32 vectors."""
+        valid = ids >= 0
+        shard_of, row = self._locate(shards, ids[valid])
+        cand = np.zeros((len(row), self.dim), np.float32)  # (C, d)
+        for s in np.unique(shard_of):
+            mask = shard_of == s
+            cand[mask] = shards[s].vectors[row[mask]]
+        exact = np.full(ids.shape, -np.inf, np.float32)  # (n, fetch)
+        query_of = np.nonzero(valid)[0]
+        exact[valid] = np.einsum("cd,cd->c", cand, x[query_of])
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(exact, order, 1), np.take_along_axis(np.where(valid, ids, -1), order, 1)
+
+    # ------------------------------------------------------------------ changes
+
+    def add(self, keys: Sequence[str], vectors: np.ndarray) -> ShardRecord:
+        """Append a new shard with ``keys`` / ``vectors`` (no retraining, no rewrite of old
+        shards). Keys already live in the index are an error: remove them first."""
+        keys = [str(k) for k in keys]
+        if not keys:
+            raise ThinkfastError("nothing to add")
+        if len(set(keys)) != len(keys):
+            raise ThinkfastError("duplicate keys in the batch to add")
+        x = B.prepare_vectors(vectors, self.dim, normalize=self.manifest.normalize)
+        with self._lock:
+            live = self._live_positions()
+            clash = [k for k in keys if k in live]
+            if clash:
+                raise ThinkfastError(f"{len(clash)} key(s) already in the index (e.g. {clash[:3]}); remove them first")
+            trained = B.deserialize(_read_file(self.local_dir, TRAINED_NAME))
+            name = self.manifest.next_shard_name()
+            record = B.write_shard(self.local_dir, name, trained, keys, x, self.manifest.stores_vectors)
+            if fs.is_s3(self.uri):
+                for file_name in (record.vectors_file, record.index_file, record.keys_file):
+                    if os.path.exists(os.path.join(self.local_dir, file_name)):
+                        fs.write_bytes(fs.join(self.uri, file_name), _read_file(self.local_dir, file_name), self.s3_endpoint)
+            shard = _read_local_shard(self.local_dir, record, self.dim, mmap=True)
+            self._commit(self.manifest.replace(shards=self.manifest.shards + (record,)), self._shards + [shard])
+        logger.info("added %d vectors to %s as %s", len(keys), self.uri, name)
+        return record
+
+    def remove(self, keys: Sequence[str], missing_ok: bool = False) -> int:
+        """Tombstone ``keys``; returns how many were removed. Unknown keys raise
+        ``KeyError`` (a ThinkfastError) unless ``missing_ok``."""
+        with self._lock:
+            live = self._live_positions()
+            missing = [k for k in keys if k not in live]
+            if missing and not missing_ok:
+                raise _UnknownIndexKeys(missing)
+            touched: dict[int, list[int]] = {}
+            for key in set(keys) - set(missing):
+                s, row = live[key]
+                touched.setdefault(s, []).append(row)
+            if not touched:
+                return 0
+            shards = list(self._shards)
+            records = list(self.manifest.shards)
+            for s, rows in touched.items():
+                old = shards[s]
+                removed = old.removed.copy()
+                removed[rows] = True
+                record = dataclasses.replace(old.record, removed=int(removed.sum()))
+                data = B.keys_table_bytes(old.keys.tolist(), removed)
+                B.put_file(os.path.join(self.local_dir, record.keys_file), data, None)
+                if fs.is_s3(self.uri):
+                    fs.write_bytes(fs.join(self.uri, record.keys_file), data, self.s3_endpoint)
+                shard = _Shard(record=record, index=old.index, keys=old.keys, removed=removed, vectors=old.vectors)
+                shard.refresh_selector()
+                shards[s], records[s] = shard, record
+            self._commit(self.manifest.replace(shards=tuple(records)), shards)
+            count = sum(len(rows) for rows in touched.values())
+        logger.info("removed %d key(s) from %s", count, self.uri)
+        return count
+
+    def _live_positions(self) -> dict[str, tuple[int, int]]:
+        if self._positions is None:
+            self._positions = {
+                shard.keys[row]: (s, row)
+                for s, shard in enumerate(self._shards)
+                for row in np.nonzero(~shard.removed)[0].tolist()
+            }
+        return self._positions
+
+    def _commit(self, manifest: IndexManifest, shards: list[_Shard]) -> None:
+        """Manifest last: locally (the cache or the index itself), then on S3."""
+        write_manifest(self.local_dir, manifest)
+        if fs.is_s3(self.uri):
+            write_manifest(self.uri, manifest, self.s3_endpoint)
+        self.manifest, self._shards, self._positions = manifest, shards, None
+        if self._pool is not None and len(shards) > self._pool._max_workers:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("ShardedIndex holds FAISS objects; pass its URI and ShardedIndex.load() it in the worker")
+
+
+class _UnknownIndexKeys(ThinkfastError, KeyError):
+    """Keys asked to be removed that the index does not hold."""
+
+    def __init__(self, missing: Sequence[str]) -> None:
+        self.missing = list(missing)
+        super().__init__(f"{len(self.missing)} key(s) not in the index: {self.missing[:5]}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _read_file(directory: str, name: str) -> bytes:
+    with open(os.path.join(directory, name), "rb") as f:
+        return f.read()
+
+
+def _sync_from_s3(uri: str, manifest: IndexManifest, cache_dir: str | None, s3_endpoint: str | None) -> str:
+    """Copy the index files to a local cache dir (per URI), skipping ones already there with
+    the size the manifest expects; FAISS can only memory-map local files."""
+    root = cache_dir or os.environ.get("THINKFAST_INDEX_CACHE") or DEFAULT_CACHE
+    local = os.path.join(root, hashlib.sha1(uri.encode()).hexdigest()[:16])
+    os.makedirs(local, exist_ok=True)
+    filesystem = fs.fsspec_fs(uri, s3_endpoint)
+    base = fs.strip_scheme(uri).rstrip("/")
+    wanted: list[tuple[str, int | None]] = [(TRAINED_NAME, None)]
+    for r in manifest.shards:
+        wanted += [(r.index_file, r.index_bytes), (r.keys_file, None)]
+        if r.vectors_bytes:
+            wanted.append((r.vectors_file, r.vectors_bytes))
+    for name, size in wanted:
+        target = os.path.join(local, name)
+        if size is not None and os.path.exists(target) and os.path.getsize(target) == size:
+            continue
+        tmp = target + ".part"
+        try:
+            filesystem.get_file(f"{base}/{name}", tmp)
+        except FileNotFoundError as exc:
+            raise IndexMismatchError(f"{uri}/{name} is listed in the manifest but missing") from exc
+        os.replace(tmp, target)
+    write_manifest(local, manifest)
+    logger.info("index %s cached in %s", uri, local)
+    return local
+
+
+__all__ = ["ShardedIndex", "MANIFEST_NAME"]
