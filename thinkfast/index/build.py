@@ -444,6 +444,7 @@ def finalize_build(
         search_defaults=dict(search_defaults),
         train_count=train_count,
         timings=dict(timings or {}),
+        build_id=uuid.uuid4().hex,
     )
     write_manifest(plan_out_uri, manifest, s3_endpoint)
     logger.info("index %s: %d vectors in %d shard(s), factory %s", plan_out_uri, manifest.count, len(records), factory)

@@ -66,6 +66,7 @@ class IndexManifest:
     search_defaults: dict[str, Any] = field(default_factory=dict)  # nprobe / efSearch / rescore tuned at build
     train_count: int = 0  # vectors the quantizers were trained on
     timings: dict[str, float] = field(default_factory=dict)  # build stage seconds (StageTimer)
+    build_id: str = ""  # new per build: shard files are immutable within one build (cache key)
     format: str = INDEX_FORMAT
     version: int = INDEX_VERSION
 
@@ -73,6 +74,10 @@ class IndexManifest:
     def count(self) -> int:
         """Live vectors over all shards."""
         return sum(s.count for s in self.shards)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
 
     @property
     def stores_vectors(self) -> bool:
@@ -122,6 +127,7 @@ class IndexManifest:
                 search_defaults=dict(data.get("search_defaults") or {}),
                 train_count=int(data.get("train_count", 0)),
                 timings=dict(data.get("timings") or {}),
+                build_id=str(data.get("build_id", "")),
                 format=INDEX_FORMAT,
                 version=int(data["version"]),
             )

@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -111,9 +112,16 @@ class ShardedIndex:
     (Parquet, Ray); open with :meth:`load`; query with :meth:`search`."""
 
     def __init__(
-        self, uri: str, local_dir: str, manifest: IndexManifest, shards: list[_Shard], s3_endpoint: str | None = None
+        self,
+        uri: str,
+        local_dir: str,
+        manifest: IndexManifest,
+        shards: list[_Shard],
+        s3_endpoint: str | None = None,
+        partial: bool = False,
     ) -> None:
         self.uri = str(uri)
+        self.partial = partial  # only some shards loaded (one Serve replica per shard): read-only
         self.local_dir = local_dir
         self.manifest = manifest
         self.s3_endpoint = s3_endpoint
@@ -142,7 +150,8 @@ class ShardedIndex:
         return len(self._shards)
 
     def __len__(self) -> int:
-        return self.manifest.count
+        """Live vectors in the loaded shards."""
+        return sum(s.record.count for s in self._shards)
 
     def keys(self) -> list[str]:
         """Live keys in global-id order."""
@@ -212,11 +221,17 @@ class ShardedIndex:
         )
         return cls.load(out_uri, s3_endpoint=s3_endpoint)
 
+    @staticmethod
+    def read_manifest(uri: str, s3_endpoint: str | None = None) -> IndexManifest:
+        """The validated manifest alone (dim, factory, shard counts); loads no shard."""
+        return read_manifest(uri, s3_endpoint)
+
     @classmethod
     def load(
         cls,
         uri: str,
         *,
+        shards: Sequence[int] | None = None,
         mmap: bool = True,
         cache_dir: str | None = None,
         expected_dim: int | None = None,
@@ -225,17 +240,24 @@ class ShardedIndex:
     ) -> "ShardedIndex":
         """Open an index directory (local or ``s3://``; S3 is copied to ``cache_dir`` first,
         reusing files whose size already matches). Shards are memory-mapped when ``mmap``.
-        ``expected_dim`` / ``expected_model_identity`` fail fast with IndexMismatchError."""
+        ``shards`` loads only those shard numbers (a read-only view, e.g. one Serve replica
+        per shard). ``expected_dim`` / ``expected_model_identity`` fail fast with
+        IndexMismatchError."""
         manifest = read_manifest(uri, s3_endpoint)
+        chosen = list(range(manifest.num_shards)) if shards is None else [int(i) for i in shards]
+        bad = [i for i in chosen if not 0 <= i < manifest.num_shards]
+        if bad:
+            raise ThinkfastError(f"index {uri} has {manifest.num_shards} shard(s); no shard {bad[0]}")
         if fs.is_s3(uri):
-            local_dir = _sync_from_s3(uri, manifest, cache_dir, s3_endpoint)
+            local_dir = _sync_from_s3(uri, manifest, cache_dir, s3_endpoint, chosen)
         else:
             local_dir = os.path.abspath(fs.strip_scheme(uri))
-        shards = [_read_local_shard(local_dir, record, manifest.dim, mmap) for record in manifest.shards]
-        index = cls(uri, local_dir, manifest, shards, s3_endpoint)
+        loaded = [_read_local_shard(local_dir, manifest.shards[i], manifest.dim, mmap) for i in chosen]
+        partial = chosen != list(range(manifest.num_shards))
+        index = cls(uri, local_dir, manifest, loaded, s3_endpoint, partial=partial)
         index.check_compatible(dim=expected_dim, model_identity=expected_model_identity)
         logger.info(
-            "loaded index %s: %d vectors, %d shard(s), %s", uri, len(index), len(shards), manifest.factory
+            "loaded index %s: %d vectors, %d shard(s), %s", uri, len(index), len(loaded), manifest.factory
         )
         return index
 
@@ -287,7 +309,8 @@ class ShardedIndex:
             raise ThinkfastError(f"k must be a positive integer, got {k!r}")
         x = B.prepare_vectors(x, self.dim, normalize=self.manifest.normalize)
         with self._lock:
-            shards, live = list(self._shards), self.manifest.count
+            shards = list(self._shards)
+        live = sum(s.record.count for s in shards)
         k = int(min(k, live))
         if k == 0 or len(x) == 0:
             return np.empty((len(x), k), dtype=object), np.empty((len(x), k), dtype=np.float32)
@@ -373,6 +396,7 @@ class ShardedIndex:
     def add(self, keys: Sequence[str], vectors: np.ndarray) -> ShardRecord:
         """Append a new shard with ``keys`` / ``vectors`` (no retraining, no rewrite of old
         shards). Keys already live in the index are an error: remove them first."""
+        self._require_full("add")
         keys = [str(k) for k in keys]
         if not keys:
             raise ThinkfastError("nothing to add")
@@ -399,6 +423,7 @@ class ShardedIndex:
     def remove(self, keys: Sequence[str], missing_ok: bool = False) -> int:
         """Tombstone ``keys``; returns how many were removed. Unknown keys raise
         ``KeyError`` (a ThinkfastError) unless ``missing_ok``."""
+        self._require_full("remove")
         with self._lock:
             live = self._live_positions()
             missing = [k for k in keys if k not in live]
@@ -428,6 +453,10 @@ class ShardedIndex:
             count = sum(len(rows) for rows in touched.values())
         logger.info("removed %d key(s) from %s", count, self.uri)
         return count
+
+    def _require_full(self, what: str) -> None:
+        if self.partial:
+            raise ThinkfastError(f"cannot {what} on a view of some shards; load the whole index")
 
     def _live_positions(self) -> dict[str, tuple[int, int]]:
         if self._positions is None:
@@ -473,16 +502,19 @@ def _read_file(directory: str, name: str) -> bytes:
         return f.read()
 
 
-def _sync_from_s3(uri: str, manifest: IndexManifest, cache_dir: str | None, s3_endpoint: str | None) -> str:
+def _sync_from_s3(
+    uri: str, manifest: IndexManifest, cache_dir: str | None, s3_endpoint: str | None, chosen: Sequence[int]
+) -> str:
     """Copy the index files to a local cache dir (per URI), skipping ones already there with
     the size the manifest expects; FAISS can only memory-map local files."""
     root = cache_dir or os.environ.get("THINKFAST_INDEX_CACHE") or DEFAULT_CACHE
-    local = os.path.join(root, hashlib.sha1(uri.encode()).hexdigest()[:16])
+    # shard files never change within a build, so (URI, build id) names a valid cache
+    local = os.path.join(root, hashlib.sha1(uri.encode()).hexdigest()[:16], manifest.build_id or "unversioned")
     os.makedirs(local, exist_ok=True)
     filesystem = fs.fsspec_fs(uri, s3_endpoint)
     base = fs.strip_scheme(uri).rstrip("/")
     wanted: list[tuple[str, int | None]] = [(TRAINED_NAME, None)]
-    for r in manifest.shards:
+    for r in (manifest.shards[i] for i in chosen):
         wanted += [(r.index_file, r.index_bytes), (r.keys_file, None)]
         if r.vectors_bytes:
             wanted.append((r.vectors_file, r.vectors_bytes))
@@ -490,7 +522,7 @@ def _sync_from_s3(uri: str, manifest: IndexManifest, cache_dir: str | None, s3_e
         target = os.path.join(local, name)
         if size is not None and os.path.exists(target) and os.path.getsize(target) == size:
             continue
-        tmp = target + ".part"
+        tmp = f"{target}.part-{uuid.uuid4().hex}"  # replicas may fill one cache at once
         try:
             filesystem.get_file(f"{base}/{name}", tmp)
         except FileNotFoundError as exc:

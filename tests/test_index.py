@@ -1,0 +1,185 @@
+"""ShardedIndex without Ray: exactness across shard counts, ANN recall, manifest truth,
+mismatch and damage errors, add / remove, exact re-scoring."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import faiss
+import numpy as np
+import pytest
+from faiss.contrib.evaluation import knn_intersection_measure
+
+from thinkfast.errors import IndexMismatchError, ThinkfastError
+from thinkfast.index.build import choose_factory, default_nlist
+from thinkfast.index.sharded import ShardedIndex
+from thinkfast.index.synthetic import clustered_vectors, noisy_queries
+
+
+def _keys(n: int, prefix: str = "img") -> list[str]:
+    return [f"{prefix}{i:06d}" for i in range(n)]
+
+
+def _exact(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(x)
+    return flat.search(q, k)
+
+
+@pytest.fixture(scope="module")
+def small():
+    x, _ = clustered_vectors(3000, 32, clusters=30, seed=3)
+    return _keys(len(x)), x, noisy_queries(x, 40, seed=4)
+
+
+def test_exact_one_and_four_shards_are_identical(small, tmp_path):
+    keys, x, q = small
+    one = ShardedIndex.build(keys, x, str(tmp_path / "one"), shards=1)
+    four = ShardedIndex.build(keys, x, str(tmp_path / "four"), shards=4)
+    assert one.factory == four.factory == "Flat" and four.num_shards == 4
+    k1, s1 = one.search(q, 10)
+    k4, s4 = four.search(q, 10)
+    np.testing.assert_array_equal(k1, k4)
+    np.testing.assert_array_equal(s1, s4)
+    truth_scores, truth_ids = _exact(x, q, 10)
+    np.testing.assert_array_equal(k1, np.asarray(keys, dtype=object)[truth_ids])
+    np.testing.assert_allclose(s1, truth_scores, rtol=1e-6)
+
+
+def test_default_factory_rules():
+    assert choose_factory(50_000, 256) == "Flat"  # exact below ~100k
+    assert choose_factory(1_000_000, 256) == "IVF4096_HNSW32,Flat"
+    assert choose_factory(50_000_000, 256).endswith(",PQ64x8")  # raw floats would not fit
+    assert default_nlist(50_000) == 1024 and default_nlist(100) == 2
+
+
+def test_default_ann_recall_on_50k_clustered(tmp_path):
+    x, _ = clustered_vectors(50_000, 32, clusters=200, seed=0)
+    q = noisy_queries(x, 200)
+    keys = _keys(len(x))
+    index = ShardedIndex.build(keys, x, str(tmp_path / "ann"), shards=2, exact_below=10_000, train_sample=40_000)
+    assert index.factory.startswith("IVF1024_HNSW32")
+    assert index.manifest.search_defaults["nprobe"] < 1024  # tuned, not exhaustive
+    found, _ = index.search(q, 10)
+    _, truth = _exact(x, q, 10)
+    ids = np.vectorize(lambda k: int(k[3:]))(found)
+    assert knn_intersection_measure(ids, truth) >= 0.95
+    # nprobe is honoured per call: one list is visibly worse than the tuned default
+    worse, _ = index.search(q, 10, nprobe=1)
+    assert knn_intersection_measure(np.vectorize(lambda k: int(k[3:]) if k else -1)(worse), truth) < 0.95
+
+
+def test_manifest_is_true(small, tmp_path):
+    keys, x, _ = small
+    out = tmp_path / "idx"
+    ShardedIndex.build(keys, x, str(out), shards=3, model_identity="fast-abc")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dim"] == 32 and manifest["metric"] == "inner_product" and manifest["factory"] == "Flat"
+    assert manifest["model_identity"] == "fast-abc"
+    assert [s["count"] for s in manifest["shards"]] == [1000, 1000, 1000] and manifest["count"] == 3000
+    for shard in manifest["shards"]:
+        assert os.path.getsize(out / f"{shard['name']}.faiss") == shard["index_bytes"]
+
+
+def test_dimension_and_identity_mismatch(small, tmp_path):
+    keys, x, q = small
+    out = str(tmp_path / "idx")
+    ShardedIndex.build(keys, x, out, model_identity="fast-abc")
+    with pytest.raises(IndexMismatchError, match="64-d"):
+        ShardedIndex.load(out, expected_dim=64)
+    with pytest.raises(IndexMismatchError, match="fast-other"):
+        ShardedIndex.load(out, expected_model_identity="fast-other")
+    index = ShardedIndex.load(out, expected_dim=32, expected_model_identity="fast-abc")
+    with pytest.raises(IndexMismatchError, match="expects"):
+        index.search(np.ones((2, 16), np.float32), 5)
+    with pytest.raises(IndexMismatchError, match="fast-other"):
+        index.search(q, 5, expected_model_identity="fast-other")
+    with pytest.raises(ThinkfastError, match="k must be"):
+        index.search(q, 0)
+
+
+def test_damaged_shards_fail_cleanly(small, tmp_path):
+    keys, x, _ = small
+    out = tmp_path / "idx"
+    ShardedIndex.build(keys, x, str(out), shards=2, factory="IVF16,Flat")
+    shard = out / "shard-00001.faiss"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(IndexMismatchError, match="truncated"):
+        ShardedIndex.load(str(out))
+    shard.write_bytes(b"\x00" * len(data))  # right size, garbage inside
+    with pytest.raises(IndexMismatchError, match="cannot read"):
+        ShardedIndex.load(str(out))
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(IndexMismatchError, match="not valid JSON"):
+        ShardedIndex.load(str(out))
+    with pytest.raises(IndexMismatchError, match="no index"):
+        ShardedIndex.load(str(tmp_path / "missing"))
+
+
+def test_add_and_remove_keep_the_manifest_true(small, tmp_path):
+    keys, x, q = small
+    out = str(tmp_path / "idx")
+    index = ShardedIndex.build(keys, x, out, shards=2, factory="HNSW16")
+    top, _ = index.search(q[:5], 3)
+    gone = list({k for k in top[:, 0]})
+    assert index.remove(gone) == len(gone)
+    after, _ = index.search(q[:5], 3)
+    assert not set(gone) & set(after.ravel())
+    assert len(index) == 3000 - len(gone)
+
+    extra, _ = clustered_vectors(50, 32, clusters=2, seed=9)
+    index.add(_keys(50, "new"), extra)
+    assert index.num_shards == 3
+    with pytest.raises(ThinkfastError, match="already in the index"):
+        index.add([keys[5]], x[5:6])
+    with pytest.raises(KeyError):
+        index.remove(["never-there"])
+
+    reloaded = ShardedIndex.load(out)
+    assert len(reloaded) == 3000 - len(gone) + 50
+    manifest = reloaded.manifest
+    assert manifest.count == len(reloaded) and [s.count for s in manifest.shards][-1] == 50
+    hit, score = reloaded.search(extra[:3], 1)
+    assert list(hit[:, 0]) == ["new000000", "new000001", "new000002"]
+    np.testing.assert_allclose(score[:, 0], 1.0, rtol=1e-5)
+    assert gone[0] not in reloaded and "new000010" in reloaded
+
+    view = ShardedIndex.load(out, shards=[2])
+    assert len(view) == 50 and view.partial
+    with pytest.raises(ThinkfastError, match="view"):
+        view.remove(["new000000"])
+
+
+def test_exact_rescoring_of_lossy_codes(small, tmp_path):
+    keys, x, q = small
+    index = ShardedIndex.build(keys, x, str(tmp_path / "pq"), shards=2, factory="IVF16,PQ4x4")
+    plain_keys, plain_scores = index.search(q, 10, nprobe=16, rescore=False)
+    best_keys, best_scores = index.search(q, 10, nprobe=16, rescore=True, rescore_factor=8)
+    truth_scores, truth_ids = _exact(x, q, 10)
+    to_ids = np.vectorize(lambda k: int(k[3:]))
+    assert knn_intersection_measure(to_ids(best_keys), truth_ids) > knn_intersection_measure(
+        to_ids(plain_keys), truth_ids
+    )
+    # re-scored values are exact inner products of the returned keys
+    exact = np.einsum("nkd,nd->nk", x[to_ids(best_keys)], q)
+    np.testing.assert_allclose(best_scores, exact, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(plain_scores, np.einsum("nkd,nd->nk", x[to_ids(plain_keys)], q), atol=1e-4)
+
+    bare = ShardedIndex.build(keys, x, str(tmp_path / "bare"), factory="IVF16,PQ4x4", store_vectors=False)
+    with pytest.raises(IndexMismatchError, match="without stored vectors"):
+        bare.search(q, 5, rescore=True)
+
+
+def test_k_is_capped_and_bad_build_input(tmp_path):
+    x, _ = clustered_vectors(5, 8, clusters=2)
+    index = ShardedIndex.build(_keys(5), x, str(tmp_path / "tiny"), shards=3)
+    found, scores = index.search(x[:2], 50)
+    assert found.shape == scores.shape == (2, 5) and None not in found
+    with pytest.raises(ThinkfastError, match="factory"):
+        ShardedIndex.build(_keys(5), x, str(tmp_path / "bad"), factory="NoSuchIndex")
+    with pytest.raises(ThinkfastError, match="duplicate"):
+        ShardedIndex.build(["a", "a"], x[:2], str(tmp_path / "dup"))
+    with pytest.raises(ThinkfastError, match="NaN"):
+        ShardedIndex.build(["a"], np.full((1, 8), np.nan, np.float32), str(tmp_path / "nan"))
