@@ -44,10 +44,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
     env_vars = {**worker_env(), **runtime_env.get("env_vars", {})}
     if env_vars:
         runtime_env = {**runtime_env, "env_vars": env_vars}
+    include_dashboard = kwargs.pop("include_dashboard", False)  # popped before kwargs are forwarded
     init_kwargs: dict[str, Any] = {"runtime_env": runtime_env or None, "log_to_driver": True, **kwargs}
     if address:
         logger.info("joining Ray cluster at %s", address)
         ray.init(address=address, **init_kwargs)
     else:
         logger.info("starting local Ray (num_cpus=%s)", num_cpus)
-        ray.init(num_cpus=num_cpus, include_dashboard=kwargs.pop("include_dashboard", False), **init_kwargs)
+        ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, **init_kwargs)
