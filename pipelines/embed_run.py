@@ -1,0 +1,298 @@
+"""The driver side of ``thinkfast embed``: checks, clean-up, the Ray Data streams, manifest.
+
+Everything that can be wrong with the input (corpus schema, model directories, flags)
+is checked here before Ray starts and before anything under ``--out`` is deleted, so a
+typo costs one clear line, not a cleared output directory. See ``pipelines/embed.py``
+for the layout, the memory bound and the re-run policy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipelines.embed import MANIFEST, MANIFEST_FORMAT, OUTPUT_DIRS, EmbedConfig, EmbedError, _config_dict, _now
+from thinkfast.errors import CorpusSchemaError
+from thinkfast.utils import fs
+from thinkfast.utils.timer import StageTimer
+
+if TYPE_CHECKING:
+    from thinkfast.data.reader import CorpusInfo
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NUM_FRAMES = 8
+# written instead of manifest.json when the counts do not add up (cleared by the next run)
+FAILED_MANIFEST = "failed_manifest.json"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity and output shapes of the models, probed once on the driver."""
+
+    image_size: int  # input side both models share
+    num_frames: int  # frames per video the decoder samples
+    fast: dict[str, Any] | None  # {"uri", "identity", "dim"}
+    slow: dict[str, Any] | None  # {"uri", "identity", "num_tokens", "dim"}
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def probe_models(fast: str | None, slow: str | None, media: str, config: EmbedConfig) -> ModelInfo:
+    """Load each model once on the driver: a bad checkpoint fails here, and one forward
+    pass on zeros gives the exact output shapes for the manifest."""
+    import torch
+
+    fast_model = slow_model = None
+    if fast:
+        from thinkfast.models.fast import FastModel
+
+        fast_model = FastModel.from_pretrained(fast).eval()
+    if slow:
+        from thinkfast.models.slow import SlowModel
+
+        slow_model = SlowModel.from_pretrained(slow).eval()
+    sizes = {m.config.image_size for m in (fast_model, slow_model) if m is not None}
+    if len(sizes) != 1:
+        raise EmbedError(
+            f"the fast and slow models expect different image sizes {sorted(sizes)}; "
+            "run embed once with --fast and once with --slow"
+        )
+    image_size = sizes.pop()
+    num_frames = config.num_frames or DEFAULT_NUM_FRAMES
+    if slow_model is not None and num_frames > slow_model.config.max_frames:
+        if config.num_frames:
+            raise EmbedError(f"--frames {num_frames} exceeds the slow model's max_frames {slow_model.config.max_frames}")
+        num_frames = slow_model.config.max_frames
+    shape = (1, num_frames, 3, image_size, image_size) if media == "mp4" else (1, 3, image_size, image_size)
+    pixels = torch.zeros(shape)
+    info_fast = info_slow = None
+    with torch.inference_mode():
+        if fast_model is not None:
+            dim = int(fast_model.encode_image(pixels).shape[-1])
+            info_fast = {"uri": str(fast), "identity": fast_model.identity, "dim": dim}
+        if slow_model is not None:
+            _, t, d = slow_model.encode_visual(pixels).shape
+            info_slow = {"uri": str(slow), "identity": slow_model.identity, "num_tokens": int(t), "dim": int(d)}
+    return ModelInfo(image_size=image_size, num_frames=num_frames, fast=info_fast, slow=info_slow)
+
+
+def clear_outputs(out: str, s3_endpoint: str | None) -> list[str]:
+    """Delete the previous run's outputs: manifest first (so a half-cleared dir never
+    looks finished), then fast/ tokens/ rejected/ texts/. Returns what was removed."""
+    filesystem = fs.fsspec_fs(out, s3_endpoint)
+    removed = []
+    for name in (MANIFEST, FAILED_MANIFEST) + OUTPUT_DIRS:
+        path = fs.strip_scheme(fs.join(out, name))
+        if filesystem.exists(path):
+            filesystem.rm(path, recursive=True)
+            removed.append(name)
+    if removed:
+        logger.info("removed previous outputs under %s: %s", out, ", ".join(removed))
+    if hasattr(filesystem, "invalidate_cache"):
+        filesystem.invalidate_cache()
+    return removed
+
+
+def _check_out_not_inside_corpus(corpus_files: tuple[str, ...], out: str) -> None:
+    """Clearing --out must never delete corpus files."""
+    for name in OUTPUT_DIRS:
+        prefix = fs.strip_scheme(fs.join(out, name)).rstrip("/") + "/"
+        for f in corpus_files:
+            if fs.strip_scheme(f).startswith(prefix):
+                raise EmbedError(f"the corpus file {f} lies inside {fs.join(out, name)}, which embed replaces; choose another --out")
+
+
+# --------------------------------------------------------------------------- Ray Data
+
+
+def _configure_data_context(config: EmbedConfig) -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = config.progress
+    if config.object_store_limit_mb:
+        limits = ctx.execution_options.resource_limits
+        ctx.execution_options.resource_limits = limits.copy(object_store_memory=config.object_store_limit_mb * 1024**2)
+
+
+def _actor_resources(config: EmbedConfig) -> dict[str, float]:
+    resources = {"num_cpus": config.cpus_per_actor}
+    if config.device == "cuda":
+        resources["num_gpus"] = config.gpus_per_actor
+    return resources
+
+
+def _read(corpus: CorpusInfo, columns: list[str], config: EmbedConfig):
+    import ray.data
+
+    filesystem, _ = fs.arrow_fs(corpus.files[0], config.s3_endpoint)
+    ds = ray.data.read_parquet([fs.strip_scheme(f) for f in corpus.files], columns=columns, filesystem=filesystem)
+    return ds.limit(config.limit) if config.limit is not None else ds
+
+
+def run_media_stream(corpus: CorpusInfo, models: ModelInfo, out: str, config: EmbedConfig) -> dict[str, Any]:
+    """read ─► decode (tasks) ─► EmbedActor (pool) ─► EmbeddingSink; returns the sink's counts."""
+    import ray.data
+
+    from pipelines.embed_sink import EmbeddingSink
+    from pipelines.embed_stages import EmbedActor, decode_batch
+
+    ds = _read(corpus, ["key", corpus.columns.media], config)
+    ds = ds.map_batches(
+        decode_batch,
+        batch_format="pyarrow",
+        batch_size=config.decode_batch_size,
+        fn_kwargs={
+            "columns": corpus.columns,
+            "image_size": models.image_size,
+            "num_frames": models.num_frames,
+            "max_pixels": config.max_pixels,
+            "s3_endpoint": config.s3_endpoint,
+        },
+    )
+    ds = ds.map_batches(
+        EmbedActor,
+        batch_format="pyarrow",
+        batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        fn_constructor_kwargs={
+            "fast_uri": models.fast["uri"] if models.fast else None,
+            "slow_uri": models.slow["uri"] if models.slow else None,
+            "device": config.device,
+            "threads": config.threads,
+            "pool_size": config.actors,
+        },
+        **_actor_resources(config),
+    )
+    sink = EmbeddingSink(out, kind="media", rows_per_write=config.rows_per_write, s3_endpoint=config.s3_endpoint)
+    ds.write_datasink(sink)
+    return sink.result
+
+
+def run_text_stream(corpus: CorpusInfo, fast_uri: str, out: str, config: EmbedConfig) -> dict[str, Any]:
+    """read captions ─► one row per caption ─► TextEmbedActor (pool) ─► texts/."""
+    import ray.data
+
+    from pipelines.embed_sink import EmbeddingSink
+    from pipelines.embed_stages import TextEmbedActor, explode_captions
+
+    caption_column = corpus.columns.captions
+    ds = _read(corpus, ["key", caption_column], config)
+    ds = ds.map_batches(explode_captions, batch_format="pyarrow", fn_kwargs={"caption_column": caption_column})
+    ds = ds.map_batches(
+        TextEmbedActor,
+        batch_format="pyarrow",
+        batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        fn_constructor_kwargs={
+            "fast_uri": fast_uri,
+            "device": config.device,
+            "threads": config.threads,
+            "pool_size": config.actors,
+        },
+        **_actor_resources(config),
+    )
+    sink = EmbeddingSink(out, kind="texts", rows_per_write=config.rows_per_write, s3_endpoint=config.s3_endpoint)
+    ds.write_datasink(sink)
+    return sink.result
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def run_embed(
+    corpus_uri: str,
+    out: str,
+    fast: str | None,
+    slow: str | None,
+    *,
+    texts: bool,
+    media: bool,
+    config: EmbedConfig,
+    address: str | None,
+) -> dict[str, Any]:
+    """The whole job (see :func:`pipelines.embed.embed`, which validates the arguments)."""
+    from pipelines.ray_utils import init_ray
+
+    timer = StageTimer(logger)
+    endpoint = config.s3_endpoint
+    from thinkfast.data.reader import inspect_corpus
+
+    with timer.stage("inspect"):
+        corpus = inspect_corpus(corpus_uri, endpoint)
+        if texts and not corpus.columns.captions:
+            raise CorpusSchemaError(f"{corpus_uri}: --texts needs a caption or captions column")
+        _check_out_not_inside_corpus(corpus.files, out)
+        models = probe_models(fast, slow if media else None, corpus.columns.media, config)
+    expected = corpus.num_rows if config.limit is None else min(config.limit, corpus.num_rows)
+    logger.info("corpus %s: %d files, %d rows, media column %r", corpus_uri, len(corpus.files), corpus.num_rows, corpus.columns.media)
+
+    with timer.stage("clear"):
+        removed = clear_outputs(out, endpoint)
+    with timer.stage("ray_init"):
+        init_ray(address=address)
+        _configure_data_context(config)
+
+    counts: dict[str, Any] = {"in": expected}
+    token_manifest = None
+    if media:
+        with timer.stage("embed_media"):
+            result = run_media_stream(corpus, models, out, config)
+        rejected_by = Counter({k.split(":", 1)[1]: v for k, v in result.items() if k.startswith("rejected:")})
+        counts.update(
+            embedded=int(result.get("embedded", 0)),
+            rejected=int(result.get("rejected", 0)),
+            rejected_by_reason=dict(sorted(rejected_by.items())),
+        )
+        if models.slow and counts["embedded"]:
+            from thinkfast.store import finalize_token_store
+
+            with timer.stage("finalize_tokens"):
+                token_manifest = finalize_token_store(fs.join(out, "tokens"), endpoint)
+    if texts:
+        with timer.stage("embed_texts"):
+            result = run_text_stream(corpus, fast, out, config)
+        counts.update(texts=int(result.get("texts", 0)), texts_skipped_blank=int(result.get("texts_skipped_blank", 0)))
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": 1,
+        "created": _now(),
+        "corpus": str(corpus_uri),
+        "corpus_files": len(corpus.files),
+        "media_column": corpus.columns.media if media else None,
+        "image_size": models.image_size,
+        "num_frames": models.num_frames if corpus.columns.media == "mp4" or corpus.columns.media == "url" else None,
+        "models": {"fast": models.fast, "slow": models.slow if media else None},
+        "outputs": {
+            "fast": "fast" if media and models.fast else None,
+            "tokens": "tokens" if token_manifest else None,
+            "rejected": "rejected" if media and counts.get("rejected") else None,
+            "texts": "texts" if texts else None,
+        },
+        "counts": counts,
+        "config": _config_dict(config),
+        "replaced_previous": removed,
+        "timings_s": timer.as_dict(),
+    }
+    if token_manifest is not None and token_manifest.get("duplicates_dropped"):
+        raise EmbedError(
+            f"{token_manifest['duplicates_dropped']} key(s) occur more than once in the corpus; keys must be unique"
+        )
+    if media and counts["embedded"] + counts["rejected"] != expected:
+        lost = expected - counts["embedded"] - counts["rejected"]
+        manifest["error"] = f"{lost} row(s) neither embedded nor rejected"
+        fs.write_json(fs.join(out, FAILED_MANIFEST), manifest, endpoint)
+        raise EmbedError(
+            f"counts do not add up: {expected} in, {counts['embedded']} embedded, {counts['rejected']} rejected; "
+            f"see {fs.join(out, FAILED_MANIFEST)}"
+        )
+    with timer.stage("manifest"):
+        manifest["timings_s"] = timer.as_dict()
+        fs.write_json(fs.join(out, MANIFEST), manifest, endpoint)
+    logger.info("embed done: %s", counts)
+    return manifest
