@@ -8,6 +8,7 @@ workers through the runtime env, never logged.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -30,7 +31,18 @@ FORWARDED_ENV = (
 
 
 def worker_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    """The forwarded variables present here, minus those a Ray job's runtime env already
+    sets: inside a job driver Ray refuses to merge a ray.init runtime env whose env_vars
+    overlap the job's (even with equal values), and the job's values are the ones to keep."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job_config:
+        try:
+            job_env = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):
+            job_env = {}
+        env = {k: v for k, v in env.items() if k not in job_env}
+    return env
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
