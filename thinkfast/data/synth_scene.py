@@ -1,0 +1,375 @@
+"""Scenes of the generated corpus: what is where, before any pixel is drawn.
+
+A scene is 1-3 coloured shapes of two sizes on a background (or, for video, one shape
+moving in a straight line, maybe past a static one). Every spatial word a caption may use
+is defined here by geometry, so captions are true by construction and tests can check
+them against the stored scene:
+
+* ``relation(a, b)``: "A left of B" when B's centre lies to the right of A's and the
+  horizontal offset is at least twice the vertical one (likewise above / below); a
+  diagonal pair has no relation and is never described with one.
+* ``cell(c)``: the 3x3 grid cell of a centre ("top left", "centre", ...).
+* ``motion``: the axis direction of a clip's straight-line movement.
+
+Hard partners (``make_partner``) change exactly one thing: which colour goes with which
+shape (``colour_swap``), where two objects are (``relation_flip``, the two swap places),
+where a lone object is (``position_flip``, mirrored), or the direction of time
+(``time_reverse``). Pooled global features see the same parts in both images of a pair.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+
+# closed vocabulary: palette colours (saturated, hues ~60 degrees apart, far from the
+# low-saturation backgrounds) and shapes with distinct silhouettes at 6 px radius
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "yellow": (235, 215, 40),
+    "green": (40, 175, 70),
+    "cyan": (40, 200, 210),
+    "blue": (45, 75, 225),
+    "purple": (150, 60, 200),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SIZES = ("small", "large")
+# half-extent of a shape as a fraction of the image side, per size word
+SIZE_RANGES = {"small": (0.075, 0.095), "large": (0.14, 0.17)}
+RELATIONS = ("left of", "right of", "above", "below")
+CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+DIRECTIONS = ("right", "left", "up", "down")
+OPPOSITE = {"right": "left", "left": "right", "up": "down", "down": "up"}
+ROWS = ("top", "middle", "bottom")
+COLS = ("left", "centre", "right")
+
+_MIN_RADIUS = 3.0  # px: below this a triangle is a blob
+_DOMINANCE = 2.0  # a relation needs |main-axis offset| >= 2 x |cross-axis offset|
+_COLOUR_JITTER = 12  # +- per channel, so a colour is a region of RGB space, not one value
+_MAX_TRIES = 200
+
+Point = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Obj:
+    """One drawn shape. ``track`` holds its centre per frame (one entry for images)."""
+
+    shape: str  # one of SHAPES
+    colour: str  # one of COLOURS
+    size: str  # "small" | "large"
+    radius: float  # half-extent in px; the shape fits in a circle of this radius
+    angle: float  # rotation in degrees (0 for circles)
+    rgb: tuple[int, int, int]  # the drawn colour: palette colour + jitter
+    track: tuple[Point, ...]  # centre (x right, y down, px) per frame
+
+    @property
+    def centre(self) -> Point:
+        return self.track[0]
+
+    @property
+    def desc(self) -> tuple[str, str, str]:
+        """(size, colour, shape): what a caption says about the object."""
+        return (self.size, self.colour, self.shape)
+
+    @property
+    def motion(self) -> str | None:
+        """Axis direction of the movement, None if it does not move."""
+        (x0, y0), (x1, y1) = self.track[0], self.track[-1]
+        dx, dy = x1 - x0, y1 - y0
+        if max(abs(dx), abs(dy)) < 1e-6:
+            return None
+        if abs(dx) >= _DOMINANCE * abs(dy):
+            return "right" if dx > 0 else "left"
+        if abs(dy) >= _DOMINANCE * abs(dx):
+            return "down" if dy > 0 else "up"
+        return None
+
+    def to_json(self) -> dict:
+        out = {"shape": self.shape, "colour": self.colour, "size": self.size,
+               "radius": round(self.radius, 3), "angle": round(self.angle, 2), "rgb": list(self.rgb),
+               "centre": [round(self.centre[0], 3), round(self.centre[1], 3)]}
+        if len(self.track) > 1:
+            out["track"] = [[round(x, 3), round(y, 3)] for x, y in self.track]
+            out["motion"] = self.motion
+        return out
+
+
+@dataclass(frozen=True)
+class Background:
+    """How the backdrop is painted; ``tone`` is what captions may say about it."""
+
+    kind: str  # "plain" | "gradient" | "checker"
+    tone: str  # "dark" | "light"
+    colours: tuple[tuple[int, int, int], tuple[int, int, int]]  # start/end (gradient), base/alt (checker)
+    direction: str  # gradient axis "horizontal" | "vertical" | "diagonal"; unused otherwise
+    cell: int  # checker square side in px
+    noise: float  # std of the additive Gaussian pixel noise
+    noise_seed: int  # seeds the noise field, shared by both images of a hard pair
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "tone": self.tone, "colours": [list(c) for c in self.colours],
+                "direction": self.direction, "cell": self.cell, "noise": round(self.noise, 3)}
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything needed to draw and describe one image or clip."""
+
+    size: int  # image side in px (square)
+    objects: tuple[Obj, ...]
+    background: Background
+    num_frames: int = 1  # 1 for images
+    pair: dict | None = field(default=None)  # {"kind": ..., "partner": key} for hard pairs
+
+    @property
+    def is_video(self) -> bool:
+        return self.num_frames > 1
+
+    def to_json(self, group: int, partner_key: str | None = None) -> str:
+        out = {"width": self.size, "height": self.size, "num_frames": self.num_frames, "group": group,
+               "background": self.background.to_json(), "objects": [o.to_json() for o in self.objects],
+               "pair": None if self.pair is None else {**self.pair, "partner": partner_key}}
+        return json.dumps(out, separators=(",", ":"))
+
+
+# ----------------------------------------------------------------------------- geometry
+def relation(a: Point, b: Point) -> str | None:
+    """Relation of the object at ``a`` to the one at ``b`` ("left of" = a is left of b)."""
+    dx, dy = b[0] - a[0], b[1] - a[1]
+    if abs(dx) > 0 and abs(dx) >= _DOMINANCE * abs(dy):
+        return "left of" if dx > 0 else "right of"
+    if abs(dy) > 0 and abs(dy) >= _DOMINANCE * abs(dx):
+        return "above" if dy > 0 else "below"  # y grows downwards
+    return None
+
+
+def cell(c: Point, size: int) -> tuple[str, str]:
+    """(row, column) of the 3x3 grid cell holding centre ``c``."""
+    col = COLS[min(int(3 * c[0] / size), 2)]
+    row = ROWS[min(int(3 * c[1] / size), 2)]
+    return row, col
+
+
+def _inside(c: Point, r: float, size: int) -> bool:
+    return r + 1 <= c[0] <= size - r - 1 and r + 1 <= c[1] <= size - r - 1
+
+
+def _apart(objs: Sequence[tuple[Point, float]], gap: float) -> bool:
+    """No two (centre, radius) circles closer than ``gap`` px (segments for moving ones are
+    checked by the video sampler)."""
+    for i in range(len(objs)):
+        for j in range(i + 1, len(objs)):
+            (ci, ri), (cj, rj) = objs[i], objs[j]
+            if math.dist(ci, cj) < ri + rj + gap:
+                return False
+    return True
+
+
+def _segment_distance(p: Point, a: Point, b: Point) -> float:
+    ax, ay, bx, by = a[0], a[1], b[0], b[1]
+    vx, vy = bx - ax, by - ay
+    t = ((p[0] - ax) * vx + (p[1] - ay) * vy) / max(vx * vx + vy * vy, 1e-12)
+    t = min(max(t, 0.0), 1.0)
+    return math.dist(p, (ax + t * vx, ay + t * vy))
+
+
+# ----------------------------------------------------------------------------- sampling
+def _choice(rng: np.random.Generator, seq: Sequence):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def _uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    return float(lo + (hi - lo) * rng.random())
+
+
+def sample_background(rng: np.random.Generator) -> Background:
+    """Low-saturation backdrop (dark or light) so every palette colour stands out on it."""
+    tone = "dark" if rng.random() < 0.5 else "light"
+    lo, hi = (25, 80) if tone == "dark" else (170, 230)
+
+    def grey() -> tuple[int, int, int]:
+        g = int(rng.integers(lo, hi + 1))
+        return tuple(int(np.clip(g + rng.integers(-12, 13), 0, 255)) for _ in range(3))  # type: ignore[return-value]
+
+    kind = _choice(rng, ("plain", "gradient", "checker"))
+    return Background(
+        kind=kind, tone=tone, colours=(grey(), grey()),
+        direction=_choice(rng, ("horizontal", "vertical", "diagonal")),
+        cell=int(rng.integers(4, 17)), noise=_uniform(rng, 2.0, 9.0),
+        noise_seed=int(rng.integers(2**31 - 1)),
+    )
+
+
+def _sample_look(rng: np.random.Generator, size: int, used: set[tuple[str, str]]) -> tuple[str, str, str, float, float, tuple]:
+    """Shape, colour, size word, radius, angle, drawn rgb; (colour, shape) unique in a scene."""
+    while True:
+        shape, colour = _choice(rng, SHAPES), _choice(rng, tuple(COLOURS))
+        if (colour, shape) not in used:
+            break
+    size_word = _choice(rng, SIZES)
+    lo, hi = SIZE_RANGES[size_word]
+    radius = max(_uniform(rng, lo, hi) * size, _MIN_RADIUS + (2.0 if size_word == "large" else 0.0))
+    angle = 0.0 if shape == "circle" else _uniform(rng, -12.0, 12.0)
+    rgb = tuple(int(np.clip(v + rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1), 0, 255)) for v in COLOURS[colour])
+    used.add((colour, shape))
+    return shape, colour, size_word, radius, angle, rgb
+
+
+def _gap(size: int) -> float:
+    return max(2.0, 0.04 * size)
+
+
+def sample_image_scene(rng: np.random.Generator, size: int, num_objects: int) -> Scene:
+    """A still scene of ``num_objects`` shapes whose captions can state true relations:
+    with 2 objects they have a relation; with 3, relations connect all of them."""
+    for _ in range(_MAX_TRIES):
+        used: set[tuple[str, str]] = set()
+        looks = [_sample_look(rng, size, used) for _ in range(num_objects)]
+        radii = [lk[3] for lk in looks]
+        centres = _place(rng, size, radii)
+        if centres is None:
+            continue
+        objects = tuple(Obj(shape=lk[0], colour=lk[1], size=lk[2], radius=lk[3], angle=lk[4], rgb=lk[5],
+                            track=(c,)) for lk, c in zip(looks, centres))
+        return Scene(size=size, objects=objects, background=sample_background(rng))
+    if num_objects > 1:  # tiny images may not fit three large shapes: one fewer
+        return sample_image_scene(rng, size, num_objects - 1)
+    raise RuntimeError(f"cannot place one object in a {size}px image")
+
+
+def _place(rng: np.random.Generator, size: int, radii: list[float]) -> list[Point] | None:
+    gap = _gap(size)
+    if len(radii) == 1:
+        return [_place_in_cell(rng, size, radii[0])]
+    for _ in range(_MAX_TRIES):
+        # A, then B along a chosen axis direction with a small cross-axis offset
+        ra, rb = radii[0], radii[1]
+        a = (_uniform(rng, ra + 1, size - ra - 1), _uniform(rng, ra + 1, size - ra - 1))
+        direction = _choice(rng, DIRECTIONS)
+        dist = _uniform(rng, ra + rb + gap, 0.8 * size)
+        off = _uniform(rng, -0.4, 0.4) * dist
+        ux, uy = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+        b = (a[0] + ux * dist + uy * off, a[1] + uy * dist + ux * off)
+        if not _inside(b, rb, size) or not _apart([(a, ra), (b, rb)], gap) or relation(a, b) is None:
+            continue
+        centres = [a, b]
+        for r in radii[2:]:
+            c = _place_related(rng, size, r, centres, radii, gap)
+            if c is None:
+                break
+            centres.append(c)
+        if len(centres) == len(radii):
+            return centres
+    return None
+
+
+def _place_related(rng: np.random.Generator, size: int, r: float, centres: list[Point],
+                   radii: list[float], gap: float) -> Point | None:
+    """A centre for one more object that has a relation to at least one placed object."""
+    for _ in range(_MAX_TRIES):
+        c = (_uniform(rng, r + 1, size - r - 1), _uniform(rng, r + 1, size - r - 1))
+        objs = list(zip(centres, radii)) + [(c, r)]
+        if _apart(objs, gap) and any(relation(c, o) is not None for o in centres):
+            return c
+    return None
+
+
+def _place_in_cell(rng: np.random.Generator, size: int, r: float) -> Point:
+    """A lone object well inside a random 3x3 cell, so its position words are unambiguous."""
+    margin = 0.04 * size
+    for _ in range(_MAX_TRIES):
+        row, col = int(rng.integers(3)), int(rng.integers(3))
+        lo_x, hi_x = max(col * size / 3 + margin, r + 1), min((col + 1) * size / 3 - margin, size - r - 1)
+        lo_y, hi_y = max(row * size / 3 + margin, r + 1), min((row + 1) * size / 3 - margin, size - r - 1)
+        if lo_x <= hi_x and lo_y <= hi_y:
+            return (_uniform(rng, lo_x, hi_x), _uniform(rng, lo_y, hi_y))
+    return (size / 2, size / 2)
+
+
+def sample_video_scene(rng: np.random.Generator, size: int, num_objects: int, num_frames: int) -> Scene:
+    """One shape moving straight along an axis (left/right/up/down); with two objects the
+    second stays still, clear of the mover's path."""
+    gap = _gap(size)
+    for _ in range(_MAX_TRIES):
+        used: set[tuple[str, str]] = set()
+        looks = [_sample_look(rng, size, used) for _ in range(num_objects)]
+        r = looks[0][3]
+        direction = _choice(rng, DIRECTIONS)
+        dist = _uniform(rng, 0.3, 0.5) * size
+        drift = _uniform(rng, -0.1, 0.1) * dist  # cross-axis wobble, well under the 2:1 rule
+        ux, uy = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+        start = (_uniform(rng, r + 1, size - r - 1), _uniform(rng, r + 1, size - r - 1))
+        end = (start[0] + ux * dist + uy * drift, start[1] + uy * dist + ux * drift)
+        if not _inside(end, r, size):
+            continue
+        track = tuple((start[0] + (end[0] - start[0]) * t / (num_frames - 1),
+                       start[1] + (end[1] - start[1]) * t / (num_frames - 1)) for t in range(num_frames))
+        objects = [Obj(*looks[0][:5], rgb=looks[0][5], track=track)]
+        ok = True
+        for lk in looks[1:]:
+            placed = None
+            for _ in range(_MAX_TRIES):
+                c = (_uniform(rng, lk[3] + 1, size - lk[3] - 1), _uniform(rng, lk[3] + 1, size - lk[3] - 1))
+                clear = _segment_distance(c, start, end) >= r + lk[3] + gap
+                if clear and all(math.dist(c, o.centre) >= o.radius + lk[3] + gap for o in objects[1:]):
+                    placed = c
+                    break
+            if placed is None:
+                ok = False
+                break
+            objects.append(Obj(*lk[:5], rgb=lk[5], track=(placed,) * num_frames))
+        if ok:
+            return Scene(size=size, objects=tuple(objects), background=sample_background(rng), num_frames=num_frames)
+    if num_objects > 1:
+        return sample_video_scene(rng, size, num_objects - 1, num_frames)
+    raise RuntimeError(f"cannot fit a moving object in a {size}px clip")
+
+
+# ----------------------------------------------------------------------------- hard partners
+def make_partner(scene: Scene, kind: str, rng: np.random.Generator) -> Scene | None:
+    """The scene's hard partner of ``kind``, or None when this scene cannot have one
+    (the caller then samples another scene)."""
+    objs = list(scene.objects)
+    if kind == "colour_swap":
+        pairs = [(i, j) for i in range(len(objs)) for j in range(i + 1, len(objs))
+                 if objs[i].shape != objs[j].shape and objs[i].colour != objs[j].colour]
+        if not pairs:
+            return None
+        i, j = _choice(rng, pairs)
+        objs[i], objs[j] = (replace(objs[i], colour=objs[j].colour, rgb=objs[j].rgb),
+                            replace(objs[j], colour=objs[i].colour, rgb=objs[i].rgb))
+        if len({(o.colour, o.shape) for o in objs}) < len(objs):
+            return None
+    elif kind == "relation_flip":
+        pairs = [(i, j) for i in range(len(objs)) for j in range(i + 1, len(objs))
+                 if relation(objs[i].centre, objs[j].centre) is not None]
+        if not pairs:
+            return None
+        i, j = _choice(rng, pairs)
+        objs[i], objs[j] = replace(objs[i], track=objs[j].track), replace(objs[j], track=objs[i].track)
+        if not all(_inside(o.centre, o.radius, scene.size) for o in objs):
+            return None
+        if not _apart([(o.centre, o.radius) for o in objs], _gap(scene.size)):
+            return None
+    elif kind == "position_flip":
+        if len(objs) != 1:
+            return None
+        (x, y), s = objs[0].centre, scene.size
+        row, col = cell((x, y), s)
+        if col != "centre":
+            flipped = (s - x, y)
+        elif row != "middle":
+            flipped = (x, s - y)
+        else:
+            return None
+        objs[0] = replace(objs[0], track=(flipped,))
+    elif kind == "time_reverse":
+        objs = [replace(o, track=tuple(reversed(o.track))) for o in objs]
+    else:
+        raise ValueError(f"unknown hard-pair kind {kind!r}")
+    return replace(scene, objects=tuple(objs))
