@@ -95,7 +95,7 @@ def test_distillation_step_moves_student_towards_teacher() -> None:
     p = (teacher / 2.0).softmax(1)
 
     def kl() -> float:
-        return float((p * (p.log() - (student / 0.5).log_softmax(1))).sum())
+        return float((p * (p.log() - (student.detach() / 0.5).log_softmax(1))).sum())
 
     before = kl()
     loss = distillation_loss(teacher, student, teacher_temperature=2.0, student_temperature=0.5)
