@@ -159,3 +159,49 @@ def test_search_client_prints_a_table() -> None:
     assert "img1" in text and "-3.250" in text and "a blue square" in text and "total 6.5" in text
     lines = text.splitlines()
     assert lines[2].split()[:2] == ["1", "img1"] and lines[3].split()[:2] == ["2", "img2"]
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _bmp(color: tuple[int, int, int]) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="BMP")
+    return buf.getvalue()
+
+
+def test_catalog_serves_only_corpus_keys(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.serve_app.catalog import CorpusCatalog, UnknownMediaKey
+    from thinkfast.errors import DecodeError
+
+    (tmp_path / "corpus").mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the web")
+    rows_a = {"key": ["k0", "k1"], "captions": [["a red circle", "red round"], ["  ", "a blue square"]],
+              "jpg": [_png((255, 0, 0)), _bmp((0, 0, 255))]}
+    rows_b = {"key": ["k2", "k0"], "captions": [["a green triangle"], ["duplicate key, ignored"]], "jpg": [b"", _png((0, 0, 0))]}
+    pq.write_table(pa.table(rows_a), tmp_path / "corpus" / "part-0.parquet", row_group_size=1)
+    pq.write_table(pa.table(rows_b), tmp_path / "corpus" / "part-1.parquet")
+    cat = CorpusCatalog.open(str(tmp_path / "corpus"), cache_groups=1)
+    assert len(cat) == 3 and "k2" in cat and "../secret.txt" not in cat
+    assert cat.captions(["k1", "k0", "missing"]) == ["a blue square", "a red circle", ""]
+    red = cat.media("k0")
+    assert red.content_type == "image/png" and red.data == rows_a["jpg"][0]  # first k0 wins
+    blue = cat.media("k1")  # BMP is re-encoded for browsers
+    assert blue.content_type == "image/png" and blue.data.startswith(b"\x89PNG")
+    assert cat.media("k0").data == red.data  # after LRU eviction (cache of 1 row group)
+    for bad in ("../secret.txt", str(secret), "k9", "", "k0/../k1"):
+        with pytest.raises(UnknownMediaKey):
+            cat.media(bad)
+    with pytest.raises(DecodeError):
+        cat.media("k2")  # empty bytes: a clear error, not a 500

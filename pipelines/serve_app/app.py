@@ -44,9 +44,14 @@ def _autoscaled(size: RerankerSize) -> dict[str, Any]:
 
 def index_shard_count(args: ServeArgs) -> int:
     """Shards in the index (one Retriever deployment each), from its manifest alone."""
-    from thinkfast.index.sharded import ShardedIndex
+    from thinkfast.index.manifest import read_manifest
 
-    return int(ShardedIndex.read_manifest(args.index, s3_endpoint=args.s3_endpoint).num_shards)
+    shards = len(read_manifest(args.index, args.s3_endpoint).shards)
+    if shards == 0:
+        from thinkfast.errors import IndexMismatchError
+
+        raise IndexMismatchError(f"index {args.index} has no shards")
+    return shards
 
 
 def build_app(args: ServeArgs) -> Application:

@@ -16,6 +16,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +24,9 @@ import pyarrow.parquet as pq
 
 from thinkfast.errors import ThinkfastError
 from thinkfast.utils import fs
+
+if TYPE_CHECKING:
+    from thinkfast.data.schema import CorpusColumns
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +74,7 @@ class CorpusCatalog:
     def __init__(
         self,
         files: list[str],
-        media_column: str,
+        columns: "CorpusColumns",
         keys: list[str],
         captions: list[str],
         file_of: np.ndarray,
@@ -81,7 +85,8 @@ class CorpusCatalog:
         cache_groups: int,
     ) -> None:
         self.files = files
-        self.media_column = media_column  # "jpg" | "mp4" | "url"
+        self._columns = columns
+        self.media_column = columns.media  # "jpg" | "mp4" | "url"
         self._position = {k: i for i, k in enumerate(keys)}
         self._captions = captions
         self._file_of, self._group_of, self._row_of = file_of, group_of, row_of
@@ -99,8 +104,6 @@ class CorpusCatalog:
         from thinkfast.data.schema import validate_corpus_schema
 
         files = list_parquet_files(uri, s3_endpoint=s3_endpoint)
-        if not files:
-            raise ThinkfastError(f"no Parquet files in corpus {uri}")
         keys: list[str] = []
         captions: list[str] = []
         file_of: list[int] = []
@@ -108,13 +111,14 @@ class CorpusCatalog:
         row_of: list[int] = []
         urls: list[str] = []
         media = None
+        first_columns = None
         seen: set[str] = set()
         duplicates = 0
         for fi, path in enumerate(files):
             pf = _parquet_file(path, s3_endpoint)
             columns = validate_corpus_schema(pf.schema_arrow)
             if media is None:
-                media = columns.media
+                media, first_columns = columns.media, columns
             elif columns.media != media:
                 raise ThinkfastError(f"{path}: media column {columns.media!r} differs from {media!r} in {files[0]}")
             wanted = ["key", columns.captions] + (["url"] if media == "url" else [])
@@ -139,7 +143,7 @@ class CorpusCatalog:
         logger.info("catalog of %s: %d keys in %d files, media %s", uri, len(keys), len(files), media)
         return cls(
             files,
-            str(media),
+            first_columns,
             keys,
             captions,
             np.asarray(file_of, dtype=np.int32),
@@ -165,12 +169,16 @@ class CorpusCatalog:
         return out
 
     def media(self, key: str) -> MediaBlob:
-        """The item's image (videos: their first frame) as browser-ready bytes."""
+        """The item's image (videos: their first frame) as browser-ready bytes.
+        Raises :class:`UnknownMediaKey`, or ``DecodeError`` for a row whose media is unusable."""
+        from thinkfast.data.media import media_of
+
         pos = self._position.get(key)
         if pos is None:
             raise UnknownMediaKey("unknown media key")
-        data = self._raw_media(pos)
-        if self.media_column == "mp4":
+        data, is_video = media_of({self.media_column: self._media_value(pos)}, self._columns,
+                                  s3_endpoint=self._s3_endpoint)
+        if is_video:
             from thinkfast.data.video import decode_video
 
             frames, _ = decode_video(data, 1)
@@ -182,18 +190,12 @@ class CorpusCatalog:
 
         return MediaBlob(_png_bytes(decode_image(data)), "image/png")
 
-    def _raw_media(self, pos: int) -> bytes:
+    def _media_value(self, pos: int) -> object:
+        """The row's media cell: bytes (jpg / mp4) or the corpus' own URL string."""
         if self._urls is not None:
-            from thinkfast.data.media import fetch_url
-
-            return fetch_url(self._urls[pos], s3_endpoint=self._s3_endpoint)
+            return self._urls[pos]
         column = self._media_group(int(self._file_of[pos]), int(self._group_of[pos]))
-        value = column[int(self._row_of[pos])].as_py()
-        if not value:
-            from thinkfast.errors import DecodeError
-
-            raise DecodeError("empty", "the corpus row has no media bytes")
-        return value
+        return column[int(self._row_of[pos])].as_py()
 
     def _media_group(self, fi: int, gi: int) -> pa.Array:
         with self._lock:

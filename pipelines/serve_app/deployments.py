@@ -49,6 +49,16 @@ class Ranked:
     slow_score: np.ndarray  # (k,) h = h_fwd + h_bwd
 
 
+@dataclass(frozen=True)
+class MediaReply:
+    """What ``GET /media/{key}`` answers: bytes on 200, a ``detail`` otherwise."""
+
+    status: int
+    data: bytes = b""
+    content_type: str = "application/octet-stream"
+    detail: str = ""
+
+
 def merge_shard_results(results: list[tuple[list[list[str]], np.ndarray]], k: int) -> list[Candidates]:
     """Per-shard top-k lists of each query -> global top-k per query (drops shard padding).
 
@@ -87,22 +97,34 @@ class TextEncoder:
         from thinkfast import FastModel
 
         _set_threads(torch_threads)
+        from thinkfast.index.manifest import read_manifest
+
         self.model = FastModel.from_pretrained(args.fast).eval()
         self.identity = self.model.identity
+        manifest = read_manifest(args.index, args.s3_endpoint)
+        if manifest.model_identity is not None and manifest.model_identity != self.identity:
+            from thinkfast.errors import IndexMismatchError
+
+            raise IndexMismatchError(
+                f"index {args.index} holds embeddings of fast model {manifest.model_identity}, but {args.fast} "
+                f"is {self.identity}: queries would be scored in another space (re-run embed + index)"
+            )
         logger.info("text encoder ready: %s (identity %s)", args.fast, self.identity)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def encode(self, queries: list[str]) -> list[np.ndarray]:
+    async def encode(self, queries: list[str]) -> list[np.ndarray | None]:
         return await asyncio.to_thread(self._encode, queries)
 
-    def _encode(self, queries: list[str]) -> list[np.ndarray]:
+    def _encode(self, queries: list[str]) -> list[np.ndarray | None]:
+        """g(y) per query; None for a query with no tokens (its mean pooling is undefined)."""
         import torch
 
         with torch.inference_mode():
             batch = self.model.tokenize(list(queries))
             vectors = self.model.encode_text(batch["input_ids"], batch["attention_mask"])  # (B, d)
         out = vectors.float().cpu().numpy()
-        return [out[i] for i in range(len(queries))]
+        empty = batch["attention_mask"].sum(dim=1) == 0  # (B,)
+        return [None if bool(empty[i]) or not np.isfinite(out[i]).all() else out[i] for i in range(len(queries))]
 
     def model_identity(self) -> str:
         return self.identity
@@ -137,43 +159,70 @@ class Retriever:
 @serve.deployment
 class Reranker:
     """The slow model over cached phi(x) tokens: candidates of concurrent requests are
-    scored together (``@serve.batch``) through ``thinkfast.rerank``, the same code path as
-    ``thinkfast eval``, so the service and the evaluation rank identically."""
+    scored together (``@serve.batch``) by ``thinkfast.rerank.rerank_many``, the same code
+    path as ``thinkfast eval``, so the service and the evaluation rank identically."""
 
     def __init__(self, args: ServeArgs) -> None:
         from thinkfast import SlowModel, TokenStore
-        from thinkfast import rerank
 
         size = args.reranker
         _set_threads(size.torch_threads)
         self.model = SlowModel.from_pretrained(args.slow).eval()
         self.store = TokenStore.open(args.embeddings, s3_endpoint=args.s3_endpoint)
-        self.beta = rerank.DEFAULT_BETA if args.beta is None else args.beta
+        per_frame = self.model.num_visual_tokens(self.model.config.image_size)  # videos: F * per_frame
+        if self.store.shape[1] % per_frame:
+            from thinkfast.errors import IndexMismatchError
+
+            raise IndexMismatchError(
+                f"token store {args.embeddings} holds {self.store.shape[1]} tokens per item but {args.slow} "
+                f"makes {per_frame} per frame: the embeddings were made by another slow model"
+            )
+        self.beta = args.beta
         self.score_batch_size = size.score_batch_size
         self.rerank.set_max_batch_size(size.max_batch_size)
         self.rerank.set_batch_wait_timeout_s(size.batch_wait_timeout_s)
-        logger.info(
-            "re-ranker ready: %s, %d token sets of shape %s, beta %.3f", args.slow, len(self.store),
-            self.store.shape[1:], self.beta,
-        )
+        logger.info("re-ranker ready: %s, tokens %s, beta %.3f", args.slow, self.store.shape, self.beta)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def rerank(self, items: list[RerankItem]) -> list[Ranked]:
+    async def rerank(self, items: list[RerankItem]) -> list[Ranked | str]:
         return await asyncio.to_thread(self._rerank, items)
 
-    def _rerank(self, items: list[RerankItem]) -> list[Ranked]:
+    def _rerank(self, items: list[RerankItem]) -> list[Ranked | str]:
+        """Ranked per item, or a client-facing reason for an item that cannot be scored
+        (one bad query must not fail the other requests of its batch)."""
         from thinkfast import rerank
 
-        results = rerank.rerank_candidates(
-            self.model,
-            [it.query for it in items],
-            [(it.candidates.keys, it.candidates.fast_scores) for it in items],
-            self.store.get,
-            k=[it.k for it in items],
-            beta=self.beta,
-            batch_size=self.score_batch_size,
-        )
-        return [Ranked(list(r.keys), r.score, r.fast_score, r.slow_score) for r in results]
+        out: list[Ranked | str | None] = [None] * len(items)
+        good: list[int] = []
+        queries = []
+        for i, item in enumerate(items):
+            tokens = self.model.tokenize([item.query])
+            if int(tokens["attention_mask"].sum()) == 0:
+                out[i] = "the query has no tokens the slow model can score"
+                continue
+            good.append(i)
+            queries.append(tokens)
+        if good:
+            k_max = max(items[i].k for i in good)
+            hits = rerank.rerank_many(
+                self.model,
+                self.store.get,
+                queries,
+                [items[i].candidates.keys for i in good],
+                [items[i].candidates.fast_scores for i in good],
+                k_max,
+                beta=self.beta,
+                max_pairs=self.score_batch_size,
+            )
+            for i, ranked in zip(good, hits):
+                top = ranked[: items[i].k]  # top-k is a prefix of top-k_max (same stable order)
+                out[i] = Ranked(
+                    keys=[h.key for h in top],
+                    score=np.array([h.score for h in top]),
+                    fast_score=np.array([h.fast_score for h in top]),
+                    slow_score=np.array([h.slow_score for h in top]),
+                )
+        return out  # type: ignore[return-value]
 
 
 @serve.deployment
@@ -188,15 +237,20 @@ class Catalog:
     def captions(self, keys: list[str]) -> list[str]:
         return self.catalog.captions(keys)
 
-    def media(self, key: str) -> tuple[bytes, str] | None:
-        """(bytes, content type), or None for a key the corpus does not have."""
+    def media(self, key: str) -> MediaReply:
+        """The key's media, or a 404 reply for keys the corpus lacks and rows whose media
+        cannot be read (the reason is told, the service stays up)."""
         from pipelines.serve_app.catalog import UnknownMediaKey
+        from thinkfast.errors import DecodeError
 
         try:
             blob = self.catalog.media(key)
         except UnknownMediaKey:
-            return None
-        return blob.data, blob.content_type
+            return MediaReply(404, detail="unknown media key")
+        except DecodeError as exc:
+            logger.warning("media of %r unavailable: %s", key, exc)
+            return MediaReply(404, detail=f"media of this key is unavailable ({exc.reason})")
+        return MediaReply(200, data=blob.data, content_type=blob.content_type)
 
     def size(self) -> int:
         return len(self.catalog)

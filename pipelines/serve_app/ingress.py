@@ -5,9 +5,10 @@ every retriever shard in parallel -> merged top-K -> re-ranker (with the caption
 candidates fetched from the catalog at the same time). ``GET /media/{key}`` answers only
 keys the catalog's table holds. Every client error is a 4xx JSON ``{"detail": ...}``
 (see ``http_api``); the ingress itself holds no model, so it stays cheap to replicate.
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations``: FastAPI reads the route signatures at runtime
+(a string ``Request`` annotation through Serve's class wrapper becomes a query parameter).
+"""
 
 import asyncio
 import logging
@@ -65,6 +66,11 @@ async def read_body_limited(request: Request, limit: int = MAX_BODY_BYTES) -> by
     return b"".join(chunks)
 
 
+def _ms(since: float) -> float:
+    """Milliseconds since ``since`` (a ``perf_counter`` value)."""
+    return round((time.perf_counter() - since) * 1000.0, 3)
+
+
 def _page_html() -> str:
     return resources.files("pipelines.serve_app").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -118,6 +124,8 @@ class Ingress:
 
         t = time.perf_counter()
         vector = await self.encoder.encode.remote(req.query)  # (d,)
+        if vector is None:
+            raise RequestError(422, "the query has no tokens the fast model can encode")
         timings["encode"] = _ms(t)
 
         t = time.perf_counter()
@@ -138,6 +146,8 @@ class Ingress:
         else:
             caption_call = self.catalog.captions.remote(cands.keys)  # overlaps with slow scoring
             ranked = await self.reranker.rerank.remote(RerankItem(req.query, cands, req.k))
+            if isinstance(ranked, str):
+                raise RequestError(422, ranked)
             timings["rerank"] = _ms(t)
             by_key = dict(zip(cands.keys, await caption_call))
             results = [
@@ -158,13 +168,9 @@ class Ingress:
     @app.get("/media/{key:path}")
     async def media(self, key: str) -> Response:
         check_media_key(key)
-        found = await self.catalog.media.remote(key)
-        if found is None:
-            raise RequestError(404, "unknown media key")
-        data, content_type = found
-        return Response(content=data, media_type=content_type, headers={"Cache-Control": "public, max-age=3600"})
-
-
-def _ms(since: float) -> float:
-    return round((time.perf_counter() - since) * 1000.0, 3)
-
+        reply = await self.catalog.media.remote(key)
+        if reply.status != 200:
+            raise RequestError(reply.status, reply.detail)
+        return Response(
+            content=reply.data, media_type=reply.content_type, headers={"Cache-Control": "public, max-age=3600"}
+        )
