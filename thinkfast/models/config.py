@@ -137,10 +137,10 @@ def fast_preset(name: str) -> FastConfig:
     """The FastConfig of a preset (``vocab_size`` of a bow tower still to be set)."""
     if name == "tiny":
         return FastConfig(vision=_TINY_VISION, text=TextConfig(kind="bow", hidden_size=32, mlp_hidden_size=32),
-                          embed_dim=32, image_size=32, max_text_length=16)
+                          embed_dim=32, image_size=32, max_text_length=32)
     if name == "small":
         return FastConfig(vision=_SMALL_VISION, text=TextConfig(kind="bow", hidden_size=128, mlp_hidden_size=256),
-                          embed_dim=128, image_size=64, max_text_length=24)
+                          embed_dim=128, image_size=64, max_text_length=32)
     if name == "paper":
         from thinkfast.data.tokenizer import minilm_path
 
@@ -153,10 +153,10 @@ def slow_preset(name: str) -> SlowConfig:
     """The SlowConfig of a preset (``vocab_size`` still to be set from the tokenizer)."""
     if name == "tiny":
         return SlowConfig(vision=_TINY_VISION, decoder=DecoderConfig(num_layers=2, num_heads=2, ffn_size=64, dropout=0.0),
-                          width=32, levels=(32, 16, 8), max_frames=4, image_size=32, max_text_length=16)
+                          width=32, levels=(32, 16, 8), max_frames=4, image_size=32, max_text_length=32)
     if name == "small":
         return SlowConfig(vision=_SMALL_VISION, decoder=DecoderConfig(num_layers=2, num_heads=4, ffn_size=256, dropout=0.1),
-                          width=64, levels=(32, 16, 8), max_frames=8, image_size=64, max_text_length=24)
+                          width=64, levels=(32, 16, 8), max_frames=8, image_size=64, max_text_length=32)
     if name == "paper":
         from thinkfast.data.tokenizer import minilm_path
 
