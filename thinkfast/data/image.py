@@ -96,7 +96,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_to_uint8(img), mode="L").convert("RGB")
+        return Image.fromarray(_to_uint8(img)).convert("RGB")
     try:
         return img.convert("RGB")
     except ValueError as exc:

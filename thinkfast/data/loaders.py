@@ -1,0 +1,239 @@
+"""Public caption data sets -> the corpus Parquet.
+
+* Flickr30K / COCO "Karpathy split" JSON (``dataset_flickr30k.json``, ``dataset_coco.json``):
+  ``{"images": [{"filename", "filepath"?, "split", "sentences": [{"raw", "tokens"}]}]}``,
+  plus the folder of images. ``restval`` (COCO) counts as ``train``, as in the papers.
+* VATEX JSON (``vatex_training_v1.0.json``...): ``[{"videoID", "enCap": [...]}]`` plus a
+  folder of clips named ``<videoID>.mp4`` (or .webm / .mkv); the split is taken from the
+  file name or given.
+
+Media are embedded (``jpg`` / ``mp4`` bytes, checked to decode) or referenced (``url``).
+A row whose file is missing, unreadable or has no caption is not dropped silently: it goes
+to ``_rejected.parquet`` (key, reason, detail) next to the shards, and the counts come back.
+Output is written shard by shard, so a 30k-image set never sits in memory.
+
+Run as ``python -m thinkfast.data.loaders karpathy|vatex ...`` (``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+
+from thinkfast.data.image import decode_image
+from thinkfast.data.media import fetch_bytes
+from thinkfast.data.reader import write_table
+from thinkfast.data.schema import corpus_schema
+from thinkfast.data.video import decode_video
+from thinkfast.errors import DecodeError, ThinkfastError
+from thinkfast.utils import fs as fsutil
+
+logger = logging.getLogger(__name__)
+
+REJECTED_NAME = "_rejected.parquet"  # underscore: corpus readers skip it
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv")
+
+
+@dataclass
+class LoadResult:
+    """What a loader wrote."""
+
+    out: str
+    files: list[str]
+    num_rows: int
+    splits: dict[str, int]
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> rows
+
+
+@dataclass(frozen=True)
+class _Item:
+    key: str
+    captions: list[str]
+    candidates: tuple[str, ...]  # media locations to try, in order
+    split: str | None
+
+
+def _read_json(uri: str) -> Any:
+    try:
+        return fsutil.read_json(uri)
+    except FileNotFoundError as exc:
+        raise ThinkfastError(f"annotation file not found: {uri}") from exc
+    except ValueError as exc:
+        raise ThinkfastError(f"{uri} is not valid JSON: {exc}") from exc
+
+
+def karpathy_items(json_uri: str, image_dir: str) -> Iterator[_Item]:
+    """Rows of a Karpathy-split JSON (Flickr30K, Flickr8K, COCO)."""
+    data = _read_json(json_uri)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ThinkfastError(f"{json_uri} is not a Karpathy-split file: no 'images' list")
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or "filename" not in img:
+            raise ThinkfastError(f"{json_uri}: images[{i}] has no 'filename'")
+        filename = str(img["filename"])
+        split = KARPATHY_SPLITS.get(str(img.get("split", "")))
+        if split is None:
+            raise ThinkfastError(f"{json_uri}: images[{i}] ({filename}) has unknown split {img.get('split')!r}")
+        captions = []
+        for s in img.get("sentences") or []:
+            raw = s.get("raw") if isinstance(s, dict) else None
+            if not raw and isinstance(s, dict) and s.get("tokens"):
+                raw = " ".join(s["tokens"])
+            if raw and raw.strip():
+                captions.append(raw.strip())
+        filepath = str(img.get("filepath") or "")
+        candidates = [fsutil.join(image_dir, filepath, filename)] if filepath else []
+        candidates.append(fsutil.join(image_dir, filename))
+        key = os.path.splitext(filename)[0]
+        yield _Item(key=key, captions=captions, candidates=tuple(candidates), split=split)
+
+
+def vatex_split_from_name(json_uri: str) -> str | None:
+    name = os.path.basename(json_uri).lower()
+    for word, split in (("train", "train"), ("val", "val"), ("test", "test")):
+        if word in name:
+            return split
+    return None
+
+
+def vatex_items(json_uri: str, video_dir: str, split: str | None = None) -> Iterator[_Item]:
+    """Rows of a VATEX annotation file (English captions, ``enCap``)."""
+    data = _read_json(json_uri)
+    if not isinstance(data, list):
+        raise ThinkfastError(f"{json_uri} is not a VATEX file: expected a JSON list of clips")
+    split = split or vatex_split_from_name(json_uri)
+    if split is None:
+        raise ThinkfastError(f"cannot tell the split of {json_uri} from its name; pass --split")
+    for i, clip in enumerate(data):
+        if not isinstance(clip, dict) or "videoID" not in clip:
+            raise ThinkfastError(f"{json_uri}: entry {i} has no 'videoID'")
+        vid = str(clip["videoID"])
+        captions = [c.strip() for c in clip.get("enCap") or [] if isinstance(c, str) and c.strip()]
+        candidates = tuple(fsutil.join(video_dir, vid + suffix) for suffix in VIDEO_SUFFIXES)
+        yield _Item(key=vid, captions=captions, candidates=candidates, split=split)
+
+
+def _locate(item: _Item, s3_endpoint: str | None) -> str:
+    for uri in item.candidates:
+        if fsutil.exists(uri, s3_endpoint):
+            return uri
+    raise DecodeError("missing_media", f"none of {', '.join(item.candidates)} exists")
+
+
+def write_corpus(items: Iterable[_Item], out: str, media: str, embed: bool = True, shard_size: int = 1000,
+                 s3_endpoint: str | None = None) -> LoadResult:
+    """Check each item's media and captions, write shards and the rejected table."""
+    column = media if embed else "url"
+    schema = corpus_schema(column)
+    fsutil.makedirs(out)
+    rows: list[dict] = []
+    rejected: list[dict] = []
+    files: list[str] = []
+    splits: dict[str, int] = {}
+    seen: set[str] = set()
+    total = 0
+
+    def flush() -> None:
+        nonlocal rows
+        if rows:
+            path = fsutil.join(out, f"part-{len(files):05d}.parquet")
+            write_table(pa.Table.from_pylist(rows, schema=schema), path, s3_endpoint=s3_endpoint)
+            files.append(path)
+            logger.info("wrote %s (%d rows so far, %d rejected)", path, total, len(rejected))
+            rows = []
+
+    for item in items:
+        if item.key in seen:
+            raise ThinkfastError(f"duplicate key {item.key!r} in the annotations")
+        seen.add(item.key)
+        try:
+            if not item.captions:
+                raise DecodeError("no_captions", "the annotation has no caption")
+            uri = _locate(item, s3_endpoint)
+            width = height = None
+            if embed:
+                data = fetch_bytes(uri, s3_endpoint=s3_endpoint)
+                if media == "jpg":
+                    width, height = decode_image(data).size
+                else:
+                    _, info = decode_video(data, 1)
+                    width, height = info.width, info.height
+                value: Any = data
+            else:
+                value = uri if fsutil.is_s3(uri) or "://" in uri else os.path.abspath(uri)
+        except DecodeError as exc:
+            rejected.append({"key": item.key, "reason": exc.reason, "detail": exc.detail})
+            continue
+        rows.append({"key": item.key, "captions": item.captions, column: value, "split": item.split,
+                     "width": width, "height": height})
+        splits[item.split or ""] = splits.get(item.split or "", 0) + 1
+        total += 1
+        if len(rows) >= shard_size:
+            flush()
+    flush()
+    reasons: dict[str, int] = {}
+    for r in rejected:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    if rejected:
+        table = pa.Table.from_pylist(rejected, schema=pa.schema(
+            [("key", pa.string()), ("reason", pa.string()), ("detail", pa.string())]))
+        write_table(table, fsutil.join(out, REJECTED_NAME), s3_endpoint=s3_endpoint)
+        logger.warning("%d rows rejected: %s (see %s)", len(rejected), reasons, REJECTED_NAME)
+    if not files:
+        raise ThinkfastError(f"no usable rows: all {len(rejected)} were rejected ({reasons})")
+    return LoadResult(out=out, files=files, num_rows=total, splits=splits, rejected=reasons)
+
+
+def load_karpathy(json_uri: str, image_dir: str, out: str, embed: bool = True, shard_size: int = 1000,
+                  s3_endpoint: str | None = None) -> LoadResult:
+    """Flickr30K / COCO Karpathy JSON + image folder -> corpus Parquet with ``split``."""
+    return write_corpus(karpathy_items(json_uri, image_dir), out, "jpg", embed, shard_size, s3_endpoint)
+
+
+def load_vatex(json_uri: str, video_dir: str, out: str, split: str | None = None, embed: bool = True,
+               shard_size: int = 200, s3_endpoint: str | None = None) -> LoadResult:
+    """VATEX JSON + clip folder -> corpus Parquet (``mp4`` column) with ``split``."""
+    return write_corpus(vatex_items(json_uri, video_dir, split), out, "mp4", embed, shard_size, s3_endpoint)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m thinkfast.data.loaders", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="format", required=True)
+    k = sub.add_parser("karpathy", help="Flickr30K / COCO Karpathy-split JSON + image folder")
+    k.add_argument("--json", required=True)
+    k.add_argument("--images", required=True, help="image folder (local or s3://)")
+    v = sub.add_parser("vatex", help="VATEX JSON + clip folder")
+    v.add_argument("--json", required=True)
+    v.add_argument("--videos", required=True, help="clip folder (local or s3://)")
+    v.add_argument("--split", choices=("train", "val", "test"), default=None)
+    for p in (k, v):
+        p.add_argument("--out", required=True)
+        p.add_argument("--no-embed", action="store_true", help="store a url column instead of the bytes")
+        p.add_argument("--shard-size", type=int, default=None)
+        p.add_argument("--s3-endpoint", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.format == "karpathy":
+            result = load_karpathy(args.json, args.images, args.out, not args.no_embed, args.shard_size or 1000,
+                                   args.s3_endpoint)
+        else:
+            result = load_vatex(args.json, args.videos, args.out, args.split, not args.no_embed,
+                                args.shard_size or 200, args.s3_endpoint)
+    except ThinkfastError as exc:
+        print(f"loaders: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {result.num_rows} rows to {result.out} ({len(result.files)} files); "
+          f"splits {result.splits}; rejected {result.rejected or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
