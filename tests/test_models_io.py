@@ -131,3 +131,36 @@ def test_incomplete_or_foreign_directories_are_refused(tmp_path, tokenizer: Word
     os.remove(tmp_path / "slow" / "model.safetensors")
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         SlowModel.from_pretrained(str(tmp_path / "slow"))
+
+
+def test_pretrained_resnet_from_a_local_directory(tmp_path) -> None:
+    """``vision.pretrained`` may be a local transformers ResNet dir (hub ids work the same
+    way on machines with network); an architecture mismatch is refused, never half-loaded."""
+    import dataclasses
+
+    from transformers import ResNetConfig, ResNetModel
+
+    from thinkfast.models.config import VisionConfig
+    from thinkfast.models.vision import ResNetBackbone
+
+    vision = VisionConfig(embedding_size=8, hidden_sizes=(8, 16, 16, 32), depths=(1, 1, 1, 1), layer_type="basic")
+    torch.manual_seed(3)
+    source = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], layer_type="basic"))
+    source.save_pretrained(str(tmp_path / "resnet"))
+    backbone = ResNetBackbone(dataclasses.replace(vision, pretrained=str(tmp_path / "resnet")))
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(backbone.resnet.state_dict()[name], tensor)
+    wider = dataclasses.replace(vision, hidden_sizes=(8, 16, 16, 64), pretrained=str(tmp_path / "resnet"))
+    with pytest.raises(CheckpointError, match="does not match"):
+        ResNetBackbone(wider)
+    with pytest.raises(CheckpointError, match="cannot load pretrained ResNet"):
+        ResNetBackbone(dataclasses.replace(vision, pretrained=str(tmp_path / "nowhere")))
+    # a thinkfast checkpoint of a model built from pretrained weights loads without the source
+    tok = WordTokenizer.build(CAPTIONS)
+    fast = FastModel.from_preset("tiny", tokenizer=tok, vision=dataclasses.replace(vision, pretrained=str(tmp_path / "resnet")))
+    fast.save_pretrained(str(tmp_path / "fast"))
+    import shutil
+
+    shutil.rmtree(tmp_path / "resnet")
+    loaded = FastModel.from_pretrained(str(tmp_path / "fast"))
+    assert loaded.identity == fast.identity

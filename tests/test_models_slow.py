@@ -159,7 +159,7 @@ def test_bad_inputs_raise_clear_errors(model: SlowModel, batch) -> None:
     with pytest.raises(ThinkfastError, match="3 colour channels"):
         model.encode_visual(torch.randn(1, 1, 32, 32))
     with pytest.raises(ThinkfastError, match="at most"):
-        model.encode_visual(torch.randn(1, 5, 3, 32, 32))
+        model.encode_visual(torch.randn(1, 9, 3, 32, 32))
     with pytest.raises(ThinkfastError, match="visual token sets"):
         model.score(visual[:2], **tokens)
     with pytest.raises(ThinkfastError, match="out of range"):

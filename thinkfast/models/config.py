@@ -153,10 +153,10 @@ def slow_preset(name: str) -> SlowConfig:
     """The SlowConfig of a preset (``vocab_size`` still to be set from the tokenizer)."""
     if name == "tiny":
         return SlowConfig(vision=_TINY_VISION, decoder=DecoderConfig(num_layers=2, num_heads=2, ffn_size=64, dropout=0.0),
-                          width=32, levels=(32, 16, 8), max_frames=4, image_size=32, max_text_length=32)
+                          width=32, levels=(32, 16, 8), max_frames=8, image_size=32, max_text_length=32)
     if name == "small":
         return SlowConfig(vision=_SMALL_VISION, decoder=DecoderConfig(num_layers=2, num_heads=4, ffn_size=256, dropout=0.1),
-                          width=64, levels=(32, 16, 8), max_frames=8, image_size=64, max_text_length=32)
+                          width=64, levels=(32, 16, 8), max_frames=16, image_size=64, max_text_length=32)
     if name == "paper":
         from thinkfast.data.tokenizer import minilm_path
 
