@@ -31,9 +31,11 @@ class RerankerSize(_Strict):
     min_replicas: int = Field(1, ge=1, description="replicas kept warm (tokens + slow model loaded)")
     max_replicas: int = Field(2, ge=1, description="upper bound the autoscaler may reach")
     target_ongoing_requests: float = Field(2.0, gt=0, description="per-replica load the autoscaler aims for")
-    upscale_delay_s: float = Field(5.0, ge=0, description="sustained overload before adding a replica")
+    upscale_delay_s: float = Field(10.0, ge=0, description="sustained overload before adding a replica")
     downscale_delay_s: float = Field(60.0, ge=0, description="sustained idleness before removing one")
-    look_back_period_s: float = Field(5.0, gt=0, description="window the load metric is averaged over")
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="window the load metric is averaged over; Ray wants it > its 10 s metric push"
+    )
     max_batch_size: int = Field(8, ge=1, description="requests whose candidates share one forward pass")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a partial batch waits for company")
     num_cpus: float = Field(0.5, gt=0, description="logical CPUs reserved per replica")

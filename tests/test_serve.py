@@ -1,0 +1,249 @@
+"""The search service end to end on local Ray: artifacts made by the real pipeline (synth ->
+tiny untrained models -> embed -> 2-shard index), the app started with ``serve(...)`` on a
+free loopback port, then HTTP checked against the offline two-stage search
+(``thinkfast.rerank``), the bad-input list, media, the CLI client and the page in
+headless Chromium. One app for the module; deleted (and Serve shut down) at the end."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import shutil
+import subprocess
+import urllib.parse
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import requests
+
+pytestmark = pytest.mark.ray
+
+APP = "thinkfast-test"
+BETA = 0.5  # non-zero so the combined score h + beta * s_fast is exercised
+N_IMAGES = 32
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    corpus: str
+    fast: str
+    slow: str
+    embeddings: str
+    index: str
+    captions: list[str]  # one caption per item, used as queries
+    media: dict[str, bytes]  # key -> stored image bytes
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, ray_session) -> Artifacts:
+    import torch
+
+    from pipelines.embed import EmbedConfig, embed
+    from pipelines.index import build_index
+    from pipelines.synth import synth
+    from thinkfast import FastModel, SlowModel
+    from thinkfast.data.reader import read_table
+    from thinkfast.data.tokenizer import WordTokenizer
+
+    root = tmp_path_factory.mktemp("serve")
+    corpus, emb, index = str(root / "corpus"), str(root / "emb"), str(root / "index")
+    synth(corpus, images=N_IMAGES, captions_per_image=2, image_size=32, seed=7, image_format="png", workers=1)
+    table = read_table(corpus, columns=["key", "captions", "jpg"])
+    captions = [caps[0] for caps in table.column("captions").to_pylist()]
+    tokenizer = WordTokenizer.build([c for caps in table.column("captions").to_pylist() for c in caps])
+    torch.manual_seed(0)
+    FastModel.from_preset("tiny", tokenizer=tokenizer).save_pretrained(str(root / "fast"))
+    SlowModel.from_preset("tiny", tokenizer=tokenizer).save_pretrained(str(root / "slow"))
+    embed(corpus, emb, fast=str(root / "fast"), slow=str(root / "slow"), config=EmbedConfig(batch_size=16, progress=False))
+    manifest = build_index(emb, index, shards=2, factory="Flat")
+    assert manifest.num_shards == 2 and manifest.count == N_IMAGES
+    media = dict(zip(table.column("key").to_pylist(), table.column("jpg").to_pylist()))
+    return Artifacts(corpus, str(root / "fast"), str(root / "slow"), emb, index, captions, media)
+
+
+@pytest.fixture(scope="module")
+def service(artifacts):
+    from ray import serve as ray_serve
+
+    from conftest import free_port
+    from pipelines.serve import serve
+
+    args = {
+        "fast": artifacts.fast, "slow": artifacts.slow, "index": artifacts.index,
+        "embeddings": artifacts.embeddings, "corpus": artifacts.corpus, "beta": BETA,
+        "ingress": {"num_cpus": 0.1}, "encoder": {"num_cpus": 0.1}, "retriever": {"num_cpus": 0.1},
+        "catalog": {"num_cpus": 0.1},
+        "reranker": {"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 1, "max_batch_size": 4,
+                     "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 16},
+    }
+    url = serve(args, host="127.0.0.1", port=free_port(), name=APP)
+    yield url
+    ray_serve.delete(APP)
+    ray_serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def offline(artifacts):
+    """The offline two-stage search over the same artifacts (what ``thinkfast eval`` runs)."""
+    from thinkfast import FastModel, SlowModel, TokenStore
+    from thinkfast.rerank import ExactIndex, two_stage_search
+    from thinkfast.store import read_embeddings
+
+    fast = FastModel.from_pretrained(artifacts.fast).eval()
+    slow = SlowModel.from_pretrained(artifacts.slow).eval()
+    keys, vectors = read_embeddings(artifacts.embeddings)
+    exact = ExactIndex(keys, vectors)
+    store = TokenStore.open(artifacts.embeddings)
+
+    def run(query: str, k: int, rerank: int) -> list:
+        return two_stage_search([query], fast, slow, exact, store.get, k=k, rerank_k=rerank, beta=BETA)[0]
+
+    return run
+
+
+def _post(url: str, body: dict) -> requests.Response:
+    return requests.post(url + "/search", json=body, timeout=60)
+
+
+def _assert_same(http_results: list[dict], hits: list) -> None:
+    assert [r["key"] for r in http_results] == [h.key for h in hits]
+    np.testing.assert_allclose([r["score"] for r in http_results], [h.score for h in hits], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose([r["fast_score"] for r in http_results], [h.fast_score for h in hits], atol=1e-5)
+    if hits and hits[0].slow_score is None:
+        assert all(r["slow_score"] is None for r in http_results)
+    else:
+        np.testing.assert_allclose([r["slow_score"] for r in http_results], [h.slow_score for h in hits], rtol=1e-4, atol=1e-4)
+
+
+def test_http_results_equal_offline_two_stage_search(service, artifacts, offline) -> None:
+    queries = [artifacts.captions[0], artifacts.captions[5], "a purple zebra above the moon"]
+    for query in queries:
+        resp = _post(service, {"query": query, "k": 5, "rerank": 12})
+        assert resp.status_code == 200, resp.text
+        data = resp.json()
+        assert data["rerank"] == 12 and len(data["results"]) == 5
+        assert set(data["timings_ms"]) >= {"encode", "retrieve", "rerank", "total"}
+        _assert_same(data["results"], offline(query, 5, 12))
+        assert all(r["slow_score"] <= 0 for r in data["results"])  # h is a sum of log-probabilities
+        by_key = {r["key"]: r["caption"] for r in data["results"]}
+        assert all(by_key.values())  # every result carries its corpus caption
+
+
+def test_concurrent_requests_share_batches_without_changing_results(service, artifacts, offline) -> None:
+    queries = artifacts.captions[:8]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda q: _post(service, {"query": q, "k": 3, "rerank": 10}), queries))
+    for query, resp in zip(queries, responses):
+        assert resp.status_code == 200, resp.text
+        _assert_same(resp.json()["results"], offline(query, 3, 10))
+
+
+def test_rerank_zero_is_the_fast_ranking(service, artifacts, offline) -> None:
+    query = artifacts.captions[3]
+    data = _post(service, {"query": query, "k": 7, "rerank": 0}).json()
+    assert data["rerank"] == 0 and data["timings_ms"]["rerank"] == 0
+    _assert_same(data["results"], offline(query, 7, 0))
+    assert all(r["score"] == r["fast_score"] and r["slow_score"] is None for r in data["results"])
+    # k larger than the corpus: every item once, best first
+    everything = _post(service, {"query": query, "k": 100, "rerank": 0}).json()["results"]
+    assert sorted(r["key"] for r in everything) == sorted(artifacts.media)
+
+
+def _raw(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+         chunked: bool = False) -> tuple[int, dict]:
+    """One request with exact bytes (no client-side normalisation of paths or bodies)."""
+    parsed = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+    try:
+        if chunked:
+            conn.putrequest(method, path)
+            for name, value in (headers or {}).items():
+                conn.putheader(name, value)
+            conn.putheader("Transfer-Encoding", "chunked")
+            conn.endheaders()
+            for start in range(0, len(body or b""), 4096):
+                piece = body[start : start + 4096]
+                conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+            conn.send(b"0\r\n\r\n")
+        else:
+            conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        payload = resp.read()
+        return resp.status, json.loads(payload) if payload else {}
+    finally:
+        conn.close()
+
+
+JSON = {"Content-Type": "application/json"}
+BAD_REQUESTS = [
+    ("empty body", "POST", "/search", b"", JSON, False),
+    ("empty query", "POST", "/search", b'{"query": ""}', JSON, False),
+    ("whitespace query", "POST", "/search", b'{"query": "   \\t "}', JSON, False),
+    ("10 kB query", "POST", "/search", b'{"query": "' + b"x" * 10_000 + b'"}', JSON, False),
+    ("non-UTF-8", "POST", "/search", b'{"query": "\xff\xfe red"}', JSON, False),
+    ("bad JSON", "POST", "/search", b'{"query": "a red circle"', JSON, False),
+    ("wrong type query", "POST", "/search", b'{"query": ["a"]}', JSON, False),
+    ("wrong type k", "POST", "/search", b'{"query": "a", "k": "ten"}', JSON, False),
+    ("k = 0", "POST", "/search", b'{"query": "a", "k": 0}', JSON, False),
+    ("k = 10^6", "POST", "/search", b'{"query": "a", "k": 1000000}', JSON, False),
+    ("negative rerank", "POST", "/search", b'{"query": "a", "rerank": -5}', JSON, False),
+    ("rerank below k", "POST", "/search", b'{"query": "a", "k": 10, "rerank": 5}', JSON, False),
+    ("unknown field", "POST", "/search", b'{"query": "a", "limit": 3}', JSON, False),
+    ("oversized body", "POST", "/search", b'{"query": "a", "x": "' + b"y" * 20_000 + b'"}', JSON, False),
+    ("oversized chunked body", "POST", "/search", b'{"query": "a", "x": "' + b"y" * 40_000 + b'"}', JSON, True),
+    ("not JSON content type", "POST", "/search", b"query=a", {"Content-Type": "application/x-www-form-urlencoded"}, False),
+    ("unknown media key", "GET", "/media/no-such-key", None, {}, False),
+    ("../ in media key", "GET", "/media/../../etc/passwd", None, {}, False),
+    ("encoded ../ in media key", "GET", "/media/..%2F..%2Fetc%2Fpasswd", None, {}, False),
+    ("absolute path media key", "GET", "/media/%2Fetc%2Fpasswd", None, {}, False),
+    ("GET /search", "GET", "/search", None, {}, False),
+]
+
+
+def test_bad_inputs_are_4xx_with_json_detail_and_the_service_survives(service, artifacts) -> None:
+    prefix = urllib.parse.urlparse(service).path.rstrip("/")
+    for name, method, path, body, headers, chunked in BAD_REQUESTS:
+        status, payload = _raw(service, method, prefix + path, body, headers, chunked)
+        assert 400 <= status < 500, f"{name}: HTTP {status} {payload}"
+        assert payload.get("detail"), f"{name}: no JSON detail in {payload}"
+    good = _post(service, {"query": artifacts.captions[1], "k": 2})
+    assert good.status_code == 200 and len(good.json()["results"]) == 2
+    assert requests.get(service + "/healthz", timeout=30).json()["status"] == "ok"
+
+
+def test_media_serves_exactly_the_corpus_bytes(service, artifacts) -> None:
+    key, data = next(iter(artifacts.media.items()))
+    resp = requests.get(f"{service}/media/{urllib.parse.quote(key)}", timeout=30)
+    assert resp.status_code == 200 and resp.content == data
+    assert resp.headers["content-type"] == "image/png"
+
+
+def test_search_cli_prints_results(service, artifacts, capsys) -> None:
+    from pipelines.cli import main
+
+    assert main(["search", artifacts.captions[2], "--url", service, "--k", "3", "--rerank", "6"]) == 0
+    out = capsys.readouterr().out
+    expected = _post(service, {"query": artifacts.captions[2], "k": 3, "rerank": 6}).json()["results"]
+    assert all(r["key"] in out for r in expected) and "total" in out
+    assert main(["search", "a", "--url", service, "--k", "0"]) == 2
+    assert "HTTP 422" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_page_shows_thumbnails_in_headless_chromium(service, artifacts) -> None:
+    query = urllib.parse.quote(artifacts.captions[4])
+    proc = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--virtual-time-budget=30000", "--dump-dom", f"{service}/?q={query}&k=4&rerank=8"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = proc.stdout
+    assert dom.count('class="card result"') == 4, dom[-3000:]
+    assert dom.count('class="thumb"') == 4 and 'data-loaded="error"' not in dom
+    assert dom.count('data-loaded="32"') == 4  # every thumbnail decoded: a 32-px image from /media
+    expected = _post(service, {"query": artifacts.captions[4], "k": 4, "rerank": 8}).json()["results"]
+    for r in expected:
+        assert f'data-key="{r["key"]}"' in dom
