@@ -1,0 +1,120 @@
+"""``thinkfast eval`` on a tiny generated corpus: the table is complete, re-ranking every
+candidate reproduces exhaustive slow ranking (one code path, ``thinkfast.rerank``), the
+embed/index artifacts give the same numbers as in-process embedding, and bad input fails
+with one clear line. Models are untrained (values are not the point; agreement is)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pipelines import evaluate as ev
+from pipelines.cli import main as cli_main
+
+METRIC_KEYS = {"method", "R@1", "R@5", "R@10", "median_rank", "slow_evals_per_query", "ms_per_query", "queries"}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """A 60-image generated corpus (32 px, 2 captions) and untrained tiny models on disk."""
+    from thinkfast import FastModel, SlowModel
+    from thinkfast.data.reader import read_table
+    from thinkfast.data.synth import SynthConfig, write_synth
+    from thinkfast.data.tokenizer import WordTokenizer
+
+    root = tmp_path_factory.mktemp("eval")
+    corpus = str(root / "corpus")
+    write_synth(corpus, SynthConfig(num_images=60, captions_per_image=2, image_size=32, test_fraction=0.3, seed=3))
+    captions = [c for caps in read_table(corpus, columns=["captions"]).column("captions").to_pylist() for c in caps]
+    tokenizer = WordTokenizer.build(captions)
+    FastModel.from_preset("tiny", tokenizer=tokenizer).save_pretrained(str(root / "fast"))
+    SlowModel.from_preset("tiny", tokenizer=tokenizer).save_pretrained(str(root / "slow"))
+    return {"root": root, "corpus": corpus, "fast": str(root / "fast"), "slow": str(root / "slow")}
+
+
+def test_report_is_complete_and_rerank_all_equals_exhaustive(artifacts):
+    out = artifacts["root"] / "report.json"
+    report = ev.evaluate(artifacts["corpus"], artifacts["fast"], artifacts["slow"], rerank=[3, 1000], out=str(out))
+    n, q = report["gallery_size"], report["num_queries"]
+    assert n >= 10 and q == 2 * n
+    names = [m["method"] for m in report["methods"]]
+    assert names == ["fast", "slow", "fast+slow rerank@3", "fast+slow rerank@1000"]
+    for m in report["methods"]:
+        assert METRIC_KEYS <= set(m)
+        assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 100
+        assert 1 <= m["median_rank"] <= n
+        assert m["queries"] == q
+    fast, slow, k3, kall = report["methods"]
+    assert fast["slow_evals_per_query"] == 0 and slow["slow_evals_per_query"] == n
+    assert k3["slow_evals_per_query"] == 3 and kall["slow_evals_per_query"] == n
+    # with beta = 0, re-ranking the whole gallery through thinkfast.rerank is exhaustive slow ranking
+    for key in ("R@1", "R@5", "R@10", "median_rank"):
+        assert kall[key] == slow[key], key
+    # outside its 3 candidates an answer keeps its fast rank, so R@10 can only move within the top 3
+    assert k3["R@10"] == fast["R@10"]
+    assert json.loads(out.read_text())["methods"] == report["methods"]
+
+
+def test_rerank_ranks_place_answers_outside_candidates_by_fast_order():
+    """Hand-made case: 4 images; the answer of query 0 is outside its 2 candidates."""
+
+    class FakeSlow:
+        def tokenize(self, texts):
+            import torch
+
+            return {"input_ids": torch.ones(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+
+    fast_scores = np.array([[0.9, 0.8, 0.7, 0.1], [0.1, 0.2, 0.9, 0.8]], dtype=np.float32)
+    queries = ev.Queries(texts=["q0", "q1"], target=np.array([3, 3]))
+    keys = ["a", "b", "c", "d"]
+    candidates = ev.exact_candidates(fast_scores, 2)
+    slow_h = {"a": -5.0, "b": -1.0, "c": -3.0, "d": -2.0}
+
+    import thinkfast.rerank as rr
+
+    original = rr.slow_scores_for_pairs
+    rr.slow_scores_for_pairs = lambda model, tokens, index, queries, max_pairs=None: np.asarray(tokens)[:, 0, 0].astype(np.float64)
+    try:
+        getter = lambda ks: np.array([[[slow_h[k]]] for k in ks], dtype=np.float16)  # noqa: E731
+        ranks, evals = ev.rerank_ranks(FakeSlow(), queries, keys, fast_scores, getter, candidates, beta=0.0)
+    finally:
+        rr.slow_scores_for_pairs = original
+    # query 0: candidates a, b re-ranked (b first); d is 4th by fast order -> rank 2 + 1 + 1 (c above it)
+    # query 1: candidates c, d; slow prefers d -> rank 1
+    assert ranks.tolist() == [4, 1] and evals == 2
+
+
+@pytest.mark.ray
+def test_embeddings_and_index_match_in_process(artifacts, ray_session):
+    from pipelines.embed import embed
+    from pipelines.index import build_index
+
+    emb = str(artifacts["root"] / "emb")
+    idx = str(artifacts["root"] / "index")
+    embed(artifacts["corpus"], emb, artifacts["fast"], artifacts["slow"])
+    build_index(emb, idx, shards=2)
+    local = ev.evaluate(artifacts["corpus"], artifacts["fast"], artifacts["slow"], rerank=[5])
+    stored = ev.evaluate(artifacts["corpus"], artifacts["fast"], artifacts["slow"], rerank=[5], embeddings=emb, index=idx)
+    assert stored["gallery_size"] == local["gallery_size"] and stored["rejected_count"] == 0
+    for a, b in zip(local["methods"], stored["methods"]):
+        assert a["method"] == b["method"]
+        for key in ("R@1", "R@5", "R@10"):  # fp16 tokens and ANN may flip a near-tie, not more
+            assert math.isclose(a[key], b[key], abs_tol=100.0 * 2 / local["num_queries"]), (a, b)
+    # the index covers every split: candidates from other splits are counted, never silently used
+    assert stored["methods"][-1]["foreign_candidates"] >= 0
+
+
+def test_cli_prints_table_and_rejects_bad_input(artifacts, tmp_path, capsys):
+    code = cli_main(["eval", "--corpus", artifacts["corpus"], "--fast", artifacts["fast"], "--rerank", "2",
+                     "--max-queries", "8", "--out", str(tmp_path / "r.json")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| fast |" in printed and "8 queries" in printed
+    assert cli_main(["eval", "--corpus", str(tmp_path / "nope"), "--fast", artifacts["fast"]]) == 2
+    assert "thinkfast eval: error:" in capsys.readouterr().err
+    assert cli_main(["eval", "--corpus", artifacts["corpus"], "--fast", str(tmp_path)]) == 2
+    assert cli_main(["eval", "--corpus", artifacts["corpus"], "--fast", artifacts["fast"], "--split", "nosuch"]) == 2
+    assert "no rows in split" in capsys.readouterr().err
