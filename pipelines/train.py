@@ -1,0 +1,373 @@
+"""``thinkfast train-slow | train-fast | distill``: Ray Train over the corpus Parquet.
+
+* ``train-slow``: L_CA on (image, caption) pairs (the cross-attention captioning scorer).
+* ``train-fast``: L_DE (NCE over in-batch negatives), the dual-encoder baseline.
+* ``distill``: L_DE + alpha * L_distill, a frozen slow teacher (``--teacher``) teaching the
+  fast student its softmax over B_i = the batch's other images (with ``--hard-negatives``,
+  batches are built from fast-index neighbours so B_i holds hard negatives), scored online
+  or read from ``--teacher-scores`` (the precompute job, ``pipelines.teacher_scores``).
+
+The three share one driver (this module), one worker loop (``train_loop``) and one data
+path (``train_data``). Checkpoints (``save_pretrained`` model + optimizer + step state) go to
+``--storage`` (local or s3://) every epoch and every ``--checkpoint-every-steps``; ``--resume``
+continues the newest run there; a crashed worker costs one restart (``--max-failures``).
+The final model directory ``--out`` (local or s3://) is what embed / index / eval / serve load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.train_config import TrainConfig, build_config
+from thinkfast.errors import CheckpointError, ThinkfastError
+from thinkfast.utils import fs
+
+logger = logging.getLogger(__name__)
+
+COMMAND_OBJECTIVE = {"train-slow": "slow", "train-fast": "fast", "distill": "distill"}
+TRAINING_FILE = "training.json"  # written next to the final model: config + per-epoch history
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run returns (and what ``training.json`` in ``out`` holds)."""
+
+    objective: str  # slow | fast | distill
+    out: str  # the final model directory (what embed / index / eval / serve load)
+    run_dir: str  # the Ray Train run directory under --storage (checkpoints live here)
+    history: list[dict[str, Any]]  # one record per epoch: epoch, step, train_loss, val_r1, ...
+    steps: int  # optimizer steps done in total (across restarts)
+    starts: list[int]  # the step each attempt started at ([0] normally; [0, n] after one restart)
+    rejected: dict[str, str] = field(default_factory=dict)  # key -> reason of rows that failed to decode
+    seconds: float = 0.0  # wall time of the whole run (driver view)
+    config: dict[str, Any] = field(default_factory=dict)  # the merged TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"objective": self.objective, "out": self.out, "run_dir": self.run_dir, "history": self.history,
+                "steps": self.steps, "starts": self.starts, "rejected": self.rejected,
+                "seconds": round(self.seconds, 3), "config": self.config}
+
+
+# ---------------------------------------------------------------- public Python API
+
+
+def train_slow(corpus: str, out: str, *, storage: str | None = None, resume: bool = False,
+               config_file: str | None = None, run_name: str | None = None, **overrides: Any) -> TrainResult:
+    """Train the slow cross-attention model (L_CA). ``overrides`` are TrainConfig fields."""
+    config = build_config(overrides, config_file)
+    return run_training("slow", corpus, out, config, storage=storage, resume=resume, run_name=run_name)
+
+
+def train_fast(corpus: str, out: str, *, storage: str | None = None, resume: bool = False,
+               config_file: str | None = None, run_name: str | None = None, init: str | None = None,
+               **overrides: Any) -> TrainResult:
+    """Train the fast dual encoder with L_DE alone (the baseline)."""
+    config = build_config(overrides, config_file)
+    return run_training("fast", corpus, out, config, storage=storage, resume=resume, run_name=run_name, init=init)
+
+
+def distill(corpus: str, out: str, teacher: str | None = None, *, teacher_scores: str | None = None,
+            hard_negatives: str | None = None, embeddings: str | None = None, init: str | None = None,
+            storage: str | None = None, resume: bool = False, config_file: str | None = None,
+            run_name: str | None = None, **overrides: Any) -> TrainResult:
+    """Distil a frozen slow teacher into the fast model: L_DE + alpha * L_distill.
+
+    ``teacher``: slow model dir (scores computed online over each batch), or
+    ``teacher_scores``: the output of ``pipelines.teacher_scores.precompute_teacher_scores``
+    (batches are its blocks; no teacher forward at all). ``hard_negatives``: a fast index URI
+    (with ``embeddings``, the embed output holding its vectors) to build batches from index
+    neighbours. ``init``: start the student from a trained fast model instead of scratch."""
+    config = build_config(overrides, config_file)
+    if not teacher and not teacher_scores:
+        raise ThinkfastError("distill needs --teacher (a slow model dir) or --teacher-scores (precomputed)")
+    if teacher_scores and hard_negatives:
+        raise ThinkfastError("--hard-negatives applies to online distillation; precompute them into --teacher-scores")
+    if hard_negatives and not embeddings:
+        raise ThinkfastError("--hard-negatives needs --embeddings (the embed output with the index's vectors)")
+    return run_training("distill", corpus, out, config, storage=storage, resume=resume, run_name=run_name,
+                        init=init, teacher=teacher, teacher_scores=teacher_scores,
+                        hard_negatives=hard_negatives, embeddings=embeddings)
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, storage: str | None = None,
+                 resume: bool = False, run_name: str | None = None, init: str | None = None,
+                 teacher: str | None = None, teacher_scores: str | None = None,
+                 hard_negatives: str | None = None, embeddings: str | None = None) -> TrainResult:
+    """Build the datasets and the TorchTrainer, fit, copy the final model to ``out``."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.ray_utils import init_ray
+    from pipelines.train_data import inspect_corpus
+
+    started = time.perf_counter()
+    for name, uri in (("--teacher", teacher), ("--init", init)):
+        if uri and not fs.exists(fs.join(uri, "config.json")):
+            raise CheckpointError(f"{name} {uri} is not a model directory (no config.json)")
+    _start_ray(config)
+    info = inspect_corpus(corpus)
+    image_size = _image_size(objective, config, init)
+    tokenizer = _tokenizer(objective, config, info, init)
+    datasets, rows_per_step, steps_per_epoch = _datasets(objective, config, info, image_size, teacher_scores,
+                                                         hard_negatives, embeddings)
+    storage = storage or f"{out.rstrip('/')}-checkpoints"
+    name = _run_name(objective, storage, resume, run_name)
+    storage_path, storage_fs = _storage(storage)
+    loop_config = {
+        "objective": objective,
+        "config": config.to_dict(),
+        "tokenizer": tokenizer,
+        "init": init,
+        "teacher": teacher,
+        "steps_per_epoch": steps_per_epoch,
+        "rows_per_step": rows_per_step,
+        "has_val": "val" in datasets,
+    }
+    trainer = TorchTrainer(
+        _train_loop_entry,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.workers, use_gpu=config.use_gpu,
+            resources_per_worker=None if config.use_gpu else {"CPU": config.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    logger.info("%s: %d workers, %d epochs x %d steps, run %s under %s", objective, config.workers, config.epochs,
+                steps_per_epoch, name, storage)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise ThinkfastError(f"training run {name} finished without a checkpoint")
+    summary = result.return_value or {}
+    state = _export(result.checkpoint, out)
+    train_result = TrainResult(
+        objective=objective,
+        out=out,
+        run_dir=str(result.path),
+        history=list(summary.get("history", state.get("history", []))),
+        steps=int(summary.get("step", state.get("step", 0))),
+        starts=list(summary.get("starts", state.get("starts", []))),
+        rejected=dict(summary.get("rejected", state.get("rejected", {}))),
+        seconds=time.perf_counter() - started,
+        config=config.to_dict(),
+    )
+    fs.write_json(fs.join(out, TRAINING_FILE), train_result.to_dict())
+    logger.info("%s: done in %.1f s, %d steps; model in %s", objective, train_result.seconds, train_result.steps, out)
+    return train_result
+
+
+def _start_ray(config: TrainConfig) -> None:
+    """Join the running Ray, or start a local one with CPUs to spare beyond the workers':
+    Ray Data's read and decode tasks need CPUs too, else the pipeline starves silently
+    (STACK_NOTES pitfall 1). Ray Data's progress bars are off: epochs are logged instead."""
+    import ray
+    import ray.data
+
+    from pipelines.ray_utils import init_ray
+
+    if not ray.is_initialized():
+        cores = os.cpu_count() or 1
+        init_ray(num_cpus=None if os.environ.get("RAY_ADDRESS") else
+                 max(cores, int(config.workers * config.cpus_per_worker + 0.999) + 2))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _train_loop_entry(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Module-level so Ray pickles a reference, not a closure."""
+    from pipelines.train_loop import train_loop_per_worker
+
+    return train_loop_per_worker(loop_config)
+
+
+def _image_size(objective: str, config: TrainConfig, init: str | None) -> int:
+    if init:
+        return int(fs.read_json(fs.join(init, "config.json"))["config"]["image_size"])
+    from thinkfast.models.config import fast_preset, slow_preset
+
+    preset = slow_preset(config.preset) if objective == "slow" else fast_preset(config.preset)
+    return preset.image_size
+
+
+def _tokenizer(objective: str, config: TrainConfig, info: Any, init: str | None) -> Any:
+    """tiny / small: a word vocabulary from the train split's captions (built here on the
+    driver, shipped to every worker, saved with the model). paper: the model's HF tokenizer."""
+    if init or config.preset == "paper":
+        return None
+    from thinkfast.data.tokenizer import WordTokenizer
+
+    return WordTokenizer.build(info.train_captions, min_count=config.min_word_count)
+
+
+def _datasets(objective: str, config: TrainConfig, info: Any, image_size: int, teacher_scores: str | None,
+              hard_negatives: str | None, embeddings: str | None) -> tuple[dict[str, Any], int, int]:
+    """Train (split across workers) and val (whole, read by rank 0) datasets, the rows each
+    worker takes per step, and the steps per epoch (equal on every rank: DDP needs it)."""
+    from pipelines.train_data import decoded_bytes_per_row, decoded_dataset, maybe_cache
+
+    explode = config.caption_sampling == "all"
+    val_rows = config.val_pool if objective == "slow" else config.val_images
+    datasets: dict[str, Any] = {}
+    if teacher_scores:
+        from pipelines.teacher_scores import block_dataset
+
+        train, n_rows = block_dataset(teacher_scores, info, image_size, config.num_frames)
+        rows_per_step = 1
+    elif hard_negatives:
+        from pipelines.train_negatives import grouped_dataset
+
+        train, n_rows, group = grouped_dataset(info, hard_negatives, embeddings, config, image_size)
+        rows_per_step = max(1, config.batch_size // group)
+    else:
+        train = decoded_dataset(info, "train", image_size, config.num_frames, explode, config.decode_batch_size)
+        n_rows = len(info.train_captions) if explode else info.counts["train"]
+        rows_per_step = config.batch_size
+    row_bytes = decoded_bytes_per_row(info.is_video, image_size, config.num_frames)
+    datasets["train"] = maybe_cache(train, n_rows, row_bytes, config.cache_decoded and not teacher_scores, "train")
+    if val_rows and info.counts.get("val", 0):
+        val = decoded_dataset(info, "val", image_size, config.num_frames, False, config.decode_batch_size)
+        datasets["val"] = maybe_cache(val.limit(val_rows), val_rows, row_bytes, config.cache_decoded, "val")
+    elif val_rows:
+        logger.warning("corpus has no val rows: validation R@1 is skipped")
+    steps_per_epoch = (n_rows // config.workers) // rows_per_step
+    if steps_per_epoch < 1:
+        raise ThinkfastError(f"train split has {n_rows} rows: too few for {config.workers} workers x "
+                             f"{rows_per_step} rows per step; lower --batch-size or --workers")
+    return datasets, rows_per_step, steps_per_epoch
+
+
+def _run_name(objective: str, storage: str, resume: bool, run_name: str | None) -> str:
+    """``<objective>-<UTC time>``; with --resume, the newest existing run of this objective."""
+    if run_name:
+        return run_name
+    prefix = f"{objective}-"
+    if resume:
+        existing = _existing_runs(storage, prefix)
+        if existing:
+            logger.info("resuming run %s (newest of %d under %s)", existing[-1], len(existing), storage)
+            return existing[-1]
+        logger.warning("--resume: no earlier %s run under %s; starting a new one", objective, storage)
+    return prefix + time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+
+
+def _existing_runs(storage: str, prefix: str) -> list[str]:
+    filesystem = fs.fsspec_fs(storage)
+    root = fs.strip_scheme(storage).rstrip("/")
+    if not filesystem.exists(root):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in filesystem.ls(root, detail=False)]
+    return sorted(n for n in names if n.startswith(prefix))
+
+
+def _storage(storage: str) -> tuple[str, Any]:
+    """Ray Train wants a scheme-less path plus a pyarrow filesystem for S3."""
+    if fs.is_s3(storage):
+        filesystem, path = fs.arrow_fs(storage)
+        return path, filesystem
+    path = os.path.abspath(fs.strip_scheme(storage))
+    os.makedirs(path, exist_ok=True)
+    return path, None
+
+
+def _export(checkpoint: Any, out: str) -> dict[str, Any]:
+    """Copy the newest checkpoint's model directory to ``out``; return its state.json."""
+    from pipelines.train_state import MODEL_DIR, STATE_FILE
+
+    with checkpoint.as_directory() as local:
+        model_dir = os.path.join(local, MODEL_DIR)
+        if not os.path.isdir(model_dir):
+            raise CheckpointError(f"checkpoint {checkpoint.path} has no {MODEL_DIR}/ directory")
+        if fs.is_s3(out):
+            fs.upload_dir(model_dir, out)
+        else:
+            import shutil
+
+            shutil.copytree(model_dir, fs.strip_scheme(out), dirs_exist_ok=True)
+        with open(os.path.join(local, STATE_FILE), encoding="utf-8") as f:
+            return json.load(f)
+
+
+# ---------------------------------------------------------------- command line
+
+_TRAIN_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("preset", str, "model preset: tiny | small | paper"),
+    ("epochs", int, "passes over the train split"),
+    ("batch-size", int, "pairs per worker per step"),
+    ("lr", float, "AdamW peak learning rate"),
+    ("weight-decay", float, "AdamW weight decay"),
+    ("warmup-steps", int, "linear warm-up steps"),
+    ("temperature", float, "tau, the fast-score temperature"),
+    ("workers", int, "Ray Train workers (DDP ranks)"),
+    ("cpus-per-worker", float, "Ray CPUs reserved per worker"),
+    ("checkpoint-every-steps", int, "also checkpoint every N steps (0: epoch ends only)"),
+    ("keep-checkpoints", int, "newest checkpoints kept in --storage"),
+    ("max-failures", int, "worker-group restarts from the newest checkpoint before giving up"),
+    ("val-images", int, "fast: val images for R@1 (0: none)"),
+    ("val-pool", int, "slow: val images re-ranked exhaustively for R@1 (0: none)"),
+    ("caption-sampling", str, "sample (one caption per image per epoch) | all (every caption a row)"),
+    ("seed", int, "random seed"),
+)
+_DISTILL_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("alpha", float, "weight of L_distill"),
+    ("teacher-temperature", float, "T, the teacher softmax temperature"),
+)
+
+
+def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", required=True, help="corpus Parquet (file, directory or s3:// prefix)")
+    parser.add_argument("--out", required=True, help="final model directory (local or s3://)")
+    parser.add_argument("--storage", help="checkpoint storage (local or s3://; default: OUT-checkpoints)")
+    parser.add_argument("--resume", action="store_true", help="continue the newest run in --storage")
+    parser.add_argument("--run-name", help="explicit run name under --storage (resumes it if it exists)")
+    parser.add_argument("--config", dest="config_file", help="YAML/JSON file of training config fields")
+    parser.add_argument("--gpu", dest="use_gpu", action="store_const", const=True, default=None,
+                        help="one GPU per worker (nccl)")
+    for flag, typ, help_text in _TRAIN_FLAGS + (_DISTILL_FLAGS if name == "distill" else ()):
+        parser.add_argument(f"--{flag}", type=typ, default=None, help=help_text)
+    if name in ("train-fast", "distill"):
+        parser.add_argument("--init", help="start from this fast model dir instead of a fresh preset")
+    if name == "distill":
+        parser.add_argument("--teacher", help="frozen slow teacher model dir (local or s3://)")
+        parser.add_argument("--teacher-scores", help="precomputed teacher scores (thinkfast.pipelines.teacher_scores)")
+        parser.add_argument("--hard-negatives", help="fast index URI: build batches from index neighbours")
+        parser.add_argument("--embeddings", help="embed output holding the index's vectors (with --hard-negatives)")
+        parser.add_argument("--group-size", dest="hard_negatives_group", type=int, default=None,
+                            help="images per neighbour group with --hard-negatives (default 4)")
+
+
+def run_for(name: str, args: argparse.Namespace) -> int:
+    objective = COMMAND_OBJECTIVE[name]
+    overrides = {f.replace("-", "_"): getattr(args, f.replace("-", "_"))
+                 for f, _, _ in _TRAIN_FLAGS + (_DISTILL_FLAGS if name == "distill" else ())}
+    overrides["use_gpu"] = args.use_gpu
+    common = {"storage": args.storage, "resume": args.resume, "config_file": args.config_file,
+              "run_name": args.run_name}
+    if objective == "slow":
+        result = train_slow(args.corpus, args.out, **common, **overrides)
+    elif objective == "fast":
+        result = train_fast(args.corpus, args.out, init=args.init, **common, **overrides)
+    else:
+        if args.hard_negatives_group is not None:
+            overrides["hard_negatives"] = args.hard_negatives_group
+        result = distill(args.corpus, args.out, args.teacher, teacher_scores=args.teacher_scores,
+                         hard_negatives=args.hard_negatives, embeddings=args.embeddings, init=args.init,
+                         **common, **overrides)
+    for record in result.history:
+        print(json.dumps(record, sort_keys=True))
+    print(f"model: {result.out}  ({result.steps} steps, {result.seconds:.1f} s)")
+    return 0

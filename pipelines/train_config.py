@@ -1,0 +1,153 @@
+"""Hyper-parameters of ``train-slow``, ``train-fast`` and ``distill``, in one frozen dataclass.
+
+Sources, lowest priority first: the dataclass defaults, the per-preset defaults below
+(sized so the ``small`` preset on the generated corpus trains in minutes on 2 CPU cores),
+a ``--config`` YAML/JSON file, then the flags given explicitly on the command line (or the
+keyword arguments of the Python functions). The merged config is saved with every
+checkpoint and with the final model (``training.json``), so a run is reproducible from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from thinkfast.errors import ThinkfastError
+from thinkfast.utils import fs
+
+logger = logging.getLogger(__name__)
+
+Objective = Literal["slow", "fast", "distill"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs besides the URIs (corpus, out, storage, teacher)."""
+
+    preset: str = "small"  # model preset: tiny | small | paper
+    epochs: int = 4  # passes over the train split
+    batch_size: int = 64  # pairs per worker per step (the NCE / B_i batch of each worker)
+    lr: float = 1e-3  # AdamW peak learning rate (linear warm-up, cosine decay)
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    warmup_steps: int = 20  # linear warm-up steps before cosine decay
+    grad_clip: float = 1.0  # max global gradient norm (0 disables clipping)
+    temperature: float = 0.05  # tau: fast-score temperature in NCE and in the student softmax
+    alpha: float = 1.0  # distill: weight of L_distill in L_DE + alpha * L_distill
+    teacher_temperature: float = 1.0  # distill: T, the teacher softmax temperature on h(x, y)
+    hard_negatives: int = 0  # distill: images per group mined from the fast index (0 = in-batch only)
+    workers: int = 2  # Ray Train workers (DDP ranks)
+    cpus_per_worker: float = 1.0  # Ray CPUs reserved per worker (fractional is fine on small machines)
+    use_gpu: bool = False  # one GPU per worker, nccl instead of gloo
+    torch_threads: int = 0  # intra-op threads per worker (0 = cores / workers, at least 1)
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps (0 = only at epoch ends)
+    keep_checkpoints: int = 2  # newest checkpoints kept in --storage (the rest are deleted)
+    max_failures: int = 2  # worker-group restarts (from the newest checkpoint) before giving up
+    val_images: int = 512  # fast: val images embedded for R@1 (0 = no validation)
+    val_pool: int = 32  # slow: val images re-ranked exhaustively for R@1 (0 = no validation)
+    min_word_count: int = 1  # word vocabulary: drop words seen fewer times in the train split
+    num_frames: int = 4  # frames sampled per video (videos only)
+    caption_sampling: Literal["sample", "all"] = "sample"  # one random caption per image per epoch, or every caption
+    decode_batch_size: int = 64  # rows per Ray Data decode task
+    cache_decoded: bool = True  # decode each split once and keep it in the object store (if it fits in a third)
+    shuffle_buffer: int = 256  # local shuffle buffer (rows) of each worker's shard
+    seed: int = 0  # model init, caption sampling and shuffling
+    fail_at_step: int = 0  # TEST HOOK: rank 0 raises once when it reaches this step (0 = never)
+    fail_marker: str = ""  # TEST HOOK: file created before that raise, so it happens only once
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 2,
+            "lr": self.lr > 0,
+            "temperature": self.temperature > 0,
+            "teacher_temperature": self.teacher_temperature > 0,
+            "alpha": self.alpha >= 0,
+            "hard_negatives": self.hard_negatives >= 0,
+            "workers": self.workers >= 1,
+            "cpus_per_worker": self.cpus_per_worker > 0,
+            "checkpoint_every_steps": self.checkpoint_every_steps >= 0,
+            "keep_checkpoints": self.keep_checkpoints >= 1,
+            "max_failures": self.max_failures >= -1,
+            "val_images": self.val_images >= 0,
+            "val_pool": self.val_pool >= 0,
+            "num_frames": self.num_frames >= 1,
+            "caption_sampling": self.caption_sampling in ("sample", "all"),
+            "decode_batch_size": self.decode_batch_size >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
+            raise ThinkfastError(f"invalid training config: {values}")
+        if self.fail_at_step and not self.fail_marker:
+            raise ThinkfastError("fail_at_step (a test hook) needs fail_marker, the file that makes it fire once")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# per preset and objective: what differs from the dataclass defaults
+_PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "val_images": 64, "val_pool": 16},
+    "small": {"epochs": 4, "batch_size": 64, "lr": 1e-3, "warmup_steps": 20},
+    "paper": {"epochs": 10, "batch_size": 128, "lr": 1e-4, "warmup_steps": 1000, "val_images": 1000,
+              "val_pool": 100, "checkpoint_every_steps": 1000},
+}
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def read_config_file(uri: str) -> dict[str, Any]:
+    """A YAML or JSON mapping of TrainConfig fields (local path or s3://)."""
+    try:
+        text = fs.read_bytes(uri).decode("utf-8")
+    except (FileNotFoundError, OSError) as exc:
+        raise ThinkfastError(f"cannot read config file {uri}: {exc}") from exc
+    try:
+        if uri.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - yaml and json raise different types
+        raise ThinkfastError(f"config file {uri} is not valid YAML/JSON: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ThinkfastError(f"config file {uri} must hold a mapping of field: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(overrides: dict[str, Any] | None = None, config_file: str | None = None) -> TrainConfig:
+    """Merge defaults < preset defaults < config file < explicit overrides (None = not given)."""
+    explicit = {k: v for k, v in (overrides or {}).items() if v is not None}
+    from_file = read_config_file(config_file) if config_file else {}
+    unknown = sorted((set(from_file) | set(explicit)) - set(field_names()))
+    if unknown:
+        raise ThinkfastError(f"unknown training config fields {unknown}; known: {', '.join(field_names())}")
+    preset = explicit.get("preset", from_file.get("preset", TrainConfig.preset))
+    if preset not in _PRESET_DEFAULTS:
+        raise ThinkfastError(f"unknown preset {preset!r}; choose one of {', '.join(_PRESET_DEFAULTS)}")
+    merged = {**_PRESET_DEFAULTS[preset], **from_file, **explicit, "preset": preset}
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    try:
+        config = TrainConfig(**{k: _coerce(v, types[k]) for k, v in merged.items()})
+    except (TypeError, ValueError) as exc:
+        raise ThinkfastError(f"invalid training config: {exc}") from exc
+    logger.info("training config: %s", json.dumps(config.to_dict(), sort_keys=True))
+    return config
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """YAML gives ints where floats are meant (lr: 1); make them the declared type."""
+    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    if name == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if name == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value

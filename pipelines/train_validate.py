@@ -1,0 +1,111 @@
+"""Per-epoch validation R@K on rank 0, so every epoch's record says whether training helps.
+
+* fast (and distill): exact retrieval over the val images with the model's embeddings;
+  every caption of every val image is a query, its image the answer.
+* slow: exhaustive re-ranking of a small pool (``val_pool`` images, one caption each) by
+  ``h(x, y)``: the slow model's own ranking, without any fast model in the way.
+
+The val split is read once (it is small and unsplit: only rank 0 iterates it) and cached.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+EMBED_BATCH = 128  # images / captions embedded per forward pass during validation
+
+
+@dataclass
+class ValidationSet:
+    """Cached val pixels and their caption queries."""
+
+    kind: str  # slow | fast | distill
+    pixels: torch.Tensor  # (N, 3, S, S) or (N, F, 3, S, S)
+    queries: list[str]  # captions used as queries
+    answers: np.ndarray  # (Q,) index into pixels of each query's image
+
+    @classmethod
+    def collect(cls, kind: str, config: Any, has_val: bool) -> "ValidationSet | None":
+        """Read the (already limited) val dataset of this rank; None when there is none."""
+        if not has_val:
+            return None
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("val")
+        pixels: list[np.ndarray] = []
+        queries: list[str] = []
+        answers: list[int] = []
+        limit = config.val_pool if kind == "slow" else config.val_images
+        for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+            for caps_json, array, reject in zip(batch["captions"], batch["pixels"], batch["reject"]):
+                if reject or len(pixels) >= limit:
+                    continue
+                caps = json.loads(str(caps_json))
+                for caption in caps[:1] if kind == "slow" else caps:
+                    queries.append(caption)
+                    answers.append(len(pixels))
+                pixels.append(np.asarray(array, dtype=np.float32))
+        if len(pixels) < 2:
+            logger.warning("validation skipped: %d usable val images", len(pixels))
+            return None
+        logger.info("validation set: %d images, %d queries (%s)", len(pixels), len(queries), kind)
+        return cls(kind=kind, pixels=torch.as_tensor(np.stack(pixels)), queries=queries,
+                   answers=np.asarray(answers, dtype=np.int64))
+
+    @torch.no_grad()
+    def fast_ranks(self, model: Any, device: torch.device) -> np.ndarray:
+        """Exact retrieval over every val image with the dual encoder's embeddings."""
+        from thinkfast.metrics import ranks_from_scores
+
+        images = torch.cat([model.encode_image(self.pixels[i:i + EMBED_BATCH].to(device))
+                            for i in range(0, len(self.pixels), EMBED_BATCH)])  # (N, d)
+        texts = []
+        for i in range(0, len(self.queries), EMBED_BATCH):
+            enc = model.tokenize(self.queries[i:i + EMBED_BATCH])
+            texts.append(model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)))
+        scores = (torch.cat(texts) @ images.t()).float().cpu().numpy()  # (Q, N)
+        return ranks_from_scores(scores, self.answers)
+
+    @torch.no_grad()
+    def slow_ranks(self, model: Any, device: torch.device) -> np.ndarray:
+        """Every query re-ranks the whole pool with ``thinkfast.rerank`` (beta = 0: h alone),
+        the same code path eval and serve use, fed from tokens computed here."""
+        from thinkfast.metrics import ranks_from_rankings
+        from thinkfast.rerank import rerank_many
+
+        tokens = torch.cat([model.encode_visual(self.pixels[i:i + EMBED_BATCH].to(device)).cpu()
+                            for i in range(0, len(self.pixels), EMBED_BATCH)])  # (N, T, D)
+        pool = [str(i) for i in range(len(self.pixels))]
+
+        def get_tokens(keys: list[str]) -> np.ndarray:
+            return tokens[[int(k) for k in keys]].numpy()
+
+        queries = [model.tokenize([q]) for q in self.queries]
+        zeros = [0.0] * len(pool)
+        hits = rerank_many(model, get_tokens, queries, [pool] * len(queries), [zeros] * len(queries), k=len(pool))
+        return ranks_from_rankings([[h.key for h in row] for row in hits], [str(a) for a in self.answers])
+
+    def evaluate(self, model: Any, device: torch.device) -> dict[str, float]:
+        """``val_r1``, ``val_r5``, ``val_r10``, ``val_median_rank`` (thinkfast.metrics)."""
+        from thinkfast.metrics import retrieval_metrics
+
+        was_training = model.training
+        model.eval()
+        try:
+            ranks = self.slow_ranks(model, device) if self.kind == "slow" else self.fast_ranks(model, device)
+        finally:
+            model.train(was_training)
+        metrics = retrieval_metrics(ranks)
+        out = {f"val_r{k[2:]}": float(v) for k, v in metrics.items() if k.startswith("R@")}
+        out["val_median_rank"] = float(metrics["median_rank"])
+        out["val_queries"] = len(self.queries)
+        out["val_images"] = len(self.pixels)
+        return out
