@@ -12,12 +12,15 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from thinkfast.errors import DecodeError
+
+if TYPE_CHECKING:  # torch loads on first preprocess: decoding-only processes skip its import
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +135,10 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def preprocess_image(img: Image.Image, size: int) -> torch.Tensor:
+def preprocess_image(img: Image.Image, size: int) -> "torch.Tensor":
     """PIL image -> float32 ``(3, size, size)``: resize shorter side, centre crop, ImageNet norm."""
+    import torch
+
     if size < 1:
         raise ValueError(f"image size must be positive, got {size}")
     img = resize_center_crop(to_rgb(img), size)
@@ -144,8 +149,10 @@ def preprocess_image(img: Image.Image, size: int) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-def denormalize(pixels: torch.Tensor) -> torch.Tensor:
+def denormalize(pixels: "torch.Tensor") -> "torch.Tensor":
     """Inverse of the normalisation in ``preprocess_image`` (for display): values in 0..1."""
+    import torch
+
     mean = torch.tensor(IMAGENET_MEAN, dtype=pixels.dtype).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=pixels.dtype).view(3, 1, 1)
     return (pixels * std + mean).clamp(0.0, 1.0)

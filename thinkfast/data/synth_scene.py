@@ -12,7 +12,7 @@ them against the stored scene:
 * ``motion``: the axis direction of a clip's straight-line movement.
 
 Hard partners (``make_partner``) change exactly one thing: which colour goes with which
-shape (``colour_swap``), where two objects are (``relation_flip``, the two swap places),
+shape (``colour_swap``, between two objects of equal area), where two objects are (``relation_flip``, the two swap places),
 where a lone object is (``position_flip``, mirrored), or the direction of time
 (``time_reverse``). Pooled global features see the same parts in both images of a pair.
 """
@@ -38,8 +38,15 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = ("small", "large")
-# half-extent of a shape as a fraction of the image side, per size word
+# scale R of a size word as a fraction of the image side; one R per size word per scene,
+# so two "small" objects of a scene cover the same area
 SIZE_RANGES = {"small": (0.075, 0.095), "large": (0.14, 0.17)}
+# bounding radius of each shape relative to R, chosen so that every shape covers the same
+# area (2.27 R^2, a circle of radius 0.85 R): a colour swap between shapes then leaves the
+# image's colour histogram unchanged, and only the colour-shape binding tells them apart.
+# (square: half side 0.8 r; triangle: apex r, base 0.75 r below centre; cross arms 0.35 r)
+_SHAPE_AREA = {"circle": math.pi, "square": 2.56, "triangle": 1.75, "diamond": 2.0, "cross": 2.31}
+SHAPE_EXTENT = {shape: math.sqrt(math.pi * 0.85 ** 2 / k) for shape, k in _SHAPE_AREA.items()}
 RELATIONS = ("left of", "right of", "above", "below")
 CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 DIRECTIONS = ("right", "left", "up", "down")
@@ -205,15 +212,21 @@ def sample_background(rng: np.random.Generator) -> Background:
     )
 
 
-def _sample_look(rng: np.random.Generator, size: int, used: set[tuple[str, str]]) -> tuple[str, str, str, float, float, tuple]:
+def _scales(rng: np.random.Generator, size: int) -> dict[str, float]:
+    """R (px) per size word for one scene."""
+    return {w: max(_uniform(rng, *SIZE_RANGES[w]) * size, _MIN_RADIUS + (2.0 if w == "large" else 0.0))
+            for w in SIZES}
+
+
+def _sample_look(rng: np.random.Generator, scales: dict[str, float],
+                 used: set[tuple[str, str]]) -> tuple[str, str, str, float, float, tuple]:
     """Shape, colour, size word, radius, angle, drawn rgb; (colour, shape) unique in a scene."""
     while True:
         shape, colour = _choice(rng, SHAPES), _choice(rng, tuple(COLOURS))
         if (colour, shape) not in used:
             break
     size_word = _choice(rng, SIZES)
-    lo, hi = SIZE_RANGES[size_word]
-    radius = max(_uniform(rng, lo, hi) * size, _MIN_RADIUS + (2.0 if size_word == "large" else 0.0))
+    radius = scales[size_word] * SHAPE_EXTENT[shape]
     angle = 0.0 if shape == "circle" else _uniform(rng, -12.0, 12.0)
     rgb = tuple(int(np.clip(v + rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1), 0, 255)) for v in COLOURS[colour])
     used.add((colour, shape))
@@ -229,7 +242,8 @@ def sample_image_scene(rng: np.random.Generator, size: int, num_objects: int) ->
     with 2 objects they have a relation; with 3, relations connect all of them."""
     for _ in range(_MAX_TRIES):
         used: set[tuple[str, str]] = set()
-        looks = [_sample_look(rng, size, used) for _ in range(num_objects)]
+        scales = _scales(rng, size)
+        looks = [_sample_look(rng, scales, used) for _ in range(num_objects)]
         radii = [lk[3] for lk in looks]
         centres = _place(rng, size, radii)
         if centres is None:
@@ -297,7 +311,8 @@ def sample_video_scene(rng: np.random.Generator, size: int, num_objects: int, nu
     gap = _gap(size)
     for _ in range(_MAX_TRIES):
         used: set[tuple[str, str]] = set()
-        looks = [_sample_look(rng, size, used) for _ in range(num_objects)]
+        scales = _scales(rng, size)
+        looks = [_sample_look(rng, scales, used) for _ in range(num_objects)]
         r = looks[0][3]
         direction = _choice(rng, DIRECTIONS)
         dist = _uniform(rng, 0.3, 0.5) * size
@@ -336,8 +351,10 @@ def make_partner(scene: Scene, kind: str, rng: np.random.Generator) -> Scene | N
     (the caller then samples another scene)."""
     objs = list(scene.objects)
     if kind == "colour_swap":
+        # same size word: equal areas, so the swap keeps every colour's pixel count
         pairs = [(i, j) for i in range(len(objs)) for j in range(i + 1, len(objs))
-                 if objs[i].shape != objs[j].shape and objs[i].colour != objs[j].colour]
+                 if objs[i].shape != objs[j].shape and objs[i].colour != objs[j].colour
+                 and objs[i].size == objs[j].size]
         if not pairs:
             return None
         i, j = _choice(rng, pairs)

@@ -20,14 +20,16 @@ import io
 import logging
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from thinkfast.data.image import preprocess_image
 from thinkfast.errors import DecodeError
+
+if TYPE_CHECKING:  # torch loads on first preprocess, not for decoding or encoding
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +207,10 @@ def _decode_selected(
     return frames, warnings, size
 
 
-def preprocess_video(frames: Sequence[Image.Image], size: int) -> torch.Tensor:
+def preprocess_video(frames: Sequence[Image.Image], size: int) -> "torch.Tensor":
     """Frames -> float32 ``(F, 3, size, size)``, each as ``preprocess_image`` makes it."""
+    import torch
+
     if not frames:
         raise DecodeError("no_frames", "no frames to preprocess")
     return torch.stack([preprocess_image(f, size) for f in frames])  # (F, 3, S, S)
