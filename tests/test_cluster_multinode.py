@@ -10,6 +10,7 @@ processes themselves are started without them).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -100,7 +102,7 @@ def _stop(cluster: LocalCluster) -> None:
             proc.send_signal(signal.SIGTERM)
     for proc in cluster.processes:
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
     for proc in psutil.process_iter(["cmdline"]):
@@ -112,9 +114,10 @@ def _stop(cluster: LocalCluster) -> None:
     shutil.rmtree(cluster.temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def two_node_cluster():
-    """Head on 127.0.0.3 (2 CPUs, dashboard) + worker on 127.0.0.2 (2 CPUs, ``worker_node``)."""
+@contextlib.contextmanager
+def local_cluster(head_cpus: int = 2, worker_cpus: int = 2) -> Iterator[LocalCluster]:
+    """Head on 127.0.0.3 (dashboard on 127.0.0.1) + worker on 127.0.0.2 with a
+    ``worker_node`` resource; stopped (only these processes) on exit."""
     temp_dir = tempfile.mkdtemp(prefix="tfc", dir="/tmp")  # short: Ray's socket paths are length-limited
     gcs_port, dash_port = free_port(), free_port()
     head = _start_node(
@@ -125,7 +128,7 @@ def two_node_cluster():
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash_port}",
             "--include-dashboard=true",
-            "--num-cpus=2",
+            f"--num-cpus={head_cpus}",
             f"--temp-dir={temp_dir}",
             f"--ray-client-server-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}",
@@ -142,7 +145,7 @@ def two_node_cluster():
             [
                 f"--address={cluster.gcs_address}",
                 f"--node-ip-address={WORKER_IP}",
-                "--num-cpus=2",
+                f"--num-cpus={worker_cpus}",
                 '--resources={"worker_node": 1}',
                 f"--dashboard-agent-listen-port={free_port()}",
                 f"--metrics-export-port={free_port()}",
@@ -156,6 +159,13 @@ def two_node_cluster():
         yield cluster
     finally:
         _stop(cluster)
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """The module's cluster: 2 + 2 CPUs, the second node tagged ``worker_node``."""
+    with local_cluster() as cluster:
+        yield cluster
 
 
 def _thinkfast(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -176,8 +186,106 @@ def test_cluster_has_two_nodes_with_their_resources(two_node_cluster):
     assert ips == sorted([HEAD_IP, WORKER_IP])
 
 
-def test_submit_runs_a_job_on_the_cluster(two_node_cluster):
-    proc = _thinkfast("submit", "--address", two_node_cluster.dashboard_url, "--", "embed", "--help")
-    assert proc.returncode == 0, proc.stderr
-    assert "--corpus" in proc.stdout  # the job's output came back through the log stream
-    assert "SUCCEEDED" in proc.stderr
+# ------------------------------------------------------------------ embed on S3, 2 nodes
+
+N_IMAGES = 24
+
+
+def _job_id(stderr: str) -> str:
+    match = [w for w in stderr.split() if w.startswith("raysubmit_")]
+    assert match, stderr
+    return match[-1]
+
+
+def _worker_node_id(dashboard_url: str) -> str:
+    return next(n["raylet"]["nodeId"] for n in _alive_nodes(dashboard_url) if n["raylet"]["nodeManagerAddress"] == WORKER_IP)
+
+
+@pytest.fixture(scope="module")
+def s3_corpus(two_node_cluster, s3_server):
+    """A generated corpus written *by a job* (``thinkfast submit -- synth``) to a moto
+    bucket, one extra file with an undecodable row, and tiny untrained model dirs."""
+    import boto3
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from thinkfast import FastModel, SlowModel
+    from thinkfast.data.reader import read_table
+    from thinkfast.data.tokenizer import WordTokenizer
+    from thinkfast.utils import fs
+
+    bucket = "s3://tf-cluster-embed"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket[5:])
+    corpus = f"{bucket}/corpus"
+    proc = _thinkfast(
+        "submit", "--address", two_node_cluster.dashboard_url, "--",
+        "synth", "--out", corpus, "--images", str(N_IMAGES), "--image-size", "32", "--seed", "3", "--workers", "1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    synth_job = proc
+    table = read_table(corpus)
+    assert table.num_rows == N_IMAGES
+    # one row whose image is not an image: embed must reject it with a reason, not drop it
+    bad = table.slice(0, 1)
+    bad = bad.set_column(bad.schema.get_field_index("key"), "key", pa.array(["corrupt-0"]))
+    bad = bad.set_column(bad.schema.get_field_index("jpg"), "jpg", pa.array([b"not an image"], type=table.schema.field("jpg").type))
+    filesystem, path = fs.arrow_fs(f"{corpus}/zz-corrupt.parquet")
+    pq.write_table(bad, path, filesystem=filesystem)
+
+    captions = [c for row in table.column("captions").to_pylist() for c in row]
+    tokenizer = WordTokenizer.build(captions)
+    FastModel.from_preset("tiny", tokenizer=tokenizer, load_pretrained=False).save_pretrained(f"{bucket}/models/fast")
+    SlowModel.from_preset("tiny", tokenizer=tokenizer, load_pretrained=False).save_pretrained(f"{bucket}/models/slow")
+    return bucket, set(table.column("key").to_pylist()), synth_job
+
+
+def test_submit_streams_the_jobs_logs_and_reports_success(s3_corpus):
+    _, _, synth_job = s3_corpus  # `thinkfast submit -- synth` wrote the corpus the other tests use
+    assert f"Running entrypoint for job {_job_id(synth_job.stderr)}" in synth_job.stdout  # streamed
+    assert "python -m pipelines.cli synth --out s3://tf-cluster-embed/corpus" in synth_job.stdout
+    assert synth_job.stderr.strip().splitlines()[-1].endswith("SUCCEEDED")
+
+
+def test_submit_embed_on_s3_across_two_nodes_is_complete(two_node_cluster, s3_corpus):
+    from ray.job_submission import JobSubmissionClient
+
+    from thinkfast.store import TokenStore, read_embeddings
+    from thinkfast.data.reader import read_table
+    from thinkfast.utils import fs
+
+    bucket, good_keys, _ = s3_corpus
+    out = f"{bucket}/emb"
+    proc = _thinkfast(
+        "submit", "--address", two_node_cluster.dashboard_url,
+        "--entrypoint-resource", "worker_node=1",  # the driver runs on the second node
+        "--", "embed", "--corpus", f"{bucket}/corpus", "--fast", f"{bucket}/models/fast",
+        "--slow", f"{bucket}/models/slow", "--out", out,
+        "--actors", "1", "--cpus-per-actor", "1", "--batch-size", "8", "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = JobSubmissionClient(two_node_cluster.dashboard_url).get_job_info(_job_id(proc.stderr))
+    assert info.driver_node_id == _worker_node_id(two_node_cluster.dashboard_url)
+
+    keys, vectors = read_embeddings(f"{out}/fast")
+    rejected = read_table(f"{out}/rejected").to_pylist()
+    tokens = TokenStore.open(f"{out}/tokens")
+    assert set(keys) == good_keys and len(keys) == len(good_keys)  # every good row, once
+    assert [(r["key"], r["stage"]) for r in rejected] == [("corrupt-0", "decode")]
+    assert rejected[0]["reason"]
+    assert set(tokens.keys()) == good_keys
+    assert vectors.shape[0] == len(keys) and tokens.get(sorted(good_keys)[:2]).shape[0] == 2
+    counts = fs.read_json(f"{out}/manifest.json")["counts"]  # written last: the run finished
+    assert (counts["in"], counts["embedded"], counts["rejected"]) == (N_IMAGES + 1, N_IMAGES, 1)
+
+
+def test_failing_job_makes_submit_exit_nonzero_with_the_jobs_error(two_node_cluster, s3_corpus):
+    bucket, _, _ = s3_corpus
+    proc = _thinkfast(
+        "submit", "--address", two_node_cluster.dashboard_url, "--",
+        "embed", "--corpus", f"{bucket}/no-such-corpus", "--fast", f"{bucket}/models/fast",
+        "--slow", f"{bucket}/models/slow", "--out", f"{bucket}/emb-missing",
+    )  # fmt: skip
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("thinkfast submit: error: job raysubmit_") and "FAILED" in last
+    assert "thinkfast embed: error:" in last and "no-such-corpus" in last  # the job's own error line

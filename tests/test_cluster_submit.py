@@ -103,3 +103,11 @@ def test_cli_requires_an_address(capsys, monkeypatch):
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     assert main(["submit", "--", "embed", "--help"]) == 2
     assert "--address is required" in capsys.readouterr().err
+
+
+def test_entrypoint_resources_parse_and_reject_bad_amounts():
+    assert sub.parse_resources(["worker_node=1", "accel=0.5"]) == {"worker_node": 1.0, "accel": 0.5}
+    with pytest.raises(sub.JobSubmissionError, match="must be a number"):
+        sub.parse_resources(["worker_node=one"])
+    with pytest.raises(sub.JobSubmissionError, match="must be positive"):
+        sub.parse_resources(["worker_node=0"])
