@@ -195,3 +195,21 @@ def test_config_is_frozen_and_validated(model: SlowModel) -> None:
         dataclasses.replace(model.config, levels=(64,))
     with pytest.raises(ThinkfastError):
         dataclasses.replace(model.config, image_size=100)
+
+
+def test_paper_preset_is_resnet50_with_a_bert_vocabulary() -> None:
+    """Built without downloading (random weights): the architecture is ResNet-50's, the
+    tokenizer the offline MiniLM's, and the 224 px token count 49 + 196."""
+    from thinkfast.data.tokenizer import HFTokenizer
+
+    model = SlowModel.from_preset("paper", load_pretrained=False).eval()
+    vision = model.config.vision
+    assert (vision.hidden_sizes, vision.depths, vision.layer_type) == ((256, 512, 1024, 2048), (3, 4, 6, 3), "bottleneck")
+    assert vision.pretrained == "microsoft/resnet-50" and model.config.image_size == 224
+    assert isinstance(model.tokenizer, HFTokenizer) and model.config.vocab_size == model.tokenizer.vocab_size
+    assert sum(p.numel() for p in model.backbone.parameters()) == pytest.approx(23.5e6, rel=0.01)
+    assert model.num_visual_tokens() == 49 + 196
+    with torch.no_grad():
+        tokens = model.encode_visual(torch.randn(1, 3, 64, 64))  # small input keeps the test cheap
+        score = model.score(tokens, **model.tokenize(["a dog on a red sofa"]))
+    assert tokens.shape == (1, 4 + 16, 512) and float(score[0]) < 0
