@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import time
 from typing import Callable, Sequence
@@ -139,8 +140,15 @@ def build_index(
 def _thread_mapper(plan: B.BuildPlan, trained: bytes) -> list[ShardRecord]:
     from concurrent.futures import ThreadPoolExecutor
 
+    import faiss
+
     index = B.deserialize(trained)
-    with ThreadPoolExecutor(max_workers=min(4, len(plan.ranges))) as pool:
+    cpus = os.cpu_count() or 1
+    workers = max(1, min(cpus, len(plan.ranges)))
+    # OpenMP threads are per calling thread: split the cores, never oversubscribe them
+    with ThreadPoolExecutor(
+        max_workers=workers, initializer=faiss.omp_set_num_threads, initargs=(max(1, cpus // workers),)
+    ) as pool:
         return list(pool.map(lambda i: B.build_shard(plan, i, index), range(len(plan.ranges))))
 
 

@@ -115,6 +115,11 @@ def train_index(factory: str, dim: int, sample: np.ndarray, seed: int = 0) -> fa
             raise ThinkfastError(f"{factory} needs at least {ivf.nlist} training vectors, got {len(sample)}")
         if ivf is not None:
             ivf.cp.seed = seed
+        inner = faiss.downcast_index(ivf if ivf is not None else index)
+        if hasattr(inner, "do_polysemous_training"):
+            # polysemous codes only pay off with Hamming filtering, which we never use, and
+            # the annealing costs minutes on a small machine
+            inner.do_polysemous_training = False
         logger.info("training %s on %d vectors", factory, len(sample))
         index.train(sample)
     return index
