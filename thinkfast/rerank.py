@@ -25,6 +25,10 @@ from thinkfast.errors import ThinkfastError
 
 logger = logging.getLogger(__name__)
 
+# default bound on one pass's (pairs x tokens x vocab) logits: 2^25 floats = 128 MiB, which
+# is every pair at once for a word vocabulary and ~30 pairs a pass for BERT's 30k pieces
+LOGIT_BUDGET = 1 << 25
+
 # keys -> cached slow tokens phi(x) of those keys, (K, T, D), any float dtype (fp16 in the store)
 TokenGetter = Callable[[Sequence[str]], np.ndarray]
 
@@ -128,8 +132,9 @@ def slow_scores_for_pairs(
 ) -> np.ndarray:
     """``h`` for pairs (visual_tokens[p], queries[query_index[p]]) -> ``(P,)`` float64.
 
-    All pairs go through the decoders in one forward pass (``max_pairs`` splits it to
-    bound memory); queries of different lengths are right-padded, which changes nothing."""
+    All pairs go through the decoders in one forward pass, unless their logits would exceed
+    ``LOGIT_BUDGET`` floats (or ``max_pairs`` is given): then in passes of that many pairs.
+    Queries of different lengths are right-padded, which changes nothing."""
     if getattr(slow_model, "training", False):
         logger.warning("re-ranking with a SlowModel in training mode: dropout makes scores random; call .eval()")
     rows = [_query_row(q) for q in queries]
@@ -143,7 +148,7 @@ def slow_scores_for_pairs(
     index = torch.as_tensor(list(query_index), dtype=torch.long)  # (P,)
     if tokens.ndim != 3 or tokens.shape[0] != index.shape[0]:
         raise ThinkfastError(f"need (P, T, D) visual tokens for P={index.shape[0]} pairs, got {tuple(tokens.shape)}")
-    step = max_pairs or max(1, tokens.shape[0])
+    step = max_pairs or max(1, LOGIT_BUDGET // (length * int(slow_model.config.vocab_size)))
     out = [
         slow_model.score(tokens[s : s + step], ids[index[s : s + step]], mask[index[s : s + step]]).double().cpu()
         for s in range(0, tokens.shape[0], step)
