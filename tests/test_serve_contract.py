@@ -205,3 +205,16 @@ def test_catalog_serves_only_corpus_keys(tmp_path) -> None:
             cat.media(bad)
     with pytest.raises(DecodeError):
         cat.media("k2")  # empty bytes: a clear error, not a 500
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys) -> None:
+    from conftest import free_port
+    from pipelines.cli import main
+
+    missing = str(tmp_path / "missing")
+    argv = ["serve", "--fast", missing, "--slow", missing, "--index", missing, "--embeddings", missing, "--corpus", missing]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("thinkfast serve: error: --fast:")
+    assert main(["search", "a red circle", "--url", f"http://127.0.0.1:{free_port()}"]) == 2  # nothing listens there
+    assert "no search service reachable" in capsys.readouterr().err

@@ -45,6 +45,18 @@ async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content={"detail": exc.detail})
 
 
+@app.exception_handler(Exception)
+async def _server_error(_: Request, exc: Exception) -> JSONResponse:
+    """A failure of the service itself (not of the request) still answers JSON: 503 when a
+    backend deployment is overloaded or unavailable (retry later), 500 otherwise."""
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
+        return JSONResponse(status_code=503, content={"detail": f"service busy or starting: {type(exc).__name__}"})
+    logger.exception("search failed")
+    return JSONResponse(status_code=500, content={"detail": f"internal error ({type(exc).__name__})"})
+
+
 async def read_body_limited(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The request body, refused (413) as soon as it passes ``limit`` bytes: a declared
     Content-Length is checked before reading, and a chunked body is counted as it streams."""
