@@ -247,3 +247,19 @@ def test_page_shows_thumbnails_in_headless_chromium(service, artifacts) -> None:
     expected = _post(service, {"query": artifacts.captions[4], "k": 4, "rerank": 8}).json()["results"]
     for r in expected:
         assert f'data-key="{r["key"]}"' in dom
+
+
+def test_serve_config_args_go_through_serves_own_builder_validation(artifacts) -> None:
+    """What `serve run cluster/serve.yaml` does with `args:`: Serve validates the dict into
+    the builder's pydantic annotation (ServeArgs) and calls it; typos fail there."""
+    from pydantic import ValidationError
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from pipelines.serve_app.app import build_app
+
+    args = {"fast": artifacts.fast, "slow": artifacts.slow, "index": artifacts.index,
+            "embeddings": artifacts.embeddings, "corpus": artifacts.corpus, "reranker": {"max_replicas": 4}}
+    assert isinstance(call_user_app_builder_with_args_if_necessary(build_app, args), Application)
+    with pytest.raises(ValidationError, match="reranker_typo"):
+        call_user_app_builder_with_args_if_necessary(build_app, {**args, "reranker_typo": {}})
