@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 EXACT_BELOW = 100_000  # below this many vectors the default is exact search (autofaiss: flat is fast enough)
 MAX_FLAT_CODE_BYTES = 8 << 30  # above this much raw float32, the default compresses with PQ
 TUNE_TARGET_RECALL = 0.95  # build-time tuning aims nprobe / efSearch at this recall@10
+TUNE_SAMPLE = 20_000  # vectors the tuning indexes and queries (independent of the training sample)
 
 
 # --------------------------------------------------------------------------- factory choice
@@ -389,11 +390,12 @@ def default_train_size(factory: str, dim: int, n: int) -> int:
 
 def train_on_sample(plan: BuildPlan, train_sample: int | None = None, seed: int = 0) -> tuple[faiss.Index, dict, int]:
     """Train once on a sample; save ``trained.faiss``; return it, tuned defaults, sample size."""
-    size = train_sample or default_train_size(plan.factory, plan.dim, plan.count)
-    sample = prepare_vectors(sample_rows(plan, min(size, plan.count), seed), plan.dim)
-    trained = train_index(plan.factory, plan.dim, sample, seed)
+    size = min(plan.count, train_sample or default_train_size(plan.factory, plan.dim, plan.count))
+    sample = prepare_vectors(sample_rows(plan, max(size, min(plan.count, TUNE_SAMPLE)), seed), plan.dim)
+    order = np.random.default_rng(seed).permutation(len(sample))  # sample_rows keeps file order
+    trained = train_index(plan.factory, plan.dim, sample[np.sort(order[:size])], seed)
     save_trained(plan.out_uri, trained, plan.s3_endpoint)
-    return trained, tune_search_defaults(trained, sample, seed=seed), len(sample)
+    return trained, tune_search_defaults(trained, sample, seed=seed), size
 
 
 def shard_name(i: int) -> str:

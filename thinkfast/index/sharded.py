@@ -206,13 +206,14 @@ class ShardedIndex:
         with timer.stage("train"):
             size = min(n, train_sample or B.default_train_size(factory, dim, n))
             rng = np.random.default_rng(seed)
-            sample = x if size >= n else x[np.sort(rng.choice(n, size=size, replace=False))]
+            picked = rng.permutation(n)[: max(size, min(n, B.TUNE_SAMPLE))]
+            sample = x[np.sort(picked[:size])]
             if trained is None:
                 trained = B.train_index(factory, dim, sample, seed)
             elif trained.d != dim or trained.ntotal != 0 or not trained.is_trained:
                 raise ThinkfastError("trained= must be an empty, trained index of the same dimension")
             B.save_trained(out_uri, trained, s3_endpoint)
-            defaults = B.tune_search_defaults(trained, sample, seed=seed)
+            defaults = B.tune_search_defaults(trained, x[np.sort(picked)], seed=seed)
         ranges = B.shard_ranges(n, shards)
         workers = min(len(ranges), _pool_size())
         with timer.stage("add"), ThreadPoolExecutor(
