@@ -433,7 +433,7 @@ def evaluate(
     if index and slow_model is not None and rerank:
         from thinkfast import ShardedIndex
 
-        sharded = ShardedIndex.load(index)
+        sharded = ShardedIndex.load(index, expected_model_identity=fast_model.identity, s3_endpoint=s3_endpoint)
     for k in rerank if slow_model is not None else []:
         with timer.stage(f"rerank@{k}"):
             t0 = time.perf_counter()

@@ -1,0 +1,276 @@
+"""``thinkfast demo``: the whole method end to end on generated data, on local Ray.
+
+    thinkfast demo                 # small preset: minutes on 2 CPU cores
+    thinkfast demo --tiny          # tiny preset (CI): the same stages in a few minutes
+    thinkfast demo --keep-serving  # leave the search page up and print its URL
+
+Stages (each one the project's own public function, so the demo is also their smoke
+test): synth a corpus → train the slow model (L_CA) → train the fast model (L_DE) → distil
+the slow model into it (L_DE + α·L_distill) → embed the corpus (fast vectors + slow
+tokens) → build the sharded FAISS index → evaluate (fast vs slow vs re-ranked) → start
+the Ray Serve service and answer a few example queries (printed with their top results
+and per-stage timings) → stop it. Progress is printed per stage and a summary table at the
+end; everything lands under ``--workdir`` (``demo_summary.json`` included).
+
+Ray: an already-initialised Ray (a test session, a cluster) is reused and left running;
+otherwise a local one is started and shut down at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable
+
+from thinkfast.errors import ThinkfastError
+from thinkfast.utils import fs
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "thinkfast-demo"
+FREE_QUERIES = ("a red circle to the left of a blue square", "a small green triangle")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of one demo run."""
+
+    preset: str = "small"  # model preset (tiny | small | paper)
+    images: int = 2000  # generated images, all splits
+    captions_per_image: int = 3  # captions per image
+    image_size: int = 64  # generated image side (the preset's input size)
+    slow_epochs: int = 4  # epochs of L_CA
+    fast_epochs: int = 3  # epochs of L_DE before distillation
+    distill_epochs: int = 2  # epochs of L_DE + alpha L_distill, starting from the fast model
+    batch_size: int = 64  # pairs per worker per step
+    workers: int = 2  # Ray Train workers
+    embed_actors: int = 1  # model replicas in the embed actor pool
+    shards: int = 2  # FAISS index shards (one Retriever deployment each)
+    rerank: tuple[int, ...] = (5, 10, 20, 50)  # K values the evaluation reports
+    serve_rerank: int = 20  # K of the example queries sent to the service
+    max_eval_queries: int | None = None  # cap on evaluation queries (None: every test caption)
+    seed: int = 0  # corpus and training seed
+
+
+TINY = DemoConfig(preset="tiny", images=64, captions_per_image=2, image_size=32, slow_epochs=1, fast_epochs=1,
+                  distill_epochs=1, batch_size=16, workers=1, shards=2, rerank=(5, 10), serve_rerank=10)
+
+
+@dataclass
+class StageRecord:
+    """One finished stage, for the progress lines and the summary table."""
+
+    stage: str  # stage name
+    seconds: float  # wall time
+    detail: str  # one line on what it produced
+
+
+class _Progress:
+    """Runs the stages in order, printing ``[i/n] stage ...`` and their outcome."""
+
+    def __init__(self, names: list[str], echo: Callable[[str], None]) -> None:
+        self.names, self.echo, self.records = names, echo, []  # type: ignore[var-annotated]
+
+    def run(self, name: str, fn: Callable[[], tuple[Any, str]]) -> Any:
+        i = self.names.index(name) + 1
+        self.echo(f"[{i}/{len(self.names)}] {name} ...")
+        start = time.perf_counter()
+        value, detail = fn()
+        record = StageRecord(name, time.perf_counter() - start, detail)
+        self.records.append(record)
+        self.echo(f"[{i}/{len(self.names)}] {name}: {detail} ({record.seconds:.1f} s)")
+        return value
+
+
+STAGES = ["synth", "train-slow", "train-fast", "distill", "embed", "index", "eval", "serve", "queries"]
+
+
+def _example_queries(corpus: str, n: int = 3) -> list[str]:
+    """A few test-split captions (their images are in the index) plus free-form queries."""
+    from thinkfast.data.reader import read_table
+
+    table = read_table(corpus, columns=["captions"], filter_split="test")
+    captions = [caps[0] for caps in table.column("captions").to_pylist()[:n] if caps]
+    return captions + list(FREE_QUERIES)
+
+
+def demo(
+    workdir: str = "runs/demo",
+    *,
+    tiny: bool = False,
+    keep_serving: bool = False,
+    port: int = 8000,
+    config: DemoConfig | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every stage under ``workdir``; returns (and writes) the summary.
+
+    ``config`` overrides the preset sizes (``TINY`` with ``tiny=True``). With
+    ``keep_serving`` the service stays up (blocking until Ctrl-C) after the summary."""
+    import ray
+
+    from pipelines.embed import EmbedConfig, embed
+    from pipelines.evaluate import evaluate, format_table
+    from pipelines.index import build_index
+    from pipelines.ray_utils import init_ray
+    from pipelines.search import print_results, search
+    from pipelines.serve import serve
+    from pipelines.synth import synth
+    from pipelines.train import distill, train_fast, train_slow
+
+    cfg = config or (TINY if tiny else DemoConfig())
+    os.makedirs(workdir, exist_ok=True)
+    paths = {name: os.path.join(workdir, name) for name in ("corpus", "slow", "fast_nce", "fast", "emb", "index")}
+    owns_ray = not ray.is_initialized()
+    # 4 logical CPUs on a 2-core machine: Ray Data's read stage never starves behind the
+    # embed actor pool and Train workers (STACK_NOTES pitfall 1); a joined cluster keeps its own
+    init_ray(num_cpus=None if os.environ.get("RAY_ADDRESS") else max(4, os.cpu_count() or 1))
+    progress = _Progress(STAGES, echo)
+    train = {"preset": cfg.preset, "batch_size": cfg.batch_size, "workers": cfg.workers, "seed": cfg.seed}
+    started = time.perf_counter()
+    url = None
+    try:
+        res = progress.run("synth", lambda: _detail(
+            synth(paths["corpus"], images=cfg.images, captions_per_image=cfg.captions_per_image,
+                  image_size=cfg.image_size, seed=cfg.seed, overwrite=True),
+            lambda r: f"{r.num_rows} images, splits {r.splits}"))
+        progress.run("train-slow", lambda: _detail(
+            train_slow(paths["corpus"], paths["slow"], epochs=cfg.slow_epochs, **train), _trained))
+        progress.run("train-fast", lambda: _detail(
+            train_fast(paths["corpus"], paths["fast_nce"], epochs=cfg.fast_epochs, **train), _trained))
+        progress.run("distill", lambda: _detail(
+            distill(paths["corpus"], paths["fast"], teacher=paths["slow"], init=paths["fast_nce"],
+                    epochs=cfg.distill_epochs, **train), _trained))
+        progress.run("embed", lambda: _detail(
+            embed(paths["corpus"], paths["emb"], paths["fast"], paths["slow"],
+                  config=EmbedConfig(actors=cfg.embed_actors, progress=False)),
+            lambda m: f"counts {m.get('counts', {})}"))
+        progress.run("index", lambda: _detail(
+            build_index(paths["emb"], paths["index"], shards=cfg.shards),
+            lambda m: f"{getattr(m, 'count', '?')} vectors in {cfg.shards} shards ({getattr(m, 'factory', '?')})"))
+
+        def run_eval() -> tuple[dict[str, Any], str]:
+            nce = evaluate(paths["corpus"], paths["fast_nce"], None, rerank=[], max_queries=cfg.max_eval_queries,
+                           fast_name="fast (NCE)")
+            report = evaluate(paths["corpus"], paths["fast"], paths["slow"], index=paths["index"],
+                              embeddings=paths["emb"], rerank=cfg.rerank, max_queries=cfg.max_eval_queries,
+                              fast_name="fast distilled", out=os.path.join(workdir, "eval.json"))
+            report["methods"] = nce["methods"] + report["methods"]
+            echo(format_table(report))
+            best = report["methods"][-1]
+            return report, f"{report['num_queries']} queries; {best['method']} R@1 {best['R@1']:.1f}"
+
+        report = progress.run("eval", run_eval)
+
+        def run_serve() -> tuple[str, str]:
+            base = serve({"fast": paths["fast"], "slow": paths["slow"], "index": paths["index"],
+                          "embeddings": paths["emb"], "corpus": paths["corpus"], "beta": report["beta"]},
+                         port=port, name=APP_NAME)
+            return base, f"listening on {base}/"
+
+        url = progress.run("serve", run_serve)
+
+        def run_queries() -> tuple[list[dict[str, Any]], str]:
+            answers = []
+            for query in _example_queries(paths["corpus"]):
+                data = search(query, url, k=5, rerank=cfg.serve_rerank)
+                print_results(data)
+                answers.append({"query": query, "top": [r["key"] for r in data["results"]],
+                                "timings_ms": data["timings_ms"]})
+            mean_total = sum(a["timings_ms"]["total"] for a in answers) / len(answers)
+            return answers, f"{len(answers)} queries answered, mean {mean_total:.0f} ms"
+
+        answers = progress.run("queries", run_queries)
+        summary = {
+            "workdir": workdir, "config": asdict(cfg), "url": url, "corpus": {"rows": res.num_rows, "splits": res.splits},
+            "stages": [asdict(r) for r in progress.records], "eval": report, "queries": answers,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        fs.write_json(os.path.join(workdir, "demo_summary.json"), summary)
+        echo(summary_table(progress.records))
+        echo(f"total {summary['seconds']:.0f} s; summary in {os.path.join(workdir, 'demo_summary.json')}")
+        if keep_serving:
+            echo(f"search page: {url}/   (Ctrl-C to stop)")
+            _wait_forever()
+        return summary
+    finally:
+        _stop(url, owns_ray)
+
+
+def _detail(value: Any, describe: Callable[[Any], str]) -> tuple[Any, str]:
+    return value, describe(value)
+
+
+def _trained(result: Any) -> str:
+    last = result.history[-1] if result.history else {}
+    loss = last.get("train_loss")
+    val = last.get("val_r1")
+    parts = [f"{result.steps} steps"]
+    if loss is not None:
+        parts.append(f"loss {loss:.3f}")
+    if val is not None:
+        parts.append(f"val R@1 {val:.1f}")
+    return ", ".join(parts)
+
+
+def summary_table(records: list[StageRecord]) -> str:
+    """The end-of-run table: one line per stage with its time and outcome."""
+    lines = [f"{'stage':<11} {'seconds':>8}  result", f"{'-' * 11} {'-' * 8}  {'-' * 40}"]
+    lines += [f"{r.stage:<11} {r.seconds:>8.1f}  {r.detail}" for r in records]
+    lines.append(f"{'total':<11} {sum(r.seconds for r in records):>8.1f}")
+    return "\n".join(lines)
+
+
+def _wait_forever() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+def _stop(url: str | None, owns_ray: bool) -> None:
+    """Delete the demo's Serve app (and Ray, if the demo started it)."""
+    import ray
+
+    if url is not None:
+        try:
+            from ray import serve as ray_serve
+
+            ray_serve.delete(APP_NAME)
+        except Exception as exc:  # noqa: BLE001 - best effort at shutdown
+            logger.warning("could not delete the demo app: %s", exc)
+    if owns_ray and ray.is_initialized():
+        if url is not None:
+            from ray import serve as ray_serve
+
+            ray_serve.shutdown()
+        ray.shutdown()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tiny", action="store_true", help="tiny preset and corpus (CI): a few minutes")
+    parser.add_argument("--workdir", default="runs/demo", help="where the corpus, models, index and reports go")
+    parser.add_argument("--keep-serving", action="store_true", help="keep the search service up and print its URL")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port of the search service")
+    parser.add_argument("--images", type=int, help="override the number of generated images")
+    parser.add_argument("--epochs", type=int, help="override the epochs of every training stage")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = TINY if args.tiny else DemoConfig()
+    if args.images:
+        cfg = replace(cfg, images=args.images)
+    if args.epochs:
+        cfg = replace(cfg, slow_epochs=args.epochs, fast_epochs=args.epochs, distill_epochs=args.epochs)
+    if args.images is not None and args.images < 20:
+        raise ThinkfastError("--images must be at least 20 (each split needs a few images)")
+    demo(args.workdir, tiny=args.tiny, keep_serving=args.keep_serving, port=args.port, config=cfg)
+    return 0
+
