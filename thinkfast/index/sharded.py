@@ -57,6 +57,25 @@ class _Shard:
     vectors: np.ndarray | None  # (total, d) float32 memmap, for exact re-scoring
     selector: faiss.IDSelector | None = None  # hides removed ids; None when nothing is removed
     bitmap: np.ndarray | None = None  # backing store of the selector (SWIG does not own it)
+    selector_ok: bool = True  # False once FAISS refused selectors for this index type (e.g. IndexPQ)
+
+    def search(self, x: np.ndarray, k: int, settings: SearchSettings) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of live vectors: (scores, local ids), -inf / -1 where fewer were found."""
+        if self.selector is None:
+            return search_with(self.index, x, k, settings)
+        if self.selector_ok:
+            try:
+                return search_with(self.index, x, k, settings, self.selector)
+            except IndexMismatchError:
+                logger.info("%s: FAISS index type rejects ID selectors; filtering removed ids after search", self.record.name)
+                self.selector_ok = False
+        # over-fetch by the number of removed vectors, so k live ones survive the filter
+        fetch = min(self.record.total, k + self.record.removed)
+        dist, local = search_with(self.index, x, fetch, settings)
+        dead = (local >= 0) & self.removed[np.maximum(local, 0)]
+        dist, local = np.where(dead, -np.inf, dist), np.where(dead, -1, local)
+        order = np.argsort(-dist, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(dist, order, 1), np.take_along_axis(local, order, 1)
 
     def refresh_selector(self) -> None:
         if not self.removed.any():
@@ -355,7 +374,7 @@ class ShardedIndex:
         def one(task: tuple[int, int, int]) -> tuple[int, np.ndarray, np.ndarray]:
             i, a, b = task
             shard = shards[i]
-            dist, local = search_with(shard.index, x[a:b], min(k, shard.record.count), settings, shard.selector)
+            dist, local = shard.search(x[a:b], min(k, shard.record.count), settings)
             return a, dist, np.where(local >= 0, local + offsets[i], -1)
 
         heap = faiss.ResultHeap(len(x), k, keep_max=True)
