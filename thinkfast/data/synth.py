@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_synth.json"  # underscore: corpus readers skip it
 SPLITS = ("train", "val", "test")
+_PARALLEL_MIN_ROWS = 3000  # default to one process below this corpus size
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,10 @@ def iter_shards(config: SynthConfig, workers: int = 1) -> Iterator[pa.Table]:
 def write_synth(out: str, config: SynthConfig, workers: int | None = None, overwrite: bool = False,
                 s3_endpoint: str | None = None) -> SynthResult:
     """Generate the corpus into ``out`` (local dir or ``s3://bucket/prefix``) as
-    ``part-NNNNN.parquet`` shards plus ``_synth.json`` (config, counts, timing)."""
+    ``part-NNNNN.parquet`` shards plus ``_synth.json`` (config, counts, timing).
+
+    ``workers`` processes are *spawned* (default: one per CPU from 3000 rows up), so a
+    script calling this needs the usual ``if __name__ == "__main__":`` guard."""
     config.validate()
     existing = _existing_parquet(out, s3_endpoint)
     if existing and not overwrite:
@@ -264,9 +268,8 @@ def write_synth(out: str, config: SynthConfig, workers: int | None = None, overw
             fs.rm(fsutil.strip_scheme(f))
     fsutil.makedirs(out)
     if workers is None:
-        workers = os.cpu_count() or 1
-    if config.num_images < 2 * config.shard_size and config.num_images < 4000:
-        workers = 1  # process start-up would cost more than it saves
+        # below a few thousand rows, spawning processes (1-3 s each) costs more than it saves
+        workers = (os.cpu_count() or 1) if config.num_images >= _PARALLEL_MIN_ROWS else 1
     start = time.perf_counter()
     files: list[str] = []
     splits = {s: 0 for s in SPLITS}
