@@ -9,12 +9,10 @@ for the layout, the memory bound and the re-run policy.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipelines.embed import MANIFEST, MANIFEST_FORMAT, OUTPUT_DIRS, EmbedConfig, EmbedError, _config_dict, _now
-from thinkfast.errors import CorpusSchemaError
 from thinkfast.utils import fs
 from thinkfast.utils.timer import StageTimer
 
@@ -158,7 +156,7 @@ def run_media_stream(corpus: CorpusInfo, models: ModelInfo, out: str, config: Em
         EmbedActor,
         batch_format="pyarrow",
         batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        compute=ray.data.ActorPoolStrategy(size=config.actors, max_tasks_in_flight_per_actor=2),
         fn_constructor_kwargs={
             "fast_uri": models.fast["uri"] if models.fast else None,
             "slow_uri": models.slow["uri"] if models.slow else None,
@@ -170,7 +168,7 @@ def run_media_stream(corpus: CorpusInfo, models: ModelInfo, out: str, config: Em
     )
     sink = EmbeddingSink(out, kind="media", rows_per_write=config.rows_per_write, s3_endpoint=config.s3_endpoint)
     ds.write_datasink(sink)
-    return sink.result
+    return {**sink.result, "steady_rows_per_s": sink.steady_rows_per_s()}
 
 
 def run_text_stream(corpus: CorpusInfo, fast_uri: str, out: str, config: EmbedConfig) -> dict[str, Any]:
@@ -187,7 +185,7 @@ def run_text_stream(corpus: CorpusInfo, fast_uri: str, out: str, config: EmbedCo
         TextEmbedActor,
         batch_format="pyarrow",
         batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        compute=ray.data.ActorPoolStrategy(size=config.actors, max_tasks_in_flight_per_actor=2),
         fn_constructor_kwargs={
             "fast_uri": fast_uri,
             "device": config.device,
@@ -217,15 +215,12 @@ def run_embed(
 ) -> dict[str, Any]:
     """The whole job (see :func:`pipelines.embed.embed`, which validates the arguments)."""
     from pipelines.ray_utils import init_ray
+    from thinkfast.data.reader import inspect_corpus
 
     timer = StageTimer(logger)
     endpoint = config.s3_endpoint
-    from thinkfast.data.reader import inspect_corpus
-
     with timer.stage("inspect"):
         corpus = inspect_corpus(corpus_uri, endpoint)
-        if texts and not corpus.columns.captions:
-            raise CorpusSchemaError(f"{corpus_uri}: --texts needs a caption or captions column")
         _check_out_not_inside_corpus(corpus.files, out)
         models = probe_models(fast, slow if media else None, corpus.columns.media, config)
     expected = corpus.num_rows if config.limit is None else min(config.limit, corpus.num_rows)
@@ -239,14 +234,15 @@ def run_embed(
 
     counts: dict[str, Any] = {"in": expected}
     token_manifest = None
+    steady = None
     if media:
         with timer.stage("embed_media"):
             result = run_media_stream(corpus, models, out, config)
-        rejected_by = Counter({k.split(":", 1)[1]: v for k, v in result.items() if k.startswith("rejected:")})
+        steady = result.get("steady_rows_per_s")
         counts.update(
             embedded=int(result.get("embedded", 0)),
             rejected=int(result.get("rejected", 0)),
-            rejected_by_reason=dict(sorted(rejected_by.items())),
+            rejected_by_reason=dict(sorted((k.split(":", 1)[1], v) for k, v in result.items() if k.startswith("rejected:"))),
         )
         if models.slow and counts["embedded"]:
             from thinkfast.store import finalize_token_store
@@ -258,41 +254,57 @@ def run_embed(
             result = run_text_stream(corpus, fast, out, config)
         counts.update(texts=int(result.get("texts", 0)), texts_skipped_blank=int(result.get("texts_skipped_blank", 0)))
 
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": 1,
-        "created": _now(),
-        "corpus": str(corpus_uri),
-        "corpus_files": len(corpus.files),
-        "media_column": corpus.columns.media if media else None,
-        "image_size": models.image_size,
-        "num_frames": models.num_frames if corpus.columns.media == "mp4" or corpus.columns.media == "url" else None,
-        "models": {"fast": models.fast, "slow": models.slow if media else None},
-        "outputs": {
-            "fast": "fast" if media and models.fast else None,
-            "tokens": "tokens" if token_manifest else None,
-            "rejected": "rejected" if media and counts.get("rejected") else None,
-            "texts": "texts" if texts else None,
-        },
-        "counts": counts,
-        "config": _config_dict(config),
-        "replaced_previous": removed,
-        "timings_s": timer.as_dict(),
-    }
-    if token_manifest is not None and token_manifest.get("duplicates_dropped"):
-        raise EmbedError(
-            f"{token_manifest['duplicates_dropped']} key(s) occur more than once in the corpus; keys must be unique"
-        )
-    if media and counts["embedded"] + counts["rejected"] != expected:
-        lost = expected - counts["embedded"] - counts["rejected"]
-        manifest["error"] = f"{lost} row(s) neither embedded nor rejected"
-        fs.write_json(fs.join(out, FAILED_MANIFEST), manifest, endpoint)
-        raise EmbedError(
-            f"counts do not add up: {expected} in, {counts['embedded']} embedded, {counts['rejected']} rejected; "
-            f"see {fs.join(out, FAILED_MANIFEST)}"
-        )
+    manifest = _manifest(corpus, models, counts, config, media=media, texts=texts, has_tokens=token_manifest is not None)
+    manifest["replaced_previous"] = removed
+    manifest["media_steady_rows_per_s"] = None if steady is None else round(steady, 2)
+    _check_counts(manifest, token_manifest, out, endpoint, timer)
     with timer.stage("manifest"):
         manifest["timings_s"] = timer.as_dict()
         fs.write_json(fs.join(out, MANIFEST), manifest, endpoint)
     logger.info("embed done: %s", counts)
     return manifest
+
+
+def _manifest(corpus: CorpusInfo, models: ModelInfo, counts: dict[str, Any], config: EmbedConfig, *,
+              media: bool, texts: bool, has_tokens: bool) -> dict[str, Any]:
+    """``manifest.json`` minus timings: what was read, with which models, what came out."""
+    may_be_video = corpus.columns.media in ("mp4", "url")
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": 1,
+        "created": _now(),
+        "corpus": str(corpus.uri),
+        "corpus_files": len(corpus.files),
+        "media_column": corpus.columns.media if media else None,
+        "image_size": models.image_size,
+        "num_frames": models.num_frames if may_be_video else None,
+        "models": {"fast": models.fast, "slow": models.slow},
+        "outputs": {
+            "fast": "fast" if media and models.fast else None,
+            "tokens": "tokens" if has_tokens else None,
+            "rejected": "rejected" if media and counts.get("rejected") else None,
+            "texts": "texts" if texts else None,
+        },
+        "counts": counts,
+        "config": _config_dict(config),
+    }
+
+
+def _check_counts(manifest: dict[str, Any], token_manifest: dict[str, Any] | None, out: str,
+                  endpoint: str | None, timer: StageTimer) -> None:
+    """Every input row must be in fast/ or rejected/ exactly once; if not, keep the
+    evidence in ``failed_manifest.json`` (no ``manifest.json``: the run is unfinished)."""
+    counts = manifest["counts"]
+    problem = None
+    if token_manifest is not None and token_manifest.get("duplicates_dropped"):
+        problem = f"{token_manifest['duplicates_dropped']} key(s) occur more than once in the corpus; keys must be unique"
+    elif "embedded" in counts and counts["embedded"] + counts["rejected"] != counts["in"]:
+        problem = (
+            f"counts do not add up: {counts['in']} in, {counts['embedded']} embedded, {counts['rejected']} rejected"
+        )
+    if problem is None:
+        return
+    manifest["error"] = problem
+    manifest["timings_s"] = timer.as_dict()
+    fs.write_json(fs.join(out, FAILED_MANIFEST), manifest, endpoint)
+    raise EmbedError(f"{problem}; see {fs.join(out, FAILED_MANIFEST)}")

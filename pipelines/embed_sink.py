@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections import Counter
 from typing import Any, Iterable
 
@@ -79,6 +80,7 @@ class EmbeddingSink(Datasink[dict]):
         self.rows_per_write = int(rows_per_write)
         self.s3_endpoint = s3_endpoint
         self.result: dict[str, Any] = {}
+        self.write_times: list[tuple[float, int]] = []  # (unix end time, rows) of each write, sorted
 
     def get_name(self) -> str:
         return "WriteEmbeddings" if self.kind == "media" else "WriteTexts"
@@ -90,14 +92,14 @@ class EmbeddingSink(Datasink[dict]):
     # ------------------------------------------------------------------ workers
 
     def write(self, blocks: Iterable[pa.Table], ctx: Any) -> dict:
+        """One bundle: returns ``{"counts": {...}, "rows": n, "t_end": unix time}``."""
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return {"rows": 0}
-        table = pa.concat_tables(tables, promote_options="permissive")
-        if self.kind == "texts":
-            return self._write_texts(table)
-        return self._write_media(table)
+        counts: dict = {}
+        if tables:
+            table = pa.concat_tables(tables, promote_options="permissive")
+            counts = self._write_texts(table) if self.kind == "texts" else self._write_media(table)
+        return {"counts": counts, "rows": int(counts.get("rows", 0)), "t_end": time.time()}
 
     def _write_media(self, table: pa.Table) -> dict:
         from thinkfast.store import TokenStoreWriter, write_embeddings
@@ -140,7 +142,19 @@ class EmbeddingSink(Datasink[dict]):
 
     def on_write_complete(self, write_result: WriteResult[dict]) -> None:
         total: Counter = Counter()
-        for counts in write_result.write_returns:
-            total.update(counts or {})
+        for ret in write_result.write_returns:
+            total.update(ret["counts"])
         self.result = dict(total)
+        self.write_times = sorted((ret["t_end"], ret["rows"]) for ret in write_result.write_returns if ret["rows"])
         logger.info("%s: %s", self.get_name(), self.result)
+
+    def steady_rows_per_s(self) -> float | None:
+        """Rows per second once the stream is flowing: rows written after the first write
+        divided by the time from the first write to the last. Excludes start-up (actor
+        pool launch, model loading, first blocks in flight), which a long run amortises;
+        None with fewer than two writes."""
+        if len(self.write_times) < 2:
+            return None
+        (t0, _), (t1, _) = self.write_times[0], self.write_times[-1]
+        rows = sum(n for _, n in self.write_times[1:])
+        return rows / (t1 - t0) if t1 > t0 else None
