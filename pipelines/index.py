@@ -35,7 +35,9 @@ ShardMapper = Callable[[B.BuildPlan, bytes], list[ShardRecord]]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embeddings", required=True, help="embed output (its fast/ inside) or a Parquet dir, URI")
+    parser.add_argument(
+        "--embeddings", default=None, help="embed output (its fast/ inside) or a Parquet dir, URI (not with --remove-keys)"
+    )
     parser.add_argument("--out", required=True, help="index directory, local path or s3://")
     parser.add_argument("--shards", type=int, default=1, help="number of shards, built in parallel Ray tasks")
     parser.add_argument(
@@ -61,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         count = remove_keys(args.out, _read_key_file(args.remove_keys), s3_endpoint=args.s3_endpoint)
         print(f"removed {count} key(s) from {args.out}")
         return 0
+    if not args.embeddings:
+        raise ThinkfastError("--embeddings is required to build or append")
     if args.append:
         manifest = append_to_index(args.embeddings, args.out, s3_endpoint=args.s3_endpoint)
     else:

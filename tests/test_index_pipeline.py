@@ -88,9 +88,11 @@ def test_cli_local_build_rebuild_and_errors(tmp_path, capsys):
     assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["count"] == 90
 
     (tmp_path / "gone.txt").write_text("\n".join(keys[:4]) + "\n")
-    assert main(["index", "--embeddings", emb, "--out", out, "--remove-keys", str(tmp_path / "gone.txt")]) == 0
+    assert main(["index", "--out", out, "--remove-keys", str(tmp_path / "gone.txt")]) == 0
     assert len(ShardedIndex.load(out)) == 86
 
+    assert main(["index", "--out", out, "--local"]) == 2
+    assert "--embeddings is required" in capsys.readouterr().err
     assert main(["index", "--embeddings", str(tmp_path / "nope"), "--out", out, "--local"]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["index", "--embeddings", emb, "--out", out, "--factory", "Bogus", "--local"]) == 2
