@@ -161,3 +161,20 @@ def test_store_on_s3(s3_bucket):
     np.testing.assert_array_equal(store.get([keys[20], keys[3]]), tokens[[20, 3]])
     with pytest.raises(UnknownKeyError):
         store.get(["missing"])
+
+
+def test_token_store_many_shards_bounded_open_files(tmp_path, monkeypatch):
+    import thinkfast.store as store_module
+
+    monkeypatch.setattr(store_module, "MAX_OPEN_SHARDS", 3)
+    uri = str(tmp_path / "tokens")
+    tokens = _tokens(30, t=2, d=3)
+    keys = [f"k{i}" for i in range(30)]
+    writer = TokenStoreWriter(uri)
+    for i in range(0, 30, 2):  # 15 shards of 2 records
+        writer.write(keys[i : i + 2], tokens[i : i + 2])
+    finalize_token_store(uri)
+    store = TokenStore.open(uri)
+    order = list(np.random.default_rng(0).permutation(30))
+    np.testing.assert_array_equal(store.get([keys[i] for i in order]), tokens[order])
+    assert len(store._memmaps) <= 3

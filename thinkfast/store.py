@@ -24,6 +24,7 @@ import logging
 import os
 import posixpath
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -42,6 +43,7 @@ TOKEN_MANIFEST = "manifest.json"
 TOKEN_KEY_TABLE = "keys.parquet"
 TOKEN_FORMAT = "thinkfast-token-store"
 TOKEN_DTYPE = np.float16
+MAX_OPEN_SHARDS = 256  # memory-mapped token shards kept open per TokenStore (LRU)
 _SHARD_DATA_SUFFIX = ".f16"
 _SHARD_KEYS_SUFFIX = ".keys.parquet"
 
@@ -398,7 +400,7 @@ class TokenStore:
         self._row_of = np.asarray(key_table.column("row"), dtype=np.int64)
         self._position = {k: i for i, k in enumerate(keys)}
         self._keys = keys
-        self._memmaps: dict[int, np.memmap] = {}
+        self._memmaps: OrderedDict[int, np.memmap] = OrderedDict()  # LRU: each mapping holds a file descriptor
         self._fs: Any = None
 
     @classmethod
@@ -459,7 +461,9 @@ class TokenStore:
 
     def _memmap(self, shard: int) -> np.memmap:
         mm = self._memmaps.get(shard)
-        if mm is None:
+        if mm is not None:
+            self._memmaps.move_to_end(shard)
+        else:
             t, d = self.token_shape.num_tokens, self.token_shape.dim
             path = fs.strip_scheme(fs.join(self.uri, self._shard_names[shard] + _SHARD_DATA_SUFFIX))
             count = int(self.manifest["shards"][shard]["count"])
@@ -467,6 +471,8 @@ class TokenStore:
                 raise StoreError(f"{path}: size does not match {count} records; the shard is damaged")
             mm = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=(count, t, d))
             self._memmaps[shard] = mm
+            if len(self._memmaps) > MAX_OPEN_SHARDS:  # one shard per embed batch: there can be thousands
+                self._memmaps.popitem(last=False)
         return mm
 
     def _get_remote(self, shards: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
@@ -486,6 +492,6 @@ class TokenStore:
     def __getstate__(self) -> dict[str, Any]:
         # memmaps and s3fs clients are per process: reopen lazily after unpickling
         state = self.__dict__.copy()
-        state["_memmaps"] = {}
+        state["_memmaps"] = OrderedDict()
         state["_fs"] = None
         return state
