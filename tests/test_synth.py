@@ -18,6 +18,7 @@ from thinkfast.data.reader import inspect_corpus, read_table
 from thinkfast.data.synth import SynthConfig, generate_table, hard_pairs, iter_shards, plan_groups, write_synth
 from thinkfast.data.synth_scene import COLOURS
 from thinkfast.data.video import decode_video
+from thinkfast.errors import ThinkfastError
 
 SHAPES = "circle|square|triangle|diamond|cross"
 NP = re.compile(rf"\b(?:a|the) (small|large) ({'|'.join(COLOURS)}) ({SHAPES})\b")
@@ -270,6 +271,8 @@ def test_write_to_s3_and_read_back(s3_bucket, tmp_path):
     assert info.num_rows == 24 and info.columns.media == "jpg" and info.columns.has_scene
     local = write_synth(str(tmp_path / "local"), cfg)
     assert read_table(f"{s3_bucket}/synth").equals(read_table(local.out))
+    with pytest.raises(ThinkfastError, match="cannot write"):
+        write_synth("s3://no-such-bucket-here/synth", SynthConfig(num_images=2))
 
 
 def test_cli(tmp_path, capsys):

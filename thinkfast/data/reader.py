@@ -158,6 +158,9 @@ def read_table(
 def write_table(table: pa.Table, uri: str, s3_endpoint: str | None = None, row_group_size: int = 256) -> None:
     """Write one Parquet file to a local path or ``s3://`` (parent folders made locally)."""
     filesystem, path = fsutil.arrow_fs(uri, s3_endpoint)
-    if not fsutil.is_s3(uri):
-        fsutil.makedirs(path.rsplit("/", 1)[0] if "/" in path else ".")
-    pq.write_table(table, path, filesystem=filesystem, row_group_size=row_group_size, compression="zstd")
+    try:
+        if not fsutil.is_s3(uri):
+            fsutil.makedirs(path.rsplit("/", 1)[0] if "/" in path else ".")
+        pq.write_table(table, path, filesystem=filesystem, row_group_size=row_group_size, compression="zstd")
+    except OSError as exc:  # missing bucket, no permission, disk full: one clear line
+        raise ThinkfastError(f"cannot write {uri}: {exc}") from exc

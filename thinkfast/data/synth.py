@@ -266,7 +266,10 @@ def write_synth(out: str, config: SynthConfig, workers: int | None = None, overw
         fs = fsutil.fsspec_fs(out, s3_endpoint)
         for f in existing:
             fs.rm(fsutil.strip_scheme(f))
-    fsutil.makedirs(out)
+    try:
+        fsutil.makedirs(out)
+    except OSError as exc:
+        raise ThinkfastError(f"cannot create {out}: {exc}") from exc
     if workers is None:
         # below a few thousand rows, spawning processes (1-3 s each) costs more than it saves
         workers = (os.cpu_count() or 1) if config.num_images >= _PARALLEL_MIN_ROWS else 1
@@ -291,10 +294,12 @@ def write_synth(out: str, config: SynthConfig, workers: int | None = None, overw
     result = SynthResult(out=out, files=files, num_rows=num_rows, splits=splits,
                          hard_pairs={k: v // 2 for k, v in sorted(pairs.items())}, seconds=seconds,
                          config=asdict(config))
-    fsutil.write_json(fsutil.join(out, MANIFEST_NAME),
-                      {"config": result.config, "num_rows": num_rows, "splits": splits,
-                       "hard_pairs": result.hard_pairs, "seconds": round(seconds, 3),
-                       "files": [os.path.basename(f) for f in files]}, s3_endpoint)
+    manifest = {"config": result.config, "num_rows": num_rows, "splits": splits, "hard_pairs": result.hard_pairs,
+                "seconds": round(seconds, 3), "files": [os.path.basename(f) for f in files]}
+    try:
+        fsutil.write_json(fsutil.join(out, MANIFEST_NAME), manifest, s3_endpoint)
+    except OSError as exc:
+        raise ThinkfastError(f"cannot write {fsutil.join(out, MANIFEST_NAME)}: {exc}") from exc
     return result
 
 
