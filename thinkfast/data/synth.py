@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "_synth.json"  # underscore: corpus readers skip it
 SPLITS = ("train", "val", "test")
 _PARALLEL_MIN_ROWS = 3000  # default to one process below this corpus size
+_MAX_GROUP_TRIES = 1000  # scenes tried per group before the config is declared impossible
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class SynthConfig:
             raise ThinkfastError(f"hard-pair fraction must be in [0, 1], got {self.hard_pair_fraction}")
         if self.val_fraction < 0 or self.test_fraction < 0 or self.val_fraction + self.test_fraction >= 1:
             raise ThinkfastError("val and test fractions must be >= 0 and sum to less than 1")
+        if (len(self.object_probs) != 3 or min(self.object_probs) < 0 or sum(self.object_probs) <= 0
+                or (self.video and sum(self.object_probs[:2]) <= 0)):
+            raise ThinkfastError(f"object_probs must be 3 non-negative weights for 1, 2, 3 objects "
+                                 f"(clips use the first two), got {self.object_probs}")
         if self.image_format not in ("jpeg", "png"):
             raise ThinkfastError(f"image format must be jpeg or png, got {self.image_format!r}")
         if self.shard_size < 1:
@@ -165,7 +170,7 @@ def generate_group(config: SynthConfig, group: Group) -> list[dict]:
             return sample_video_scene(rng, S, n, config.num_frames)
         return sample_image_scene(rng, S, n)
 
-    while True:
+    for _ in range(_MAX_GROUP_TRIES):
         scene = sample()
         if group.size == 1:
             captions = make_captions(scene, C, rng)
@@ -184,6 +189,9 @@ def generate_group(config: SynthConfig, group: Group) -> list[dict]:
             scenes = [replace(scene, pair={"kind": kind}), replace(partner, pair={"kind": kind})]
             caption_lists = [caps_a, caps_b]
             break
+    else:
+        raise ThinkfastError(f"no valid scene for group {group.group} after {_MAX_GROUP_TRIES} tries "
+                             f"(image size {S}, object probabilities {config.object_probs})")
 
     keys = [f"{config.prefix}{group.first + i:07d}" for i in range(group.size)]
     if config.video:
