@@ -217,30 +217,48 @@ def test_salted_local_corpus_then_rerun(ray_session, models, tmp_path):
 
 
 @pytest.mark.ray
-def test_s3_round_trip_with_models_on_s3(ray_session, s3_bucket, models, tmp_path):
+def test_s3_url_corpus_with_models_and_output_on_s3(ray_session, s3_bucket, models, tmp_path):
+    """Media fetched by ``url`` from S3 inside the workers; models loaded from S3 by the
+    actors; outputs written to S3 and read back through the store's S3 paths."""
     from thinkfast.models.fast import FastModel
     from thinkfast.models.slow import SlowModel
     from thinkfast.store import TokenStore, read_embeddings
     from thinkfast.utils import fs
 
     fast_dir, slow_dir = models
+    local = str(tmp_path / "synth")
+    _write_synth(local, 8)
+    rows = []
+    for row in _read_dir(local).select(["key", "captions", "jpg"]).to_pylist():
+        url = f"{s3_bucket}/media/{row['key']}.png"
+        fs.write_bytes(url, row["jpg"])
+        rows.append({"key": row["key"], "captions": row["captions"], "url": url})
+    rows.append({"key": "url-missing", "captions": ["a red circle"], "url": f"{s3_bucket}/media/nope.png"})
+    rows.append({"key": "url-http", "captions": ["a red circle"], "url": "http://example.invalid/x.png"})
     corpus = f"{s3_bucket}/corpus"
-    _write_synth(corpus, 12)
+    table = pa.Table.from_pylist(rows)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    fs.write_bytes(f"{corpus}/part-00000.parquet", sink.getvalue())
     fast_uri, slow_uri = f"{s3_bucket}/models/fast", f"{s3_bucket}/models/slow"
     FastModel.from_pretrained(fast_dir).save_pretrained(fast_uri)
     SlowModel.from_pretrained(slow_dir).save_pretrained(slow_uri)
     out = f"{s3_bucket}/emb"
 
     manifest = embed(corpus, out, fast=fast_uri, slow=slow_uri, config=EmbedConfig(batch_size=4, progress=False))
-    assert manifest["counts"] == {"in": 12, "embedded": 12, "rejected": 0, "rejected_by_reason": {}}
-    assert fs.read_json(f"{out}/manifest.json")["counts"]["embedded"] == 12
-    assert not fs.exists(f"{out}/rejected")
+    assert manifest["counts"] == {"in": 10, "embedded": 8, "rejected": 2,
+                                  "rejected_by_reason": {"decode:fetch_failed": 2}}
+    assert fs.read_json(f"{out}/manifest.json")["counts"]["embedded"] == 8
 
     keys, vectors = read_embeddings(out)
+    assert sorted(keys) == sorted(r["key"] for r in rows[:8])
     tokens = TokenStore.open(out).get(keys)
-    local = str(tmp_path / "corpus")
-    fs.download_dir(corpus, local)
-    _check_against_models(fast_dir, slow_dir, keys, vectors, _decoded(local, keys), tokens)
+    by_key = {r["key"]: r for r in rows}
+    from thinkfast.data.media import load_pixels
+
+    columns = validate_corpus_schema(table.schema)
+    pixels = torch.stack([load_pixels(by_key[k], columns, IMAGE_SIZE) for k in keys])
+    _check_against_models(fast_dir, slow_dir, keys, vectors, pixels, tokens)
 
 
 @pytest.mark.ray
