@@ -246,14 +246,10 @@ def test_submit_streams_the_jobs_logs_and_reports_success(s3_corpus):
     assert synth_job.stderr.strip().splitlines()[-1].endswith("SUCCEEDED")
 
 
-def test_submit_embed_on_s3_across_two_nodes_is_complete(two_node_cluster, s3_corpus):
-    from ray.job_submission import JobSubmissionClient
-
-    from thinkfast.store import TokenStore, read_embeddings
-    from thinkfast.data.reader import read_table
-    from thinkfast.utils import fs
-
-    bucket, good_keys, _ = s3_corpus
+@pytest.fixture(scope="module")
+def embed_job(two_node_cluster, s3_corpus) -> tuple[str, subprocess.CompletedProcess]:
+    """``thinkfast submit -- embed`` with the driver placed on the second node."""
+    bucket, _, _ = s3_corpus
     out = f"{bucket}/emb"
     proc = _thinkfast(
         "submit", "--address", two_node_cluster.dashboard_url,
@@ -262,6 +258,18 @@ def test_submit_embed_on_s3_across_two_nodes_is_complete(two_node_cluster, s3_co
         "--slow", f"{bucket}/models/slow", "--out", out,
         "--actors", "1", "--cpus-per-actor", "1", "--batch-size", "8", "--no-progress",
     )  # fmt: skip
+    return out, proc
+
+
+def test_submit_embed_on_s3_across_two_nodes_is_complete(two_node_cluster, s3_corpus, embed_job):
+    from ray.job_submission import JobSubmissionClient
+
+    from thinkfast.data.reader import read_table
+    from thinkfast.store import TokenStore, read_embeddings
+    from thinkfast.utils import fs
+
+    _, good_keys, _ = s3_corpus
+    out, proc = embed_job
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = JobSubmissionClient(two_node_cluster.dashboard_url).get_job_info(_job_id(proc.stderr))
     assert info.driver_node_id == _worker_node_id(two_node_cluster.dashboard_url)
@@ -276,6 +284,26 @@ def test_submit_embed_on_s3_across_two_nodes_is_complete(two_node_cluster, s3_co
     assert vectors.shape[0] == len(keys) and tokens.get(sorted(good_keys)[:2]).shape[0] == 2
     counts = fs.read_json(f"{out}/manifest.json")["counts"]  # written last: the run finished
     assert (counts["in"], counts["embedded"], counts["rejected"]) == (N_IMAGES + 1, N_IMAGES, 1)
+
+
+def test_submit_index_from_the_embeddings_on_s3(two_node_cluster, s3_corpus, embed_job):
+    """The next stage reads what the previous job wrote to S3, on the same cluster."""
+    from thinkfast import ShardedIndex
+    from thinkfast.store import read_embeddings
+
+    bucket, good_keys, _ = s3_corpus
+    emb, _ = embed_job
+    out = f"{bucket}/index"
+    proc = _thinkfast("submit", "--address", two_node_cluster.dashboard_url, "--", "index", "--embeddings", emb, "--out", out, "--shards", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys, vectors = read_embeddings(f"{emb}/fast")
+    index = ShardedIndex.load(out)
+    assert len(index) == len(good_keys)
+    found, scores = index.search(vectors[:4], len(good_keys))
+    for key, row, row_scores in zip(keys[:4], found, scores):
+        assert set(row) == good_keys  # every embedded key is in the index
+        ties = {k for k, sc in zip(row, row_scores) if sc >= row_scores[0] - 1e-5}
+        assert key in ties and abs(row_scores[0] - 1.0) < 1e-4  # a unit vector finds itself first
 
 
 def test_failing_job_makes_submit_exit_nonzero_with_the_jobs_error(two_node_cluster, s3_corpus):
