@@ -159,24 +159,17 @@ def _pair_kinds(scene: Scene) -> tuple[str, ...]:
     return ("colour_swap", "relation_flip")
 
 
-def generate_group(config: SynthConfig, group: Group) -> list[dict]:
-    """The rows of one group: scene(s), captions, encoded media."""
-    rng = np.random.default_rng([config.seed, group.group])
+def _draw_scenes(config: SynthConfig, group: Group, rng: np.random.Generator) -> tuple[list[Scene], list[list[str]]]:
+    """Scene(s) and captions of one group; a pair is redrawn until both of its scenes have
+    captions that are false of the other."""
     S, C = config.image_size, config.captions_per_image
-
-    def sample() -> Scene:
-        n = _num_objects(rng, config)
-        if config.video:
-            return sample_video_scene(rng, S, n, config.num_frames)
-        return sample_image_scene(rng, S, n)
-
     for _ in range(_MAX_GROUP_TRIES):
-        scene = sample()
+        n = _num_objects(rng, config)
+        scene = sample_video_scene(rng, S, n, config.num_frames) if config.video else sample_image_scene(rng, S, n)
         if group.size == 1:
             captions = make_captions(scene, C, rng)
             if captions is not None:
-                scenes, caption_lists = [scene], [captions]
-                break
+                return [scene], [captions]
             continue
         kinds = _pair_kinds(scene)
         kind = kinds[int(rng.integers(len(kinds)))]
@@ -186,27 +179,31 @@ def generate_group(config: SynthConfig, group: Group) -> list[dict]:
         caps_a = make_captions(scene, C, rng, partner=partner)
         caps_b = make_captions(partner, C, rng, partner=scene)
         if caps_a is not None and caps_b is not None:
-            scenes = [replace(scene, pair={"kind": kind}), replace(partner, pair={"kind": kind})]
-            caption_lists = [caps_a, caps_b]
-            break
-    else:
-        raise ThinkfastError(f"no valid scene for group {group.group} after {_MAX_GROUP_TRIES} tries "
-                             f"(image size {S}, object probabilities {config.object_probs})")
+            return [replace(scene, pair={"kind": kind}), replace(partner, pair={"kind": kind})], [caps_a, caps_b]
+    raise ThinkfastError(f"no valid scene for group {group.group} after {_MAX_GROUP_TRIES} tries "
+                         f"(image size {S}, object probabilities {config.object_probs})")
 
+
+def generate_group(config: SynthConfig, group: Group) -> list[dict]:
+    """The rows of one group: scene(s), captions, encoded media."""
+    rng = np.random.default_rng([config.seed, group.group])
+    scenes, caption_lists = _draw_scenes(config, group, rng)
     keys = [f"{config.prefix}{group.first + i:07d}" for i in range(group.size)]
     if config.video:
-        frames = render_frames(scenes[0])
-        # a time-reversed partner is literally the same frames backwards (noise included)
-        all_frames = [frames, frames[::-1] if scenes[0].pair and scenes[0].pair["kind"] == "time_reverse"
-                      else render_frames(scenes[1])] if group.size == 2 else [frames]
-        media = [encode_clip(fr, config.fps) for fr in all_frames]
+        clips = [render_frames(scenes[0])]
+        if group.size == 2:
+            reverse = scenes[0].pair is not None and scenes[0].pair["kind"] == "time_reverse"
+            # a time-reversed partner is literally the same frames backwards (noise included)
+            clips.append(clips[0][::-1] if reverse else render_frames(scenes[1]))
+        media = [encode_clip(frames, config.fps) for frames in clips]
     else:
         media = [encode_image(render_frames(s)[0], config.image_format) for s in scenes]
     rows = []
     for i, (scene, captions, data) in enumerate(zip(scenes, caption_lists, media)):
         partner_key = keys[1 - i] if group.size == 2 else None
         rows.append({"key": keys[i], "captions": captions, "media": data, "split": group.split,
-                     "width": S, "height": S, "scene": scene.to_json(group.group, partner_key)})
+                     "width": config.image_size, "height": config.image_size,
+                     "scene": scene.to_json(group.group, partner_key)})
     return rows
 
 
