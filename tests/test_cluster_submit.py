@@ -111,3 +111,60 @@ def test_entrypoint_resources_parse_and_reject_bad_amounts():
         sub.parse_resources(["worker_node=one"])
     with pytest.raises(sub.JobSubmissionError, match="must be positive"):
         sub.parse_resources(["worker_node=0"])
+
+
+class _FakeJobs:
+    """Stands in for JobSubmissionClient: records the submission, replays a job's life."""
+
+    def __init__(self, final_status: str, exit_code: int | None, chunks: list[str]) -> None:
+        self.final_status, self.exit_code, self.chunks = final_status, exit_code, chunks
+        self.submitted: dict = {}
+        self.polls = 0
+
+    def submit_job(self, **kwargs):
+        self.submitted = kwargs
+        return kwargs.get("submission_id") or "raysubmit_fake"
+
+    async def tail_job_logs(self, job_id):
+        for chunk in self.chunks:
+            yield chunk
+
+    def get_job_info(self, job_id):
+        from types import SimpleNamespace
+
+        self.polls += 1
+        status = "RUNNING" if self.polls < 2 else self.final_status  # terminal on the 2nd poll
+        return SimpleNamespace(status=status, message=f"job {status}", driver_exit_code=self.exit_code)
+
+    def get_job_status(self, job_id):
+        return "PENDING"
+
+    def get_job_logs(self, job_id):
+        return "".join(self.chunks)
+
+
+def test_submit_streams_logs_waits_and_returns_the_jobs_outcome(monkeypatch):
+    import io
+
+    fake = _FakeJobs("FAILED", 2, ["Running entrypoint\n", "thinkfast index: error: no embeddings at s3://b/e\n"])
+    monkeypatch.setattr(sub, "_client", lambda address: fake)
+    monkeypatch.setattr(sub.time, "sleep", lambda s: None)
+    out = io.StringIO()
+    result = sub.submit("http://head:8265", ["--", "index", "--embeddings", "s3://b/e", "--out", "s3://b/i"],
+                        working_dir=str(ROOT), entrypoint_resources={"worker_node": 1.0}, log_stream=out)  # fmt: skip
+    assert out.getvalue() == "".join(fake.chunks)  # every chunk, in order
+    assert (result.status, result.exit_code) == ("FAILED", 2)
+    assert result.error_line == "thinkfast index: error: no embeddings at s3://b/e"
+    assert fake.submitted["entrypoint"] == "python -m pipelines.cli index --embeddings s3://b/e --out s3://b/i"
+    assert fake.submitted["runtime_env"]["working_dir"] == str(ROOT)
+    assert fake.submitted["entrypoint_resources"] == {"worker_node": 1.0}
+    assert fake.submitted["metadata"] == {"thinkfast_command": "index"}
+
+
+def test_submit_no_wait_returns_at_once(monkeypatch, capsys):
+    fake = _FakeJobs("SUCCEEDED", 0, ["never streamed\n"])
+    monkeypatch.setattr(sub, "_client", lambda address: fake)
+    code = main(["submit", "--address", "http://head:8265", "--no-wait", "--submission-id", "tf-1", "--", "synth", "--out", "s3://b/c", "--images", "4"])
+    assert code == 0
+    assert capsys.readouterr().out.strip() == "tf-1"
+    assert fake.polls == 0  # nothing waited for
