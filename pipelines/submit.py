@@ -102,10 +102,16 @@ def subcommand_names() -> list[str]:
     return [name for name in COMMANDS if name != "submit"]
 
 
-def _without_separator(command: Sequence[str]) -> list[str]:
-    """argparse keeps the ``--`` that separates submit's flags from the job's command."""
+def _split_command(command: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(dispatcher flags such as ``-v``, ``[SUBCOMMAND, FLAGS...]``); argparse keeps the
+    ``--`` that separates submit's own flags from the job's command, so it is dropped."""
     command = list(command)
-    return command[1:] if command and command[0] == "--" else command
+    if command and command[0] == "--":
+        command = command[1:]
+    global_flags = []
+    while command and command[0] in ("-v", "--verbose"):
+        global_flags.append(command.pop(0))
+    return global_flags, command
 
 
 def build_entrypoint(command: Sequence[str], python: str = "python") -> str:
@@ -113,7 +119,7 @@ def build_entrypoint(command: Sequence[str], python: str = "python") -> str:
 
     ``python -m`` (not the ``thinkfast`` script) so the shipped working dir, which is the
     job's cwd, is what gets imported even where the package is installed differently."""
-    command = _without_separator(command)
+    global_flags, command = _split_command(command)
     if not command:
         raise JobSubmissionError("no subcommand given: use `thinkfast submit --address URL -- SUBCOMMAND [FLAGS...]`")
     names = subcommand_names()
@@ -121,7 +127,7 @@ def build_entrypoint(command: Sequence[str], python: str = "python") -> str:
         raise JobSubmissionError("a job cannot run `submit` itself")
     if command[0] not in names:
         raise JobSubmissionError(f"unknown subcommand {command[0]!r}; expected one of: {', '.join(names)}")
-    return f"{python} -m pipelines.cli {shlex.join(command)}"
+    return f"{python} -m pipelines.cli {shlex.join(global_flags + command)}"
 
 
 def parse_env(pairs: Sequence[str]) -> dict[str, str]:
@@ -241,7 +247,7 @@ def submit(
             submission_id=submission_id,
             entrypoint_num_cpus=entrypoint_num_cpus,
             entrypoint_resources=entrypoint_resources or None,
-            metadata={"thinkfast_command": _without_separator(command)[0]},
+            metadata={"thinkfast_command": _split_command(command)[1][0]},
         )
     except (RuntimeError, ValueError) as exc:
         raise JobSubmissionError(f"the cluster refused the job: {exc}") from exc

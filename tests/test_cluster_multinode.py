@@ -55,6 +55,9 @@ def _cluster_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
     env.pop("RAY_ADDRESS", None)
+    # jobs run `python -m pipelines.cli`: make that this venv's python even when the
+    # suite was started as .venv/bin/python without activating the venv
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 

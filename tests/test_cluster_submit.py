@@ -18,11 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_entrypoint_runs_the_subcommand_through_python_m_and_quotes_flags():
     entry = sub.build_entrypoint(["--", "embed", "--corpus", "s3://b/my corpus", "--out", "s3://b/o"])
     assert entry == "python -m pipelines.cli embed --corpus 's3://b/my corpus' --out s3://b/o"
+    assert sub.build_entrypoint(["-v", "index", "--out", "o"]) == "python -m pipelines.cli -v index --out o"
 
 
 @pytest.mark.parametrize(
     "command, message",
-    [([], "no subcommand"), (["--"], "no subcommand"), (["submit", "--address", "x"], "cannot run `submit`"), (["frobnicate"], "unknown subcommand")],
+    [([], "no subcommand"), (["--"], "no subcommand"), (["submit", "--address", "x"], "cannot run `submit`"), (["frobnicate"], "unknown subcommand"), (["-v"], "no subcommand")],
 )
 def test_entrypoint_rejects_bad_commands(command, message):
     with pytest.raises(sub.JobSubmissionError, match=message):
