@@ -130,13 +130,13 @@ def build_entrypoint(command: Sequence[str], python: str = "python") -> str:
     return f"{python} -m pipelines.cli {shlex.join(global_flags + command)}"
 
 
-def parse_env(pairs: Sequence[str]) -> dict[str, str]:
+def parse_env(pairs: Sequence[str], flag: str = "--env") -> dict[str, str]:
     """``["K=V", ...]`` -> dict; a pair without ``=`` or with an empty key is an error."""
     env: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise JobSubmissionError(f"--env expects KEY=VALUE, got {pair!r}")
+            raise JobSubmissionError(f"{flag} expects KEY=VALUE, got {pair!r}")
         env[key.strip()] = value
     return env
 
@@ -144,7 +144,7 @@ def parse_env(pairs: Sequence[str]) -> dict[str, str]:
 def parse_resources(pairs: Sequence[str]) -> dict[str, float]:
     """``["worker_node=1", ...]`` -> ``{"worker_node": 1.0}`` for the driver's placement."""
     resources: dict[str, float] = {}
-    for key, value in parse_env(pairs).items():
+    for key, value in parse_env(pairs, flag="--entrypoint-resource").items():
         try:
             resources[key] = float(value)
         except ValueError:

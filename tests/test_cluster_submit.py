@@ -108,6 +108,8 @@ def test_cli_requires_an_address(capsys, monkeypatch):
 
 def test_entrypoint_resources_parse_and_reject_bad_amounts():
     assert sub.parse_resources(["worker_node=1", "accel=0.5"]) == {"worker_node": 1.0, "accel": 0.5}
+    with pytest.raises(sub.JobSubmissionError, match="--entrypoint-resource expects KEY=VALUE"):
+        sub.parse_resources(["worker_node"])
     with pytest.raises(sub.JobSubmissionError, match="must be a number"):
         sub.parse_resources(["worker_node=one"])
     with pytest.raises(sub.JobSubmissionError, match="must be positive"):
