@@ -48,12 +48,13 @@ def has_hnsw_quantizer(index: faiss.Index) -> bool:
 
 
 def make_search_params(
-    index: faiss.Index, settings: SearchSettings, selector: faiss.IDSelector | None = None
+    index: faiss.Index, settings: SearchSettings, selector: faiss.IDSelector | None = None, k: int = 1
 ) -> tuple[faiss.SearchParameters | None, list[Any]]:
     """Parameters for ``index.search(..., params=)`` and the objects they reference.
 
-    SWIG does not keep nested parameter objects alive, so the caller must hold the
-    returned list until the search returns."""
+    HNSW's candidate list is raised to at least ``k``: a shorter one cannot return k
+    results. SWIG does not keep nested parameter objects alive, so the caller must hold
+    the returned list until the search returns."""
     keep: list[Any] = []
     if selector is not None:
         keep.append(selector)
@@ -75,7 +76,8 @@ def make_search_params(
             params.quantizer_params = qp
     elif kind == "hnsw":
         params = faiss.SearchParametersHNSW()
-        params.efSearch = int(settings.efSearch if settings.efSearch is not None else inner.hnsw.efSearch)
+        ef = settings.efSearch if settings.efSearch is not None else inner.hnsw.efSearch
+        params.efSearch = int(max(ef, k))
     elif selector is not None:
         params = faiss.SearchParameters()
     else:
@@ -94,7 +96,7 @@ def search_with(
     index: faiss.Index, queries: Any, k: int, settings: SearchSettings, selector: faiss.IDSelector | None = None
 ) -> tuple[Any, Any]:
     """``index.search`` with per-call settings; FAISS refusals become IndexMismatchError."""
-    params, keep = make_search_params(index, settings, selector)
+    params, keep = make_search_params(index, settings, selector, k)
     try:
         if params is None:
             return index.search(queries, k)
