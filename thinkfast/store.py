@@ -68,7 +68,7 @@ class UnknownKeyError(StoreError, KeyError):
 # --------------------------------------------------------------------------- helpers
 
 
-def _resolve_dir(uri: str, sub: str, s3_endpoint: str | None) -> str:
+def resolve_artifact_dir(uri: str, sub: str, s3_endpoint: str | None) -> str:
     """``<emb>`` or ``<emb>/<sub>`` both name the artifact: prefer the sub-directory if present."""
     candidate = fs.join(uri, sub)
     filesystem = fs.fsspec_fs(uri, s3_endpoint)
@@ -141,7 +141,7 @@ def write_embeddings(
     return target
 
 
-def _embedding_matrix(column: pa.ChunkedArray | pa.Array, source: str) -> np.ndarray:
+def embedding_matrix(column: pa.ChunkedArray | pa.Array, source: str) -> np.ndarray:
     """(N, d) float32 from a fixed-size / variable list column (or Ray's tensor extension)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
@@ -167,7 +167,7 @@ def _embedding_matrix(column: pa.ChunkedArray | pa.Array, source: str) -> np.nda
     return matrix.reshape(n, d)
 
 
-def _check_embedding_schema(schema: pa.Schema, source: str) -> None:
+def check_embedding_schema(schema: pa.Schema, source: str) -> None:
     for name in ("key", "embedding"):
         if name not in schema.names:
             raise StoreError(f"{source}: missing column {name!r} (have {schema.names})")
@@ -184,18 +184,18 @@ def iter_embeddings(
     Memory stays at one batch, so an index build over a corpus larger than RAM can add
     shard by shard. Raises :class:`StoreError` on a wrong schema, nulls, or mixed dims."""
     dim: int | None = None
-    for file_uri in list_parquet_files(_resolve_dir(uri, FAST_DIR, s3_endpoint), s3_endpoint):
+    for file_uri in list_parquet_files(resolve_artifact_dir(uri, FAST_DIR, s3_endpoint), s3_endpoint):
         filesystem, path = fs.arrow_fs(file_uri, s3_endpoint)
         try:
             parquet = pq.ParquetFile(path, filesystem=filesystem)
         except (pa.ArrowInvalid, OSError) as exc:
             raise StoreError(f"{file_uri}: not a readable Parquet file ({exc})") from exc
-        _check_embedding_schema(parquet.schema_arrow, file_uri)
+        check_embedding_schema(parquet.schema_arrow, file_uri)
         for batch in parquet.iter_batches(batch_size=batch_size, columns=["key", "embedding"]):
             keys_col = batch.column("key")
             if keys_col.null_count:
                 raise StoreError(f"{file_uri}: {keys_col.null_count} null key(s)")
-            vectors = _embedding_matrix(batch.column("embedding"), file_uri)
+            vectors = embedding_matrix(batch.column("embedding"), file_uri)
             if dim is None:
                 dim = vectors.shape[1]
             elif vectors.shape[1] != dim:
@@ -406,7 +406,7 @@ class TokenStore:
     @classmethod
     def open(cls, uri: str, s3_endpoint: str | None = None) -> "TokenStore":
         """Open ``<emb>/tokens`` (or ``<emb>``); needs the manifest that finalize wrote."""
-        uri = _resolve_dir(uri, TOKENS_DIR, s3_endpoint)
+        uri = resolve_artifact_dir(uri, TOKENS_DIR, s3_endpoint)
         manifest_uri = fs.join(uri, TOKEN_MANIFEST)
         if not fs.exists(manifest_uri, s3_endpoint):
             raise StoreError(

@@ -29,7 +29,13 @@ import pyarrow.parquet as pq
 from thinkfast.errors import IndexMismatchError, ThinkfastError
 from thinkfast.index.manifest import METRIC_IP, TRAINED_NAME, IndexManifest, ShardRecord, write_manifest
 from thinkfast.index.params import SearchSettings, has_hnsw_quantizer, index_kind, ivf_nlist, search_with
-from thinkfast.store import StoreError, _check_embedding_schema, _embedding_matrix, _resolve_dir, list_parquet_files
+from thinkfast.store import (
+    StoreError,
+    check_embedding_schema,
+    embedding_matrix,
+    list_parquet_files,
+    resolve_artifact_dir,
+)
 from thinkfast.utils import fs
 
 logger = logging.getLogger(__name__)
@@ -294,19 +300,19 @@ def plan_build(
     """Size the corpus from Parquet footers (no data read) and cut it into shard ranges."""
     files: list[tuple[str, int]] = []
     dim: int | None = None
-    for file_uri in list_parquet_files(_resolve_dir(embeddings_uri, "fast", s3_endpoint), s3_endpoint):
+    for file_uri in list_parquet_files(resolve_artifact_dir(embeddings_uri, "fast", s3_endpoint), s3_endpoint):
         filesystem, path = fs.arrow_fs(file_uri, s3_endpoint)
         try:
             meta = pq.ParquetFile(path, filesystem=filesystem)
         except (pa.ArrowInvalid, OSError) as exc:
             raise StoreError(f"{file_uri}: not a readable Parquet file ({exc})") from exc
-        _check_embedding_schema(meta.schema_arrow, file_uri)
+        check_embedding_schema(meta.schema_arrow, file_uri)
         rows = meta.metadata.num_rows
         if rows == 0:
             continue
         if dim is None:
             first = next(meta.iter_batches(batch_size=1, columns=["embedding"]))
-            dim = int(_embedding_matrix(first.column("embedding"), file_uri).shape[1])
+            dim = int(embedding_matrix(first.column("embedding"), file_uri).shape[1])
         files.append((file_uri, rows))
     if dim is None:
         raise StoreError(f"{embeddings_uri}: no embeddings")
@@ -334,7 +340,7 @@ def _file_batches(
     ):
         if batch.column("key").null_count:
             raise StoreError(f"{file_uri}: null key(s)")
-        matrix = _embedding_matrix(batch.column("embedding"), file_uri)
+        matrix = embedding_matrix(batch.column("embedding"), file_uri)
         if matrix.shape[1] != dim:
             raise StoreError(f"{file_uri}: embedding dim {matrix.shape[1]}, expected {dim}")
         yield batch.column("key").to_pylist(), matrix
