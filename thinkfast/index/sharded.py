@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import logging
 import os
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import faiss
 import numpy as np
@@ -30,7 +29,6 @@ import pyarrow.parquet as pq
 from thinkfast.errors import IndexMismatchError, ThinkfastError
 from thinkfast.index import build as B
 from thinkfast.index.manifest import (
-    MANIFEST_NAME,
     TRAINED_NAME,
     IndexManifest,
     ShardRecord,
@@ -576,4 +574,4 @@ def _sync_from_s3(
     return local
 
 
-__all__ = ["ShardedIndex", "MANIFEST_NAME"]
+__all__ = ["ShardedIndex"]
