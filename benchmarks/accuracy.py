@@ -1,0 +1,407 @@
+"""The paper's experiment on the generated corpus: does thinking fast and slow pay off?
+
+    python benchmarks/accuracy.py            # the `small` preset: the table in docs/RESULTS.md
+    python benchmarks/accuracy.py --quick    # tiny preset, a few minutes: the code path only
+
+Generates a corpus (``thinkfast.data.synth``), trains with the project's own training
+functions (``pipelines.train``: Ray Train), then evaluates with ``pipelines.evaluate``
+(the ``thinkfast eval`` code path, which re-ranks through ``thinkfast.rerank`` like the
+service) on the test split, every caption a query:
+
+* images: fast (NCE only) · fast distilled · slow exhaustive (fine-grained tokens) ·
+  slow exhaustive with coarse tokens (stride 32 only: the paper's 49-token baseline, vs
+  the stride-16 map: its 196 tokens, scaled to the corpus's image size) · fast distilled
+  + slow re-rank at each K (β tuned on the val split);
+* video (generated clips): fast mean-pooled over frames vs slow with frame tokens, and
+  the re-rank at each K.
+
+Prints the table, writes ``benchmarks/results/accuracy[_quick].json`` and two plots
+(recall vs K, latency vs K), and states for each of the paper's claims whether it held.
+Numbers are measured, never asserted; wall times are on whatever this machine is doing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+logger = logging.getLogger("benchmarks.accuracy")
+
+RESULTS = REPO / "benchmarks" / "results"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Sizes and schedule of one run of the experiment."""
+
+    preset: str = "small"  # model preset of every model (tiny | small | paper)
+    images: int = 1500  # generated images, all splits (10 % val, 10 % test)
+    captions_per_image: int = 3  # captions per image: every test caption is a query
+    image_size: int = 64  # generated image side (the small preset's input size)
+    slow_epochs: int = 5  # epochs of L_CA for each slow model
+    fast_epochs: int = 5  # epochs of L_DE (and of L_DE + alpha L_distill)
+    batch_size: int = 64  # pairs per worker per step (in-batch negatives, B_i)
+    workers: int = 1  # Ray Train workers (1 worker x 2 threads beats 2 DDP ranks on 2 cores)
+    alpha: float = 1.0  # weight of L_distill
+    fine_levels: tuple[int, ...] = (16,)  # fine-grained tokens: stride 16 (196 tokens at 224 px)
+    coarse_levels: tuple[int, ...] = (32,)  # coarse tokens: stride 32 only (49 tokens at 224 px)
+    rerank: tuple[int, ...] = (5, 10, 20, 50)  # K of the two-stage rows
+    betas: tuple[float, ...] = (0.0, 1.0, 5.0, 20.0)  # beta grid tuned on val (R@1 at K=10)
+    max_queries: int | None = None  # cap on test queries (None: every caption)
+    video_clips: int = 400  # generated clips for the video variant (0 skips it)
+    video_epochs: int = 4  # epochs for each video model
+    num_frames: int = 4  # frames sampled per clip (training, embedding and evaluation)
+    seed: int = 0  # corpus and training seed
+
+
+QUICK = ExperimentConfig(preset="tiny", images=120, captions_per_image=2, image_size=32, slow_epochs=1, fast_epochs=1,
+                         batch_size=16, workers=1, rerank=(5, 10), betas=(0.0, 5.0), video_clips=60, video_epochs=1,
+                         num_frames=2, fine_levels=(16,), coarse_levels=(32,))
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def make_corpus(out: str, cfg: ExperimentConfig, video: bool) -> dict[str, Any]:
+    """Generate the images (or clips) corpus; returns its split counts."""
+    from thinkfast.data.synth import SynthConfig, write_synth
+
+    synth_cfg = SynthConfig(num_images=cfg.video_clips if video else cfg.images,
+                            captions_per_image=cfg.captions_per_image, image_size=cfg.image_size,
+                            video=video, num_frames=max(cfg.num_frames, 4), seed=cfg.seed)
+    result = write_synth(out, synth_cfg, overwrite=True)
+    return {"rows": result.num_rows, "splits": result.splits, "hard_pairs": result.hard_pairs,
+            "seconds": round(result.seconds, 2)}
+
+
+def _train_kwargs(cfg: ExperimentConfig, epochs: int) -> dict[str, Any]:
+    return {"preset": cfg.preset, "epochs": epochs, "batch_size": cfg.batch_size, "workers": cfg.workers,
+            "num_frames": cfg.num_frames, "seed": cfg.seed}
+
+
+def _fresh_slow(corpus: str, out: str, cfg: ExperimentConfig, levels: tuple[int, ...]) -> str:
+    """An untrained slow model with the given FPN levels and the corpus's train vocabulary,
+    saved as the starting point of ``train_slow(init=...)``."""
+    from thinkfast import SlowModel
+    from thinkfast.data.reader import read_table
+    from thinkfast.data.tokenizer import WordTokenizer
+
+    table = read_table(corpus, columns=["captions"], filter_split="train")
+    captions = [c for caps in table.column("captions").to_pylist() for c in caps]
+    model = SlowModel.from_preset(cfg.preset, tokenizer=WordTokenizer.build(captions), levels=tuple(levels))
+    model.save_pretrained(out)
+    return out
+
+
+def _train_slow_from(corpus: str, out: str, init: str, **overrides: Any) -> Any:
+    """``train_slow`` starting from ``init`` (the architecture variant): through the public
+    ``train_slow(init=...)`` when it takes one, else its driver ``run_training`` (same path)."""
+    import inspect
+
+    from pipelines import train
+
+    if "init" in inspect.signature(train.train_slow).parameters:
+        return train.train_slow(corpus, out, init=init, **overrides)
+    from pipelines.train_config import build_config
+
+    return train.run_training("slow", corpus, out, build_config(overrides), init=init)
+
+
+def train_models(corpus: str, workdir: str, cfg: ExperimentConfig, video: bool) -> dict[str, Any]:
+    """Train slow (fine, and coarse for images), fast NCE and fast distilled; returns model
+    dirs and each run's seconds and history."""
+    from pipelines.train import distill, train_fast
+
+    slow_epochs = cfg.video_epochs if video else cfg.slow_epochs
+    fast_epochs = cfg.video_epochs if video else cfg.fast_epochs
+    runs: dict[str, Any] = {}
+
+    def record(name: str, result: Any) -> None:
+        runs[name] = {"dir": result.out, "seconds": round(result.seconds, 1), "steps": result.steps,
+                      "history": result.history}
+        logger.info("trained %s in %.1f s (%d steps)", name, result.seconds, result.steps)
+
+    variants = [("slow_fine", cfg.fine_levels)] + ([] if video else [("slow_coarse", cfg.coarse_levels)])
+    for name, levels in variants:
+        init = _fresh_slow(corpus, os.path.join(workdir, f"{name}-init"), cfg, levels)
+        record(name, _train_slow_from(corpus, os.path.join(workdir, name), init, **_train_kwargs(cfg, slow_epochs)))
+    record("fast_nce", train_fast(corpus, os.path.join(workdir, "fast_nce"), **_train_kwargs(cfg, fast_epochs)))
+    record("fast_distilled", distill(corpus, os.path.join(workdir, "fast_distilled"), teacher=runs["slow_fine"]["dir"],
+                                     alpha=cfg.alpha, **_train_kwargs(cfg, fast_epochs)))
+    return runs
+
+
+def tune_beta(corpus: str, runs: dict[str, Any], cfg: ExperimentConfig) -> tuple[float, list[dict[str, Any]]]:
+    """β of ``h + β·s_fast`` chosen on the val split (R@1, then R@5, at K=10): DESIGN says
+    K and β are configuration tuned on validation, never on the test queries."""
+    from pipelines.evaluate import evaluate, load_gallery
+
+    fast, slow = _models(runs, "fast_distilled", "slow_fine")
+    gallery = load_gallery(corpus, "val", cfg.num_frames, check_decode_size=fast.config.image_size)
+    k = min(10, len(gallery.keys))
+    trials = []
+    for beta in cfg.betas:
+        report = evaluate(corpus, fast, slow, split="val", rerank=[k], beta=beta, exhaustive=False,
+                          gallery=gallery, max_queries=cfg.max_queries, seed=cfg.seed)
+        row = report["methods"][-1]
+        trials.append({"beta": beta, "K": k, "R@1": row["R@1"], "R@5": row["R@5"]})
+    best = max(trials, key=lambda t: (t["R@1"], t["R@5"], -t["beta"]))
+    logger.info("beta tuned on val: %s (%s)", best["beta"], trials)
+    return float(best["beta"]), trials
+
+
+_LOADED: dict[str, Any] = {}
+
+
+def _models(runs: dict[str, Any], fast_name: str, slow_name: str) -> tuple[Any, Any]:
+    from thinkfast import FastModel, SlowModel
+
+    for name, cls in ((fast_name, FastModel), (slow_name, SlowModel)):
+        path = runs[name]["dir"]
+        if path not in _LOADED:
+            _LOADED[path] = cls.from_pretrained(path).eval()
+    return _LOADED[runs[fast_name]["dir"]], _LOADED[runs[slow_name]["dir"]]
+
+
+def evaluate_images(corpus: str, runs: dict[str, Any], cfg: ExperimentConfig, beta: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The image table: every row the issue asks for, on one shared test gallery."""
+    from pipelines.evaluate import evaluate, load_gallery
+
+    fast_nce, slow_fine = _models(runs, "fast_nce", "slow_fine")
+    fast_dist, slow_coarse = _models(runs, "fast_distilled", "slow_coarse")
+    gallery = load_gallery(corpus, "test", cfg.num_frames, check_decode_size=fast_nce.config.image_size)
+    common = {"gallery": gallery, "max_queries": cfg.max_queries, "seed": cfg.seed, "beta": beta}
+    fine_t, coarse_t = slow_fine.num_visual_tokens(), slow_coarse.num_visual_tokens()
+    a = evaluate(corpus, fast_nce, slow_fine, rerank=[], fast_name="fast (NCE)",
+                 slow_name=f"slow exhaustive, fine ({fine_t} tokens)", **common)
+    b = evaluate(corpus, fast_dist, slow_fine, rerank=cfg.rerank, exhaustive=False, fast_name="fast distilled",
+                 slow_name="slow", **common)
+    c = evaluate(corpus, fast_dist, slow_coarse, rerank=[], slow_name=f"slow exhaustive, coarse ({coarse_t} tokens)",
+                 **common)
+    return a["methods"] + [c["methods"][1]] + b["methods"], a
+
+
+def evaluate_video(corpus: str, runs: dict[str, Any], cfg: ExperimentConfig, beta: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The video table: fast mean-pooled over frames vs slow over frame tokens, and re-ranking."""
+    from pipelines.evaluate import evaluate, load_gallery
+
+    fast_nce, slow = _models(runs, "fast_nce", "slow_fine")
+    fast_dist, _ = _models(runs, "fast_distilled", "slow_fine")
+    gallery = load_gallery(corpus, "test", cfg.num_frames, check_decode_size=fast_nce.config.image_size)
+    common = {"gallery": gallery, "max_queries": cfg.max_queries, "seed": cfg.seed, "beta": beta}
+    t = slow.num_visual_tokens(num_frames=cfg.num_frames)
+    a = evaluate(corpus, fast_nce, slow, rerank=[], fast_name="video fast (NCE, mean over frames)",
+                 slow_name=f"video slow exhaustive ({t} frame tokens)", **common)
+    b = evaluate(corpus, fast_dist, slow, rerank=cfg.rerank, exhaustive=False, fast_name="video fast distilled",
+                 slow_name="slow", **common)
+    return a["methods"] + b["methods"], a
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def _row(rows: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
+    for r in rows:
+        if r["method"].startswith(prefix):
+            return r
+    raise KeyError(prefix)
+
+
+def check_claims(rows: list[dict[str, Any]], gallery_size: int) -> list[dict[str, Any]]:
+    """The paper's four claims, each as measured here (held or not, with the numbers)."""
+    fast, dist = _row(rows, "fast (NCE)"), _row(rows, "fast distilled")
+    fine, coarse = _row(rows, "slow exhaustive, fine"), _row(rows, "slow exhaustive, coarse")
+    reranked = [r for r in rows if "rerank@" in r["method"]]
+    claims = [
+        {"claim": "slow beats fast", "held": fine["R@1"] > max(fast["R@1"], dist["R@1"]),
+         "evidence": f"R@1 slow {fine['R@1']:.1f} vs fast {fast['R@1']:.1f} / distilled {dist['R@1']:.1f}"},
+        {"claim": "fine-grained beats coarse", "held": fine["R@1"] > coarse["R@1"],
+         "evidence": f"R@1 {fine['method']} {fine['R@1']:.1f} vs {coarse['method']} {coarse['R@1']:.1f}"},
+        {"claim": "distillation improves fast", "held": dist["R@1"] > fast["R@1"],
+         "evidence": f"R@1 distilled {dist['R@1']:.1f} vs NCE only {fast['R@1']:.1f}"},
+    ]
+    # "recovers": within 1 R@1 point of slow exhaustive (or above it)
+    good = [r for r in reranked if r["R@1"] >= fine["R@1"] - 1.0]
+    if good:
+        best = min(good, key=lambda r: r["K"])
+        claims.append({"claim": "re-ranking a small K recovers slow accuracy at a fraction of its cost",
+                       "held": best["K"] <= max(1, gallery_size // 4),
+                       "evidence": (f"K={best['K']}: R@1 {best['R@1']:.1f} vs slow {fine['R@1']:.1f}, "
+                                    f"{best['slow_evals_per_query']:g} vs {fine['slow_evals_per_query']:g} slow evals/query, "
+                                    f"{best['ms_per_query']:.1f} vs {fine['ms_per_query']:.1f} ms/query")})
+    else:
+        top = max(reranked, key=lambda r: r["R@1"]) if reranked else None
+        claims.append({"claim": "re-ranking a small K recovers slow accuracy at a fraction of its cost", "held": False,
+                       "evidence": "no K reached slow R@1 - 1" + (f"; best K={top['K']} R@1 {top['R@1']:.1f} vs slow "
+                                                                    f"{fine['R@1']:.1f}" if top else "")})
+    return claims
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def plot(rows: list[dict[str, Any]], path_prefix: Path, title: str) -> list[str]:
+    """recall vs K and latency vs K (PNG); fast and slow exhaustive as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reranked = sorted((r for r in rows if "rerank@" in r["method"]), key=lambda r: r["K"])
+    if not reranked:
+        return []
+    fast = next(r for r in rows if r["method"].startswith(("fast distilled", "video fast distilled")))
+    slow = next(r for r in rows if "slow exhaustive" in r["method"])
+    ks = [r["K"] for r in reranked]
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for metric, colour in (("R@1", "C0"), ("R@5", "C1"), ("R@10", "C2")):
+        ax.plot(ks, [r[metric] for r in reranked], "o-", color=colour, label=f"re-ranked {metric}")
+        ax.axhline(slow[metric], color=colour, ls="--", lw=1, label=f"slow exhaustive {metric}")
+        ax.axhline(fast[metric], color=colour, ls=":", lw=1, label=f"fast distilled {metric}")
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("K (candidates re-ranked by the slow model)")
+    ax.set_ylabel("recall (%)")
+    ax.set_title(f"{title}: recall vs K")
+    ax.legend(fontsize=6, ncol=3, loc="lower right")
+    fig.tight_layout()
+    written.append(str(path_prefix) + "_recall_vs_k.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ks, [r["ms_per_query"] for r in reranked], "o-", label="fast + slow re-rank")
+    ax.axhline(slow["ms_per_query"], color="C3", ls="--", label=f"slow exhaustive ({slow['slow_evals_per_query']:g} evals)")
+    ax.axhline(fast["ms_per_query"], color="C2", ls=":", label="fast only")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("K (candidates re-ranked by the slow model)")
+    ax.set_ylabel("wall time per query (ms, amortised)")
+    ax.set_title(f"{title}: latency vs K")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(str(path_prefix) + "_latency_vs_k.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The tables and verdicts as Markdown (what docs/RESULTS.md holds)."""
+    from pipelines.evaluate import format_table
+
+    out = []
+    for name in ("images", "video"):
+        part = result.get(name)
+        if not part:
+            continue
+        out.append(f"### {name}: {part['num_queries']} queries over {part['gallery_size']} test items, "
+                   f"beta = {part['beta']:g}\n")
+        out.append(format_table({"methods": part["rows"]}))
+        out.append("")
+    if result.get("claims"):
+        out.append("| claim | held? | evidence |\n|---|---|---|")
+        for c in result["claims"]:
+            out.append(f"| {c['claim']} | {'yes' if c['held'] else 'no'} | {c['evidence']} |")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_experiment(cfg: ExperimentConfig, workdir: str, video: bool = True, plots_prefix: Path | None = None,
+                   out: Path | None = None) -> dict[str, Any]:
+    """Everything: corpora, training, β tuning, evaluation, verdicts, plots. Returns the record
+    (also written to ``out`` after each part, so a long run keeps what it measured)."""
+    from pipelines.ray_utils import init_ray
+
+    init_ray()
+    started = time.perf_counter()
+    result: dict[str, Any] = {"config": dataclasses.asdict(cfg), "workdir": workdir}
+    corpus = os.path.join(workdir, "corpus")
+    result["corpus"] = make_corpus(corpus, cfg, video=False)
+    runs = train_models(corpus, os.path.join(workdir, "models"), cfg, video=False)
+    beta, trials = tune_beta(corpus, runs, cfg)
+    rows, report = evaluate_images(corpus, runs, cfg, beta)
+    result["images"] = {"rows": rows, "beta": beta, "beta_trials": trials, "gallery_size": report["gallery_size"],
+                        "num_queries": report["num_queries"], "rejected": report["rejected_count"],
+                        "training": {k: {kk: v[kk] for kk in ("seconds", "steps", "history")} for k, v in runs.items()}}
+    result["claims"] = check_claims(rows, report["gallery_size"])
+    if plots_prefix is not None:
+        result["plots"] = plot(rows, plots_prefix, "images")
+    _save(result, out)
+    if video and cfg.video_clips > 0:
+        vcorpus = os.path.join(workdir, "video_corpus")
+        result["video_corpus"] = make_corpus(vcorpus, cfg, video=True)
+        vruns = train_models(vcorpus, os.path.join(workdir, "video_models"), cfg, video=True)
+        vrows, vreport = evaluate_video(vcorpus, vruns, cfg, beta)
+        result["video"] = {"rows": vrows, "beta": beta, "gallery_size": vreport["gallery_size"],
+                           "num_queries": vreport["num_queries"], "rejected": vreport["rejected_count"],
+                           "training": {k: {kk: v[kk] for kk in ("seconds", "steps", "history")} for k, v in vruns.items()}}
+        if plots_prefix is not None:
+            result["plots"] += plot(vrows, Path(str(plots_prefix) + "_video"), "video")
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    _save(result, out)
+    return result
+
+
+def _save(result: dict[str, Any], out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny preset and corpus: the code path in minutes")
+    parser.add_argument("--workdir", default=None, help="corpora and models go here (default runs/accuracy[_quick])")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/accuracy[_quick].json)")
+    parser.add_argument("--no-video", action="store_true", help="skip the video variant")
+    parser.add_argument("--images", type=int, help="override the number of generated images")
+    parser.add_argument("--epochs", type=int, help="override every model's epochs")
+    parser.add_argument("--max-queries", type=int, help="cap the number of test queries")
+    parser.add_argument("--video-clips", type=int, help="override the number of generated clips (0: no video)")
+    parser.add_argument("--workers", type=int, help="override the Ray Train workers")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1")):
+        os.environ.setdefault(name, value)
+    cfg = QUICK if args.quick else ExperimentConfig()
+    overrides: dict[str, Any] = {}
+    if args.images:
+        overrides["images"] = args.images
+    if args.epochs:
+        overrides.update(slow_epochs=args.epochs, fast_epochs=args.epochs, video_epochs=args.epochs)
+    if args.max_queries:
+        overrides["max_queries"] = args.max_queries
+    if args.video_clips is not None:
+        overrides["video_clips"] = args.video_clips
+    if args.workers:
+        overrides["workers"] = args.workers
+    cfg = dataclasses.replace(cfg, **overrides)
+    suffix = "_quick" if args.quick else ""
+    workdir = args.workdir or str(REPO / "runs" / f"accuracy{suffix}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"accuracy{suffix}.json"
+    result = run_experiment(cfg, workdir, video=not args.no_video, plots_prefix=RESULTS / f"accuracy{suffix}", out=out)
+    print(markdown(result))
+    print(f"\n{result['seconds']:.0f} s in all; JSON: {out}; plots: {', '.join(result.get('plots', []))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
