@@ -9,7 +9,7 @@ client is asyncio + aiohttp in this process, each of ``c`` workers sending reque
 to back for a fixed time; on a small machine the client competes with the service for
 the same cores, which the printed table states.
 
-    python benchmarks/serve_bench.py --quick             # ~500 images, short levels
+    python benchmarks/serve_bench.py --quick             # 500 images, 3 s levels, 30 s sustained
     python benchmarks/serve_bench.py                     # 10k images (the size)
     python benchmarks/serve_bench.py --workdir /tmp/sb   # keep artifacts; reused when present
 
@@ -64,6 +64,7 @@ class Level:
     stage_ms: dict[str, float]  # server-side mean per stage (encode / retrieve / rerank / total)
     replicas_max: int  # most RUNNING re-ranker replicas seen during the level
     target_max: int  # most RUNNING + STARTING (the autoscaler's target) during the level
+    label: str = ""  # "sustained N s" for the final long level at the heaviest setting
 
 
 @dataclass
@@ -234,7 +235,7 @@ def print_table(report: Report) -> None:
         s = lv.stage_ms
         print(f"{lv.rerank:>6} {lv.concurrency:>5} {lv.requests:>6} {lv.errors:>4} {lv.qps:>7.1f} {lv.p50_ms:>8.1f}"
               f" {lv.p95_ms:>8.1f} {lv.p99_ms:>8.1f} {s.get('encode', 0):>6.1f} {s.get('retrieve', 0):>6.1f}"
-              f" {s.get('rerank', 0):>7.1f} {f'{lv.replicas_max}/{lv.target_max}':>8}")
+              f" {s.get('rerank', 0):>7.1f} {f'{lv.replicas_max}/{lv.target_max}':>8}  {lv.label}")
     timeline = report.replica_timeline
     print(f"re-ranker replicas: before load {report.replicas_before}, during load max running "
           f"{max((r[1] for r in timeline), default=0)} / max target {max((r[2] for r in timeline), default=0)}, "
@@ -265,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10, help="results per query")
     parser.add_argument("--seconds", type=float, default=None, help="per level (default 10; 3 with --quick)")
     parser.add_argument("--max-replicas", type=int, default=3, help="re-ranker autoscaling ceiling")
+    parser.add_argument("--sustain", type=float, default=None,
+                        help="final level at the heaviest setting, seconds (default 60; 30 with --quick)")
     parser.add_argument("--cooldown", type=float, default=None, help="seconds idle before the last replica count")
     parser.add_argument("--workdir", default=None, help="artifact directory (kept; reused when present)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/serve_bench[_quick].json)")
@@ -274,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     images = ns.images or (500 if ns.quick else 10_000)
     seconds = ns.seconds or (3.0 if ns.quick else 10.0)
+    sustain = ns.sustain if ns.sustain is not None else (30.0 if ns.quick else 60.0)
     cooldown = ns.cooldown if ns.cooldown is not None else (15.0 if ns.quick else 40.0)
     for key, value in {**FAST_METRICS_ENV, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                        "HF_HUB_OFFLINE": "1"}.items():
@@ -304,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(
         config={"images": images, "preset": ns.preset, "shards": ns.shards, "k": ns.k, "seconds_per_level": seconds,
                 "reranker": reranker, "cpus": cpus, "machine": f"{platform.machine()} {platform.system()}",
-                "load_avg_at_start": list(os.getloadavg()), "quick": ns.quick, "cooldown_s": cooldown},
+                "load_avg_at_start": list(os.getloadavg()), "quick": ns.quick, "cooldown_s": cooldown,
+                "sustain_s": sustain},
         build_s={k: round(v, 1) for k, v in build_s.items()},
         replicas_before=running_replicas(), replicas_after_load=0, replicas_after_cooldown=None,
     )
@@ -314,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
                 level = measure(url, queries, rerank, concurrency, seconds, ns.k, watcher)
                 logger.info("level %s", level)
                 report.levels.append(level)
+        if sustain > 0:  # long enough for new replicas to load their models and take traffic
+            level = measure(url, queries, max(ns.rerank), max(ns.concurrency), sustain, ns.k, watcher)
+            level.label = f"sustained {sustain:.0f} s"
+            logger.info("sustained level %s", level)
+            report.levels.append(level)
         report.replicas_after_load = running_replicas()
         time.sleep(cooldown)
         report.replicas_after_cooldown = running_replicas()

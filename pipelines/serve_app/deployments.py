@@ -95,10 +95,9 @@ class TextEncoder:
 
     def __init__(self, args: ServeArgs, torch_threads: int = 1) -> None:
         from thinkfast import FastModel
-
-        _set_threads(torch_threads)
         from thinkfast.index.manifest import read_manifest
 
+        _set_threads(torch_threads)
         self.model = FastModel.from_pretrained(args.fast).eval()
         self.identity = self.model.identity
         manifest = read_manifest(args.index, args.s3_endpoint)
@@ -134,11 +133,12 @@ class TextEncoder:
 class Retriever:
     """One index shard. Concurrent queries are searched as one (n, d) FAISS batch."""
 
-    def __init__(self, args: ServeArgs, shard: int, expected_model_identity: str | None = None) -> None:
+    def __init__(self, args: ServeArgs, shard: int) -> None:
         from thinkfast import ShardedIndex
 
         self.shard = shard
-        self.index = ShardedIndex.load(args.index, shards=[shard], expected_model_identity=expected_model_identity)
+        # only this shard is fetched / memory-mapped; the model identity is checked by TextEncoder
+        self.index = ShardedIndex.load(args.index, shards=[shard], s3_endpoint=args.s3_endpoint)
         self.nprobe = args.nprobe
         logger.info("retriever for shard %d of %s ready", shard, args.index)
 
