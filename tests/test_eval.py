@@ -118,3 +118,57 @@ def test_cli_prints_table_and_rejects_bad_input(artifacts, tmp_path, capsys):
     assert cli_main(["eval", "--corpus", artifacts["corpus"], "--fast", str(tmp_path)]) == 2
     assert cli_main(["eval", "--corpus", artifacts["corpus"], "--fast", artifacts["fast"], "--split", "nosuch"]) == 2
     assert "no rows in split" in capsys.readouterr().err
+
+
+def test_video_corpus_fast_pools_frames_slow_sees_frame_tokens(tmp_path):
+    from thinkfast import FastModel, SlowModel
+    from thinkfast.data.reader import read_table
+    from thinkfast.data.synth import SynthConfig, write_synth
+    from thinkfast.data.tokenizer import WordTokenizer
+
+    corpus = str(tmp_path / "clips")
+    write_synth(corpus, SynthConfig(num_images=16, captions_per_image=2, image_size=32, video=True, num_frames=4,
+                                    test_fraction=0.5, seed=1))
+    captions = [c for caps in read_table(corpus, columns=["captions"]).column("captions").to_pylist() for c in caps]
+    tokenizer = WordTokenizer.build(captions)
+    fast = FastModel.from_preset("tiny", tokenizer=tokenizer)
+    slow = SlowModel.from_preset("tiny", tokenizer=tokenizer)
+    report = ev.evaluate(corpus, fast, slow, rerank=[2], num_frames=3)
+    assert report["video"] and report["num_frames"] == 3
+    assert [m["method"] for m in report["methods"]] == ["fast", "slow", "fast+slow rerank@2"]
+    gallery = ev.load_gallery(corpus, "test", num_frames=3)
+    tokens = ev.slow_tokens(slow, gallery)
+    assert tokens.shape[:2] == (len(gallery.keys), slow.num_visual_tokens(num_frames=3))  # tokens of every frame
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_accuracy_experiment_tiny_produces_complete_table(ray_session, tmp_path):
+    """benchmarks/accuracy.py's code path (real training through pipelines.train) on a tiny
+    corpus: every row and claim of the table is there. Values are measured, not asserted."""
+    import dataclasses
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "accuracy.py"
+    spec = importlib.util.spec_from_file_location("thinkfast_bench_accuracy", path)
+    acc = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = acc
+    spec.loader.exec_module(acc)
+    cfg = dataclasses.replace(acc.QUICK, images=60, betas=(0.0, 1.0))
+    result = acc.run_experiment(cfg, str(tmp_path / "work"), video=False, plots_prefix=tmp_path / "acc",
+                                out=tmp_path / "acc.json")
+    methods = [r["method"] for r in result["images"]["rows"]]
+    assert methods[0] == "fast (NCE)" and methods[1].startswith("slow exhaustive, fine")
+    assert methods[2].startswith("slow exhaustive, coarse") and methods[3] == "fast distilled"
+    assert methods[4:] == [f"fast distilled+slow rerank@{k}" for k in cfg.rerank]
+    for row in result["images"]["rows"]:
+        assert METRIC_KEYS <= set(row) and row["queries"] == result["images"]["num_queries"]
+    assert [c["claim"] for c in result["claims"]][:3] == ["slow beats fast", "fine-grained beats coarse",
+                                                          "distillation improves fast"]
+    assert len(result["claims"]) == 4 and all(isinstance(c["held"], bool) for c in result["claims"])
+    assert result["images"]["beta"] in cfg.betas
+    assert all(Path(p).stat().st_size > 0 for p in result["plots"]) and len(result["plots"]) == 2
+    assert "| claim | held? |" in acc.markdown(result)
+    assert json.loads((tmp_path / "acc.json").read_text())["claims"] == result["claims"]
