@@ -50,7 +50,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
-            # PIL warns (not raises) between MAX_IMAGE_PIXELS and 2x; make that an error too
+            # PIL warns (not raises) between MAX_IMAGE_PIXELS and 2x; make that an error too.
+            # (catch_warnings swaps process-global filters: fine for Ray's one-task-per-process
+            # decoding; a caller decoding from many threads at once may see the filter leak.)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(bytes(data)))
             width, height = img.size
