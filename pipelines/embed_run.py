@@ -9,8 +9,9 @@ for the layout, the memory bound and the re-run policy.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from pipelines.embed import MANIFEST, MANIFEST_FORMAT, OUTPUT_DIRS, EmbedConfig, EmbedError, _config_dict, _now
 from thinkfast.utils import fs
@@ -107,14 +108,23 @@ def _check_out_not_inside_corpus(corpus_files: tuple[str, ...], out: str) -> Non
 # --------------------------------------------------------------------------- Ray Data
 
 
-def _configure_data_context(config: EmbedConfig) -> None:
+@contextmanager
+def _data_context(config: EmbedConfig) -> Iterator[None]:
+    """Progress bars and the object-store cap for this job only: the DataContext is
+    process-wide, so the previous values come back afterwards (the demo and tests run
+    several jobs in one driver)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.execution_options.resource_limits)
     ctx.enable_progress_bars = config.progress
     if config.object_store_limit_mb:
         limits = ctx.execution_options.resource_limits
         ctx.execution_options.resource_limits = limits.copy(object_store_memory=config.object_store_limit_mb * 1024**2)
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.execution_options.resource_limits = saved
 
 
 def _actor_resources(config: EmbedConfig) -> dict[str, float]:
@@ -230,8 +240,24 @@ def run_embed(
         removed = clear_outputs(out, endpoint)
     with timer.stage("ray_init"):
         init_ray(address=address)
-        _configure_data_context(config)
+    with _data_context(config):
+        counts, token_manifest, steady = _run_streams(corpus, models, out, config, timer, fast=fast,
+                                                      media=media, texts=texts, expected=expected)
 
+    manifest = _manifest(corpus, models, counts, config, media=media, texts=texts, has_tokens=token_manifest is not None)
+    manifest["replaced_previous"] = removed
+    manifest["media_steady_rows_per_s"] = None if steady is None else round(steady, 2)
+    _check_counts(manifest, token_manifest, out, endpoint, timer)
+    with timer.stage("manifest"):
+        manifest["timings_s"] = timer.as_dict()
+        fs.write_json(fs.join(out, MANIFEST), manifest, endpoint)
+    logger.info("embed done: %s", counts)
+    return manifest
+
+
+def _run_streams(corpus: CorpusInfo, models: ModelInfo, out: str, config: EmbedConfig, timer: StageTimer, *,
+                 fast: str | None, media: bool, texts: bool, expected: int) -> tuple[dict[str, Any], dict | None, float | None]:
+    """The media stream, the token store's index, then the caption stream; their counts."""
     counts: dict[str, Any] = {"in": expected}
     token_manifest = None
     steady = None
@@ -248,21 +274,12 @@ def run_embed(
             from thinkfast.store import finalize_token_store
 
             with timer.stage("finalize_tokens"):
-                token_manifest = finalize_token_store(fs.join(out, "tokens"), endpoint)
+                token_manifest = finalize_token_store(fs.join(out, "tokens"), config.s3_endpoint)
     if texts:
         with timer.stage("embed_texts"):
             result = run_text_stream(corpus, fast, out, config)
         counts.update(texts=int(result.get("texts", 0)), texts_skipped_blank=int(result.get("texts_skipped_blank", 0)))
-
-    manifest = _manifest(corpus, models, counts, config, media=media, texts=texts, has_tokens=token_manifest is not None)
-    manifest["replaced_previous"] = removed
-    manifest["media_steady_rows_per_s"] = None if steady is None else round(steady, 2)
-    _check_counts(manifest, token_manifest, out, endpoint, timer)
-    with timer.stage("manifest"):
-        manifest["timings_s"] = timer.as_dict()
-        fs.write_json(fs.join(out, MANIFEST), manifest, endpoint)
-    logger.info("embed done: %s", counts)
-    return manifest
+    return counts, token_manifest, steady
 
 
 def _manifest(corpus: CorpusInfo, models: ModelInfo, counts: dict[str, Any], config: EmbedConfig, *,
