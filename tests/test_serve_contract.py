@@ -218,3 +218,21 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys) -> None:
     assert len(err) == 1 and err[0].startswith("thinkfast serve: error: --fast:")
     assert main(["search", "a red circle", "--url", f"http://127.0.0.1:{free_port()}"]) == 2  # nothing listens there
     assert "no search service reachable" in capsys.readouterr().err
+
+
+def test_catalog_on_s3_video_corpus_serves_first_frames(s3_bucket) -> None:
+    """Corpus on S3 (moto on loopback), media = mp4 clips: /media answers a PNG poster frame."""
+    from PIL import Image
+
+    from pipelines.serve_app.catalog import CorpusCatalog
+    from thinkfast.data.synth import SynthConfig, write_synth
+
+    corpus = f"{s3_bucket}/corpus"
+    write_synth(corpus, SynthConfig(num_images=3, captions_per_image=2, image_size=32, video=True, num_frames=4), workers=1)
+    cat = CorpusCatalog.open(corpus)
+    assert len(cat) == 3 and cat.media_column == "mp4"
+    key = cat.keys()[0]
+    blob = cat.media(key)
+    assert blob.content_type == "image/png"
+    assert Image.open(io.BytesIO(blob.data)).size == (32, 32)
+    assert cat.captions([key])[0]

@@ -160,6 +160,10 @@ class CorpusCatalog:
     def __contains__(self, key: object) -> bool:
         return key in self._position
 
+    def keys(self) -> list[str]:
+        """Every key of the corpus, in file / row order."""
+        return list(self._position)
+
     def captions(self, keys: list[str]) -> list[str]:
         """First caption of each key ("" for keys the corpus lacks: results never drop)."""
         out = []
