@@ -411,3 +411,37 @@ def test_explode_captions_one_row_per_caption_blank_kept_as_null():
     ]
     single = explode_captions(pa.table({"key": ["a"], "caption": ["hello"]}), caption_column="caption")
     assert single.to_pylist() == [{"key": "a", "caption_index": 0, "caption": "hello"}]
+
+
+def test_sink_splits_a_bundle_and_a_retried_write_replaces_its_files(tmp_path):
+    """A write task that Ray retries with the same bundle must not add a second copy."""
+    from ray.data.datasource import WriteResult
+
+    from pipelines.embed_sink import EmbeddingSink
+    from pipelines.embed_stages import _fixed_size_list
+    from thinkfast.store import TokenStore, finalize_token_store, read_embeddings
+
+    dim, t, d = 4, 3, 2
+    tokens = np.arange(2 * t * d, dtype=np.float16).reshape(2, t, d)
+    bundle = pa.table({
+        "key": ["a", "b", "c"],
+        "stage": [None, None, "decode"],
+        "reason": [None, None, "corrupt"],
+        "detail": [None, None, "junk"],
+        "embedding": _fixed_size_list([np.ones(dim, np.float32), np.full(dim, 2, np.float32), None], dim),
+        "tokens": pa.array([tokens[0].tobytes(), tokens[1].tobytes(), None], pa.large_binary()),
+        "token_shape": pa.array([[t, d], [t, d], None], pa.list_(pa.int32())),
+    })
+    out = str(tmp_path / "emb")
+    sink = EmbeddingSink(out, rows_per_write=8)
+    returns = [sink.write([bundle], ctx=None), sink.write([bundle], ctx=None)]  # the retry
+    sink.on_write_complete(WriteResult(num_rows=6, size_bytes=0, write_returns=returns))
+    assert sink.result["embedded"] == 4 and sink.result["rejected:decode:corrupt"] == 2  # counted per call
+
+    keys, vectors = read_embeddings(out)  # raises on duplicate keys
+    assert keys == ["a", "b"] and vectors.tolist() == [[1.0] * dim, [2.0] * dim]
+    assert _read_dir(os.path.join(out, "rejected")).to_pylist() == [
+        {"key": "c", "stage": "decode", "reason": "corrupt", "detail": "junk"}]
+    manifest = finalize_token_store(os.path.join(out, "tokens"))
+    assert manifest["count"] == 2 and manifest["duplicates_dropped"] == 0
+    np.testing.assert_array_equal(TokenStore.open(out).get(["b", "a"]), tokens[::-1])
