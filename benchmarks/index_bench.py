@@ -219,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for the workers")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--workdir", default=None, help="scratch dir (default: a temp dir, deleted)")
+    parser.add_argument(
+        "--keep-existing", action="store_true",
+        help="keep the records already in --out for configurations this run does not repeat (a long run in parts)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sizes = [QUICK_SIZE] if args.quick else args.sizes
@@ -238,6 +242,15 @@ def main(argv: list[str] | None = None) -> int:
         "dim": args.dim,
         "records": [],
     }
+    if args.keep_existing and out.exists():
+        previous = json.loads(out.read_text())
+        report["records"] = [
+            r for r in previous.get("records", []) if not (r["n"] in sizes and r["kind"] in args.kinds)
+        ]
+        # the earlier runs' machine / argv, so every kept record still has its context
+        report["previous_runs"] = previous.get("previous_runs", []) + [
+            {k: v for k, v in previous.items() if k not in ("records", "previous_runs")}
+        ]
     try:
         for n in sizes:
             paths = prepare_size(n, args.dim, args.queries, work)
