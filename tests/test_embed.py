@@ -206,14 +206,14 @@ def test_salted_local_corpus_then_rerun(ray_session, models, tmp_path):
         expected = fast_model.encode_text(enc["input_ids"], enc["attention_mask"]).numpy()
     np.testing.assert_allclose(np.stack([r["embedding"] for r in sample]), expected, atol=1e-5, rtol=0)
 
-    # re-run into the same --out, fast only: replaced, not appended; tokens/ and texts/ gone
-    again = embed(corpus, out, fast=fast_dir, config=config)
+    # re-run into the same --out, slow only: replaced, not appended; fast/ and texts/ gone
+    again = embed(corpus, out, slow=slow_dir, config=config)
     assert sorted(again["replaced_previous"]) == sorted(["manifest.json", "fast", "tokens", "rejected", "texts"])
-    fast2 = _read_dir(os.path.join(out, "fast"))
-    assert sorted(fast2.column("key").to_pylist()) == sorted(fast_keys)
+    assert sorted(TokenStore.open(out).keys()) == sorted(fast_keys)
     assert _read_dir(os.path.join(out, "rejected")).num_rows == counts["rejected"]
-    assert not os.path.exists(os.path.join(out, "tokens")) and not os.path.exists(os.path.join(out, "texts"))
-    assert again["models"]["slow"] is None and again["outputs"]["tokens"] is None
+    assert not os.path.exists(os.path.join(out, "fast")) and not os.path.exists(os.path.join(out, "texts"))
+    assert again["counts"]["embedded"] == counts["embedded"]
+    assert again["models"]["fast"] is None and again["outputs"]["fast"] is None and again["outputs"]["tokens"] == "tokens"
 
 
 @pytest.mark.ray
@@ -392,11 +392,22 @@ def test_embed_actor_rejects_non_finite_rows_only(models):
          "pixel_shape": [list(good.shape), list(nan.shape), None]},
         schema=DECODED_SCHEMA,
     )
-    out = EmbedActor(models[0], models[1], threads=1)(batch).to_pylist()
-    assert [(r["key"], r["stage"], r["reason"]) for r in out] == [
-        ("g", None, None), ("n", "embed", "non_finite"), ("r", "decode", "corrupt")]
-    assert out[0]["embedding"] is not None and out[0]["tokens"] is not None
-    assert out[1]["embedding"] is None and out[1]["tokens"] is None
+    expected = [("g", None, None), ("n", "embed", "non_finite"), ("r", "decode", "corrupt")]
+    both = EmbedActor(models[0], models[1], threads=1)(batch)
+    assert [(r["key"], r["stage"], r["reason"]) for r in both.to_pylist()] == expected
+    rows = both.to_pylist()
+    assert rows[0]["embedding"] is not None and rows[0]["tokens"] is not None
+    assert rows[1]["embedding"] is None and rows[1]["tokens"] is None
+
+    # fast only / slow only: the same statuses, only that model's column, same values
+    fast_only = EmbedActor(models[0], None, threads=1)(batch)
+    slow_only = EmbedActor(None, models[1], threads=1)(batch)
+    assert fast_only.column_names == ["key", "stage", "reason", "detail", "embedding"]
+    assert slow_only.column_names == ["key", "stage", "reason", "detail", "tokens", "token_shape"]
+    for table in (fast_only, slow_only):
+        assert [(r["key"], r["stage"], r["reason"]) for r in table.to_pylist()] == expected
+    assert fast_only.column("embedding").to_pylist() == both.column("embedding").to_pylist()
+    assert slow_only.column("tokens").to_pylist() == both.column("tokens").to_pylist()
 
 
 def test_explode_captions_one_row_per_caption_blank_kept_as_null():
