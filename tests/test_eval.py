@@ -96,15 +96,21 @@ def test_embeddings_and_index_match_in_process(artifacts, ray_session):
     idx = str(artifacts["root"] / "index")
     embed(artifacts["corpus"], emb, artifacts["fast"], artifacts["slow"])
     build_index(emb, idx, shards=2)
-    local = ev.evaluate(artifacts["corpus"], artifacts["fast"], artifacts["slow"], rerank=[5])
-    stored = ev.evaluate(artifacts["corpus"], artifacts["fast"], artifacts["slow"], rerank=[5], embeddings=emb, index=idx)
-    assert stored["gallery_size"] == local["gallery_size"] and stored["rejected_count"] == 0
+    # over every split the gallery is exactly what the index holds: same candidates, same numbers
+    common = {"split": None, "rerank": [5], "max_queries": 40}
+    local = ev.evaluate(artifacts["corpus"], artifacts["fast"], artifacts["slow"], **common)
+    stored = ev.evaluate(artifacts["corpus"], artifacts["fast"], artifacts["slow"], embeddings=emb, index=idx, **common)
+    assert stored["gallery_size"] == local["gallery_size"] == 60 and stored["rejected_count"] == 0
+    assert stored["methods"][-1]["foreign_candidates"] == 0
     for a, b in zip(local["methods"], stored["methods"]):
         assert a["method"] == b["method"]
-        for key in ("R@1", "R@5", "R@10"):  # fp16 tokens and ANN may flip a near-tie, not more
-            assert math.isclose(a[key], b[key], abs_tol=100.0 * 2 / local["num_queries"]), (a, b)
-    # the index covers every split: candidates from other splits are counted, never silently used
-    assert stored["methods"][-1]["foreign_candidates"] >= 0
+        for key in ("R@1", "R@5", "R@10"):  # fp16 tokens may flip one near-tie, not more
+            assert math.isclose(a[key], b[key], abs_tol=100.0 / 40 + 1e-6), (a, b)
+    # on the test split the index (built over every split) also returns other splits' keys:
+    # they are counted, never silently ranked
+    test_only = ev.evaluate(artifacts["corpus"], artifacts["fast"], artifacts["slow"], embeddings=emb, index=idx,
+                            rerank=[5], exhaustive=False)
+    assert test_only["methods"][-1]["foreign_candidates"] > 0
 
 
 def test_cli_prints_table_and_rejects_bad_input(artifacts, tmp_path, capsys):
