@@ -42,7 +42,12 @@ def search(query: str, url: str = "http://127.0.0.1:8000", k: int = 10, rerank: 
 def _detail(data: Any) -> str:
     detail = data.get("detail") if isinstance(data, dict) else data
     if isinstance(detail, list):
-        return "; ".join(".".join(map(str, d.get("loc", []))) + ": " + str(d.get("msg", "")) for d in detail)
+        parts = []
+        for item in detail:
+            where = ".".join(map(str, item.get("loc", []))) if isinstance(item, dict) else ""
+            msg = str(item.get("msg", "")) if isinstance(item, dict) else str(item)
+            parts.append(f"{where}: {msg}" if where else msg)
+        return "; ".join(parts)
     return str(detail)
 
 

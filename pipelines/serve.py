@@ -134,12 +134,27 @@ def serve(
     logger.info("search service %r up in %.1f s at %s", name, time.perf_counter() - started, url)
     if blocking:
         print(f"thinkfast serve: listening on {url}/  (Ctrl-C to stop)", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            ray_serve.delete(name)
+        _wait_for_stop()
+        logger.info("stopping: deleting app %r", name)
+        ray_serve.delete(name)
     return url
+
+
+def _wait_for_stop() -> None:
+    """Block until Ctrl-C or SIGTERM (what Kubernetes and process managers send), so both
+    take the same clean path: the app is deleted and a local Ray shuts down at exit."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _one_line(exc: BaseException) -> str:
