@@ -286,3 +286,21 @@ def test_cli(tmp_path, capsys):
     assert read_table(out).num_rows == 5
     assert cli_main(["synth", "--out", out, "--images", "5", "--image-size", "33", "--overwrite"]) == 2
     assert "--image-size" in capsys.readouterr().err
+
+
+def test_plan_fractions_splits_and_shards():
+    from thinkfast.data.synth import shard_groups
+
+    cfg = SynthConfig(num_images=2000, hard_pair_fraction=0.4, val_fraction=0.1, test_fraction=0.2, seed=2)
+    groups = plan_groups(cfg)
+    assert sum(g.size for g in groups) == 2000 and [g.first for g in groups] == sorted(g.first for g in groups)
+    paired = sum(g.size for g in groups if g.size == 2) / 2000
+    assert 0.35 < paired < 0.45
+    share = Counter()
+    for g in groups:
+        share[g.split] += 1
+    assert abs(share["test"] / len(groups) - 0.2) < 0.01 and abs(share["val"] / len(groups) - 0.1) < 0.01
+    shards = shard_groups(groups, 300)
+    assert all(sum(g.size for g in s) <= 301 for s in shards) and sum(len(s) for s in shards) == len(groups)
+    tiny = plan_groups(SynthConfig(num_images=3, hard_pair_fraction=0.0))
+    assert sorted(g.split for g in tiny) == ["test", "train", "val"]  # every split, even at 3 rows
