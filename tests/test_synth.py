@@ -29,8 +29,8 @@ POS = {"top left": ("top", "left"), "top right": ("top", "right"), "bottom left"
        "bottom right": ("bottom", "right"), "the top": ("top", "centre"), "the bottom": ("bottom", "centre"),
        "the centre": ("middle", "centre"), "the middle": ("middle", "centre"),
        "the left": ("middle", "left"), "the right": ("middle", "right")}
-MOTION = re.compile(r"(?:moves|is moving|moving|slides|goes) (to the right|to the left|rightwards|leftwards|"
-                    r"right|left|upwards|downwards|up|down)\b")
+DIRS = r"(to the right|to the left|rightwards|leftwards|right|left|upwards|downwards|up|down)"
+MOTION = re.compile(rf"(?:first moves|moves|is moving|moving|slides|goes) {DIRS}(?:,? (?:and )?then {DIRS})?\b")
 
 
 # ----------------------------------------------------------------------------- our own checker
@@ -52,14 +52,19 @@ def grid_cell(o: dict, size: int) -> tuple[str, str]:
     return ("top", "middle", "bottom")[min(int(3 * y / size), 2)], ("left", "centre", "right")[min(int(3 * x / size), 2)]
 
 
-def direction(o: dict) -> str | None:
-    (x0, y0), (x1, y1) = o["track"][0], o["track"][-1]
-    dx, dy = x1 - x0, y1 - y0
-    if abs(dx) >= 2 * abs(dy) and dx:
-        return "right" if dx > 0 else "left"
-    if abs(dy) >= 2 * abs(dx) and dy:
-        return "down" if dy > 0 else "up"
-    return None
+def path(o: dict) -> tuple[str, ...]:
+    """Directions of the frame-to-frame steps (2:1 dominance), repeats merged."""
+    out: list[str] = []
+    for (x0, y0), (x1, y1) in zip(o.get("track", []), o.get("track", [])[1:]):
+        dx, dy = x1 - x0, y1 - y0
+        d = None
+        if abs(dx) >= 2 * abs(dy) and dx:
+            d = "right" if dx > 0 else "left"
+        elif abs(dy) >= 2 * abs(dx) and dy:
+            d = "down" if dy > 0 else "up"
+        if d and (not out or out[-1] != d):
+            out.append(d)
+    return tuple(out)
 
 
 def caption_true(caption: str, scene: dict) -> bool:
@@ -80,9 +85,9 @@ def caption_true(caption: str, scene: dict) -> bool:
         if motion is None:
             return False
         mover = find(scene, [d for s, e, d in nps if s < motion.start()][-1])
-        word = motion.group(1)
-        want = next(d for d in ("right", "left", "up", "down") if d in word)
-        if direction(mover) != want:
+        words = [w for w in motion.groups() if w]
+        said = tuple(next(d for d in ("right", "left", "up", "down") if d in w) for w in words)
+        if path(mover) != said:  # the words' order must be the order in time
             return False
         others = [find(scene, d) for _, _, d in nps if d != (mover["size"], mover["colour"], mover["shape"])]
         for other in others:
@@ -128,7 +133,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def clips():
-    cfg = SynthConfig(num_images=16, seed=5, video=True, num_frames=6, hard_pair_fraction=0.8, captions_per_image=4)
+    cfg = SynthConfig(num_images=20, seed=5, video=True, num_frames=6, hard_pair_fraction=0.8, captions_per_image=4)
     return cfg, generate_table(cfg, plan_groups(cfg))
 
 
@@ -242,9 +247,16 @@ def test_video_clips_motion_captions_and_time_reversal(clips):
         for o in scene["objects"]:
             assert colour_at(first, o["track"][0]) == o["colour"], key
             assert colour_at(last, o["track"][-1]) == o["colour"], key
-        assert sum(direction(o) is not None for o in scene["objects"]) == 1
+        assert sum(bool(path(o)) for o in scene["objects"]) == 1
         for caption in row["captions"]:
             assert caption_true(caption, scene), (key, caption)
+    turning = [r for r in rows.values() if any(len(path(o)) == 2 for o in r["scene"]["objects"])]
+    assert turning, "no clip with a turn"
+    for row in turning:  # the same two direction words in the other order are false
+        for caption in row["captions"]:
+            m = MOTION.search(caption)
+            swapped = caption[: m.start(1)] + m.group(2) + caption[m.end(1): m.start(2)] + m.group(1) + caption[m.end(2):]
+            assert not caption_true(swapped, row["scene"]), swapped
     pairs = hard_pairs(table)
     assert "time_reverse" in {k for _, _, k in pairs}
     for a, b, kind in pairs:

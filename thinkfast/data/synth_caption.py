@@ -74,6 +74,8 @@ def fact_holds(fact: Fact, scene: Scene) -> bool:
                    for x in _objs(scene, a) for y in _objs(scene, b) if x is not y)
     if kind == "move":
         return any(o.motion == fact[2] for o in _objs(scene, fact[1]))
+    if kind == "path":
+        return any(o.path == tuple(fact[2]) for o in _objs(scene, fact[1]))
     if kind == "still":
         return any(len(set(o.track)) == 1 for o in _objs(scene, fact[1]))
     if kind in ("towards", "away"):
@@ -164,9 +166,37 @@ def _multi(scene: Scene, rng: np.random.Generator) -> list[tuple[str, tuple]]:
     return out
 
 
+def _turning(scene: Scene, mover: Obj) -> list[tuple[str, tuple]]:
+    """A move that turns: the order of the two direction words is the order in time."""
+    d1_key, d2_key = mover.path
+    path = ("path", mover.desc, mover.path)
+    tone = ("tone", scene.background.tone)
+    a = noun_phrase(mover.desc)
+    others = [o for o in scene.objects if o is not mover]
+    out = []
+    for k, d1 in enumerate(DIR_WORDS[d1_key]):
+        d2 = DIR_WORDS[d2_key][k % len(DIR_WORDS[d2_key])]
+        moves = [f"{a} moves {d1}, then {d2}", f"{a} moves {d1} and then {d2}",
+                 f"{a} first moves {d1}, then {d2}", f"{a} goes {d1}, then {d2}"]
+        if not others:
+            out += [(m, (path,)) for m in moves]
+            out += [(f"a video of {a} moving {d1}, then {d2}", (path,)),
+                    (f"{moves[0]} on a {tone[1]} background", (path, tone))]
+            continue
+        b = noun_phrase(others[0].desc)
+        still = ("still", others[0].desc)
+        out += [(f"{m} while {b} stays still", (path, still)) for m in moves[:2]]
+        out += [(f"{b} stays still while {moves[2]}", (path, still))]
+    return out
+
+
 def _video(scene: Scene) -> list[tuple[str, tuple]]:
-    mover = next((o for o in scene.objects if o.motion is not None), None)
+    mover = next((o for o in scene.objects if o.path), None)
     if mover is None:
+        return []
+    if len(mover.path) == 2:
+        return _turning(scene, mover)
+    if mover.motion is None:
         return []
     move = ("move", mover.desc, mover.motion)
     tone = ("tone", scene.background.tone)

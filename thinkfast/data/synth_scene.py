@@ -9,7 +9,8 @@ them against the stored scene:
   horizontal offset is at least twice the vertical one (likewise above / below); a
   diagonal pair has no relation and is never described with one.
 * ``cell(c)``: the 3x3 grid cell of a centre ("top left", "centre", ...).
-* ``motion``: the axis direction of a clip's straight-line movement.
+* ``path``: the axis directions a clip's mover takes, in order: ("right",) for a straight
+  move, ("right", "up") for a move that turns half-way (so word order = temporal order).
 
 Hard partners (``make_partner``) change exactly one thing: which colour goes with which
 shape (``colour_swap``, between two objects of equal area), where two objects are (``relation_flip``, the two swap places),
@@ -84,17 +85,20 @@ class Obj:
         return (self.size, self.colour, self.shape)
 
     @property
+    def path(self) -> tuple[str, ...]:
+        """Directions of the frame-to-frame steps, runs merged; () if it never moves."""
+        out: list[str] = []
+        for a, b in zip(self.track, self.track[1:]):
+            d = step_direction(a, b)
+            if d is not None and (not out or out[-1] != d):
+                out.append(d)
+        return tuple(out)
+
+    @property
     def motion(self) -> str | None:
-        """Axis direction of the movement, None if it does not move."""
-        (x0, y0), (x1, y1) = self.track[0], self.track[-1]
-        dx, dy = x1 - x0, y1 - y0
-        if max(abs(dx), abs(dy)) < 1e-6:
-            return None
-        if abs(dx) >= _DOMINANCE * abs(dy):
-            return "right" if dx > 0 else "left"
-        if abs(dy) >= _DOMINANCE * abs(dx):
-            return "down" if dy > 0 else "up"
-        return None
+        """The direction of a straight move; None if it stays still or turns."""
+        path = self.path
+        return path[0] if len(path) == 1 else None
 
     def to_json(self) -> dict:
         out = {"shape": self.shape, "colour": self.colour, "size": self.size,
@@ -102,7 +106,7 @@ class Obj:
                "centre": [round(self.centre[0], 3), round(self.centre[1], 3)]}
         if len(self.track) > 1:
             out["track"] = [[round(x, 3), round(y, 3)] for x, y in self.track]
-            out["motion"] = self.motion
+            out["path"] = list(self.path)
         return out
 
 
@@ -152,6 +156,18 @@ def relation(a: Point, b: Point) -> str | None:
         return "left of" if dx > 0 else "right of"
     if abs(dy) > 0 and abs(dy) >= _DOMINANCE * abs(dx):
         return "above" if dy > 0 else "below"  # y grows downwards
+    return None
+
+
+def step_direction(a: Point, b: Point) -> str | None:
+    """Axis direction of a move from ``a`` to ``b`` (2:1 dominance), None if still or diagonal."""
+    dx, dy = b[0] - a[0], b[1] - a[1]
+    if max(abs(dx), abs(dy)) < 1e-6:
+        return None
+    if abs(dx) >= _DOMINANCE * abs(dy):
+        return "right" if dx > 0 else "left"
+    if abs(dy) >= _DOMINANCE * abs(dx):
+        return "down" if dy > 0 else "up"
     return None
 
 
@@ -305,32 +321,60 @@ def _place_in_cell(rng: np.random.Generator, size: int, r: float) -> Point:
     return (size / 2, size / 2)
 
 
+_UNIT = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+_TURN_PROB = 0.4  # share of movers that turn half-way (needs >= 4 frames)
+
+
+def _mover_track(rng: np.random.Generator, size: int, r: float, num_frames: int) -> tuple[Point, ...] | None:
+    """Centres per frame of a straight move (small cross-axis drift) or of a move that turns
+    90 degrees at the middle frame; None if the sampled move leaves the image."""
+    start = (_uniform(rng, r + 1, size - r - 1), _uniform(rng, r + 1, size - r - 1))
+    first = _choice(rng, DIRECTIONS)
+    ux, uy = _UNIT[first]
+    if num_frames >= 4 and rng.random() < _TURN_PROB:
+        second = _choice(rng, ("up", "down") if first in ("left", "right") else ("left", "right"))
+        vx, vy = _UNIT[second]
+        d1, d2 = _uniform(rng, 0.25, 0.4) * size, _uniform(rng, 0.25, 0.4) * size
+        corner = (start[0] + ux * d1, start[1] + uy * d1)
+        end = (corner[0] + vx * d2, corner[1] + vy * d2)
+        k = num_frames // 2  # the turn happens exactly on frame k
+        track = [(start[0] + (corner[0] - start[0]) * t / k, start[1] + (corner[1] - start[1]) * t / k)
+                 for t in range(k)]
+        m = num_frames - 1 - k
+        track += [(corner[0] + (end[0] - corner[0]) * t / m, corner[1] + (end[1] - corner[1]) * t / m)
+                  for t in range(m + 1)]
+        points = (corner, end)
+    else:
+        dist = _uniform(rng, 0.3, 0.5) * size
+        drift = _uniform(rng, -0.1, 0.1) * dist  # cross-axis wobble, well under the 2:1 rule
+        end = (start[0] + ux * dist + uy * drift, start[1] + uy * dist + ux * drift)
+        track = [(start[0] + (end[0] - start[0]) * t / (num_frames - 1),
+                  start[1] + (end[1] - start[1]) * t / (num_frames - 1)) for t in range(num_frames)]
+        points = (end,)
+    if not all(_inside(p, r, size) for p in points):
+        return None
+    return tuple(track)
+
+
 def sample_video_scene(rng: np.random.Generator, size: int, num_objects: int, num_frames: int) -> Scene:
-    """One shape moving straight along an axis (left/right/up/down); with two objects the
-    second stays still, clear of the mover's path."""
+    """One shape moving along an axis (left/right/up/down), straight or turning once half-way;
+    with two objects the second stays still, clear of the mover's path."""
     gap = _gap(size)
     for _ in range(_MAX_TRIES):
         used: set[tuple[str, str]] = set()
         scales = _scales(rng, size)
         looks = [_sample_look(rng, scales, used) for _ in range(num_objects)]
         r = looks[0][3]
-        direction = _choice(rng, DIRECTIONS)
-        dist = _uniform(rng, 0.3, 0.5) * size
-        drift = _uniform(rng, -0.1, 0.1) * dist  # cross-axis wobble, well under the 2:1 rule
-        ux, uy = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}[direction]
-        start = (_uniform(rng, r + 1, size - r - 1), _uniform(rng, r + 1, size - r - 1))
-        end = (start[0] + ux * dist + uy * drift, start[1] + uy * dist + ux * drift)
-        if not _inside(end, r, size):
+        track = _mover_track(rng, size, r, num_frames)
+        if track is None:
             continue
-        track = tuple((start[0] + (end[0] - start[0]) * t / (num_frames - 1),
-                       start[1] + (end[1] - start[1]) * t / (num_frames - 1)) for t in range(num_frames))
         objects = [Obj(*looks[0][:5], rgb=looks[0][5], track=track)]
         ok = True
         for lk in looks[1:]:
             placed = None
             for _ in range(_MAX_TRIES):
                 c = (_uniform(rng, lk[3] + 1, size - lk[3] - 1), _uniform(rng, lk[3] + 1, size - lk[3] - 1))
-                clear = _segment_distance(c, start, end) >= r + lk[3] + gap
+                clear = all(_segment_distance(c, a, b) >= r + lk[3] + gap for a, b in zip(track, track[1:]))
                 if clear and all(math.dist(c, o.centre) >= o.radius + lk[3] + gap for o in objects[1:]):
                     placed = c
                     break
