@@ -59,6 +59,8 @@ _MIN_RADIUS = 3.0  # px: below this a triangle is a blob
 _DOMINANCE = 2.0  # a relation needs |main-axis offset| >= 2 x |cross-axis offset|
 _COLOUR_JITTER = 12  # +- per channel, so a colour is a region of RGB space, not one value
 _MAX_TRIES = 200
+_UNIT = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # y grows down
+_TURN_PROB = 0.4  # share of clip movers that turn half-way (needs >= 4 frames)
 
 Point = tuple[float, float]
 
@@ -283,7 +285,7 @@ def _place(rng: np.random.Generator, size: int, radii: list[float]) -> list[Poin
         direction = _choice(rng, DIRECTIONS)
         dist = _uniform(rng, ra + rb + gap, 0.8 * size)
         off = _uniform(rng, -0.4, 0.4) * dist
-        ux, uy = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+        ux, uy = _UNIT[direction]
         b = (a[0] + ux * dist + uy * off, a[1] + uy * dist + ux * off)
         if not _inside(b, rb, size) or not _apart([(a, ra), (b, rb)], gap) or relation(a, b) is None:
             continue
@@ -319,10 +321,6 @@ def _place_in_cell(rng: np.random.Generator, size: int, r: float) -> Point:
         if lo_x <= hi_x and lo_y <= hi_y:
             return (_uniform(rng, lo_x, hi_x), _uniform(rng, lo_y, hi_y))
     return (size / 2, size / 2)
-
-
-_UNIT = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
-_TURN_PROB = 0.4  # share of movers that turn half-way (needs >= 4 frames)
 
 
 def _mover_track(rng: np.random.Generator, size: int, r: float, num_frames: int) -> tuple[Point, ...] | None:
