@@ -117,7 +117,7 @@ def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, 
     info = inspect_corpus(corpus)
     image_size = _image_size(objective, config, init)
     tokenizer = _tokenizer(objective, config, info, init)
-    datasets, rows_per_step, steps_per_epoch = _datasets(objective, config, info, image_size, teacher_scores,
+    datasets, rows_per_step, images_per_row, steps_per_epoch = _datasets(objective, config, info, image_size, teacher_scores,
                                                          hard_negatives, embeddings)
     storage = storage or f"{out.rstrip('/')}-checkpoints"
     name = _run_name(objective, storage, resume, run_name)
@@ -130,6 +130,7 @@ def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, 
         "teacher": teacher,
         "steps_per_epoch": steps_per_epoch,
         "rows_per_step": rows_per_step,
+        "images_per_row": images_per_row,
         "has_val": "val" in datasets,
     }
     trainer = TorchTrainer(
@@ -215,30 +216,32 @@ def _tokenizer(objective: str, config: TrainConfig, info: Any, init: str | None)
 
 
 def _datasets(objective: str, config: TrainConfig, info: Any, image_size: int, teacher_scores: str | None,
-              hard_negatives: str | None, embeddings: str | None) -> tuple[dict[str, Any], int, int]:
+              hard_negatives: str | None, embeddings: str | None) -> tuple[dict[str, Any], int, int, int]:
     """Train (split across workers) and val (whole, read by rank 0) datasets, the rows each
-    worker takes per step, and the steps per epoch (equal on every rank: DDP needs it)."""
+    worker takes per step, the images per row (1, or G for groups / teacher-score blocks),
+    and the steps per epoch (equal on every rank: DDP needs it)."""
     from pipelines.train_data import decoded_bytes_per_row, decoded_dataset, maybe_cache
 
     explode = config.caption_sampling == "all"
     val_rows = config.val_pool if objective == "slow" else config.val_images
+    row_bytes = decoded_bytes_per_row(info.is_video, image_size, config.num_frames)
     datasets: dict[str, Any] = {}
     if teacher_scores:
         from pipelines.teacher_scores import block_dataset
 
-        train, n_rows = block_dataset(teacher_scores, info, image_size, config.num_frames)
-        rows_per_step = 1
+        train, n_rows, images_per_row = block_dataset(teacher_scores, info, image_size, config.num_frames)
+        rows_per_step = 1  # one block (its B x B teacher matrix) per step
     elif hard_negatives:
         from pipelines.train_negatives import grouped_dataset
 
-        train, n_rows, group = grouped_dataset(info, hard_negatives, embeddings, config, image_size)
-        rows_per_step = max(1, config.batch_size // group)
+        train, n_rows, images_per_row = grouped_dataset(info, hard_negatives, embeddings, config, image_size)
+        rows_per_step = max(1, config.batch_size // images_per_row)
     else:
         train = decoded_dataset(info, "train", image_size, config.num_frames, explode, config.decode_batch_size)
         n_rows = len(info.train_captions) if explode else info.counts["train"]
+        images_per_row = 1
         rows_per_step = config.batch_size
-    row_bytes = decoded_bytes_per_row(info.is_video, image_size, config.num_frames)
-    datasets["train"] = maybe_cache(train, n_rows, row_bytes, config.cache_decoded and not teacher_scores, "train")
+    datasets["train"] = maybe_cache(train, n_rows, row_bytes * images_per_row, config.cache_decoded, "train")
     if val_rows and info.counts.get("val", 0):
         val = decoded_dataset(info, "val", image_size, config.num_frames, False, config.decode_batch_size)
         datasets["val"] = maybe_cache(val.limit(val_rows), val_rows, row_bytes, config.cache_decoded, "val")
@@ -248,7 +251,7 @@ def _datasets(objective: str, config: TrainConfig, info: Any, image_size: int, t
     if steps_per_epoch < 1:
         raise ThinkfastError(f"train split has {n_rows} rows: too few for {config.workers} workers x "
                              f"{rows_per_step} rows per step; lower --batch-size or --workers")
-    return datasets, rows_per_step, steps_per_epoch
+    return datasets, rows_per_step, images_per_row, steps_per_epoch
 
 
 def _run_name(objective: str, storage: str, resume: bool, run_name: str | None) -> str:
@@ -346,7 +349,7 @@ def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--teacher-scores", help="precomputed teacher scores (thinkfast.pipelines.teacher_scores)")
         parser.add_argument("--hard-negatives", help="fast index URI: build batches from index neighbours")
         parser.add_argument("--embeddings", help="embed output holding the index's vectors (with --hard-negatives)")
-        parser.add_argument("--group-size", dest="hard_negatives_group", type=int, default=None,
+        parser.add_argument("--group-size", type=int, default=None,
                             help="images per neighbour group with --hard-negatives (default 4)")
 
 
@@ -362,8 +365,7 @@ def run_for(name: str, args: argparse.Namespace) -> int:
     elif objective == "fast":
         result = train_fast(args.corpus, args.out, init=args.init, **common, **overrides)
     else:
-        if args.hard_negatives_group is not None:
-            overrides["hard_negatives"] = args.hard_negatives_group
+        overrides["group_size"] = args.group_size
         result = distill(args.corpus, args.out, args.teacher, teacher_scores=args.teacher_scores,
                          hard_negatives=args.hard_negatives, embeddings=args.embeddings, init=args.init,
                          **common, **overrides)

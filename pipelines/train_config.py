@@ -37,7 +37,7 @@ class TrainConfig:
     temperature: float = 0.05  # tau: fast-score temperature in NCE and in the student softmax
     alpha: float = 1.0  # distill: weight of L_distill in L_DE + alpha * L_distill
     teacher_temperature: float = 1.0  # distill: T, the teacher softmax temperature on h(x, y)
-    hard_negatives: int = 0  # distill: images per group mined from the fast index (0 = in-batch only)
+    group_size: int = 4  # distill --hard-negatives: images per index-neighbour group (each has G-1 hard negatives)
     workers: int = 2  # Ray Train workers (DDP ranks)
     cpus_per_worker: float = 1.0  # Ray CPUs reserved per worker (fractional is fine on small machines)
     use_gpu: bool = False  # one GPU per worker, nccl instead of gloo
@@ -65,7 +65,7 @@ class TrainConfig:
             "temperature": self.temperature > 0,
             "teacher_temperature": self.teacher_temperature > 0,
             "alpha": self.alpha >= 0,
-            "hard_negatives": self.hard_negatives >= 0,
+            "group_size": self.group_size >= 2,
             "workers": self.workers >= 1,
             "cpus_per_worker": self.cpus_per_worker > 0,
             "checkpoint_every_steps": self.checkpoint_every_steps >= 0,

@@ -25,7 +25,7 @@ from pipelines.train_state import (
     MODEL_DIR,
     LoopState,
     learning_rate,
-    load_optimizer,
+    load_optimizer_state,
     load_state,
     save_checkpoint,
 )
@@ -141,11 +141,13 @@ def _batches(config: TrainConfig, loop_config: dict[str, Any], epoch: int) -> It
 
     shard = ray.train.get_dataset_shard("train")
     rows_per_step = loop_config.get("rows_per_step", config.batch_size)
+    # the buffer is counted in images: grouped rows (G images each) need G times fewer
+    buffer = config.shuffle_buffer // max(1, int(loop_config.get("images_per_row", 1)))
     return shard.iter_batches(
         batch_size=rows_per_step,
         batch_format="numpy",
         drop_last=True,
-        local_shuffle_buffer_size=config.shuffle_buffer if rows_per_step > 1 and config.shuffle_buffer else None,
+        local_shuffle_buffer_size=buffer if buffer >= 2 else None,
         local_shuffle_seed=config.seed * 1000 + epoch if config.shuffle_buffer else None,
     )
 
@@ -167,18 +169,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     steps_per_epoch: int = loop_config["steps_per_epoch"]
     total_steps = steps_per_epoch * config.epochs
 
-    state = LoopState()
-    checkpoint = ray.train.get_checkpoint()
-    restored: str | None = None
-    ckpt_ctx = checkpoint.as_directory() if checkpoint else None
-    if ckpt_ctx is not None:
-        restored = ckpt_ctx.__enter__()
-        state, _ = load_state(restored)
-        logger.info("rank %d: resuming from checkpoint at step %d (epoch %d, %d steps into it)",
-                    rank, state.step, state.epoch, state.step_in_epoch)
+    state, model, optimizer_state = _restore_or_build(loop_config, rank)
     state.starts.append(state.step)
-
-    model = build_model(loop_config, restored)
     teacher = load_teacher(loop_config["teacher"]) if loop_config.get("teacher") else None
     objective = build_objective(objective_kind, model, teacher, config)
     objective = ray.train.torch.prepare_model(objective)
@@ -187,10 +179,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         teacher.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    if restored:
-        load_optimizer(restored, optimizer)
-    if ckpt_ctx is not None:
-        ckpt_ctx.__exit__(None, None, None)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
 
     validation = ValidationSet.collect(objective_kind, config, bool(loop_config.get("has_val"))) if rank == 0 else None
     extra = {"objective": objective_kind, "config": config.to_dict(), "steps_per_epoch": steps_per_epoch}
@@ -198,7 +188,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     while state.epoch < config.epochs:
         epoch = state.epoch
         model.train()
-        losses: list[float] = []
+        losses = state.epoch_losses  # non-empty only when resuming mid-epoch
         parts: dict[str, list[float]] = {}
         skip = state.step_in_epoch  # resumed mid-epoch: this pass only covers the rest
         started = time.perf_counter()
@@ -229,18 +219,35 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             **{f"train_{k}": float(np.mean(v)) for k, v in parts.items()},
             "epoch_seconds": round(time.perf_counter() - started, 3),
-            "steps_per_second": round(len(losses) / max(time.perf_counter() - started, 1e-9), 4),
+            "steps_per_second": round((state.step_in_epoch - skip) / max(time.perf_counter() - started, 1e-9), 4),
         }
         if validation is not None:
             model.eval()
             record.update(validation.evaluate(model, device))
         state.epoch += 1
         state.step_in_epoch = 0
+        state.epoch_losses = []
         state.history.append(record)
         if rank == 0:
             logger.info("epoch %d/%d: %s", epoch + 1, config.epochs, record)
         _report(rank, model, optimizer, state, extra, {"kind": "epoch", "rejected": len(state.rejected), **record})
     return {"history": state.history, "step": state.step, "starts": state.starts, "rejected": state.rejected}
+
+
+def _restore_or_build(loop_config: dict[str, Any], rank: int) -> tuple[LoopState, torch.nn.Module, dict | None]:
+    """From Ray Train's newest checkpoint when there is one (a restart, or --resume), else fresh."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return LoopState(), build_model(loop_config, None), None
+    with checkpoint.as_directory() as directory:
+        state, _ = load_state(directory)
+        model = build_model(loop_config, directory)
+        optimizer_state = load_optimizer_state(directory)
+    logger.info("rank %d: resuming from checkpoint at step %d (epoch %d, %d steps into it)",
+                rank, state.step, state.epoch, state.step_in_epoch)
+    return state, model, optimizer_state
 
 
 def _step(objective: torch.nn.Module, model: Any, optimizer: torch.optim.Optimizer, batch: PairBatch,

@@ -36,16 +36,19 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)  # one dict per finished epoch
     starts: list[int] = field(default_factory=list)  # the step each attempt started at (restarts show here)
     rejected: dict[str, str] = field(default_factory=dict)  # key -> reason of rows that failed to decode
+    epoch_losses: list[float] = field(default_factory=list)  # losses of the epoch in progress (a resumed epoch's mean covers all its steps)
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "history": self.history, "starts": self.starts, "rejected": self.rejected}
+                "history": self.history, "starts": self.starts, "rejected": self.rejected,
+                "epoch_losses": self.epoch_losses}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoopState":
         return cls(step=int(data["step"]), epoch=int(data["epoch"]), step_in_epoch=int(data["step_in_epoch"]),
                    history=list(data.get("history", [])), starts=[int(s) for s in data.get("starts", [])],
-                   rejected=dict(data.get("rejected", {})))
+                   rejected=dict(data.get("rejected", {})),
+                   epoch_losses=[float(x) for x in data.get("epoch_losses", [])])
 
 
 def save_checkpoint(directory: str, model: Any, optimizer: torch.optim.Optimizer, state: LoopState,
@@ -67,11 +70,11 @@ def load_state(directory: str) -> tuple[LoopState, dict[str, Any]]:
     return LoopState.from_dict(data), data
 
 
-def load_optimizer(directory: str, optimizer: torch.optim.Optimizer) -> None:
+def load_optimizer_state(directory: str) -> dict[str, Any]:
+    """The optimizer state dict of a checkpoint (tensors and numbers only: weights_only)."""
     path = os.path.join(directory, OPTIMIZER_FILE)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(payload["optimizer"])
+        return torch.load(path, map_location="cpu", weights_only=True)["optimizer"]
     except (OSError, KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"training checkpoint {directory}: unreadable {OPTIMIZER_FILE}: {exc}") from exc
 

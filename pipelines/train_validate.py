@@ -61,7 +61,7 @@ class ValidationSet:
                    answers=np.asarray(answers, dtype=np.int64))
 
     @torch.no_grad()
-    def fast_ranks(self, model: Any, device: torch.device) -> np.ndarray:
+    def fast_ranks(self, model: Any, device: torch.device) -> tuple[np.ndarray, float]:
         """Exact retrieval over every val image with the dual encoder's embeddings."""
         from thinkfast.metrics import ranks_from_scores
 
@@ -72,10 +72,10 @@ class ValidationSet:
             enc = model.tokenize(self.queries[i:i + EMBED_BATCH])
             texts.append(model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)))
         scores = (torch.cat(texts) @ images.t()).float().cpu().numpy()  # (Q, N)
-        return ranks_from_scores(scores, self.answers)
+        return ranks_from_scores(scores, self.answers), float(scores.astype(np.float64).sum())
 
     @torch.no_grad()
-    def slow_ranks(self, model: Any, device: torch.device) -> np.ndarray:
+    def slow_ranks(self, model: Any, device: torch.device) -> tuple[np.ndarray, float]:
         """Every query re-ranks the whole pool with ``thinkfast.rerank`` (beta = 0: h alone),
         the same code path eval and serve use, fed from tokens computed here."""
         from thinkfast.metrics import ranks_from_rankings
@@ -91,21 +91,25 @@ class ValidationSet:
         queries = [model.tokenize([q]) for q in self.queries]
         zeros = [0.0] * len(pool)
         hits = rerank_many(model, get_tokens, queries, [pool] * len(queries), [zeros] * len(queries), k=len(pool))
-        return ranks_from_rankings([[h.key for h in row] for row in hits], [str(a) for a in self.answers])
+        ranks = ranks_from_rankings([[h.key for h in row] for row in hits], [str(a) for a in self.answers])
+        return ranks, float(sum(h.slow_score for row in hits for h in row))
 
     def evaluate(self, model: Any, device: torch.device) -> dict[str, float]:
-        """``val_r1``, ``val_r5``, ``val_r10``, ``val_median_rank`` (thinkfast.metrics)."""
+        """``val_r1``, ``val_r5``, ``val_r10``, ``val_median_rank`` (thinkfast.metrics), and
+        ``val_score_sum``: the sum of every query-image score, a fingerprint that a reloaded
+        checkpoint must reproduce (order-independent, so any row order gives it)."""
         from thinkfast.metrics import retrieval_metrics
 
         was_training = model.training
         model.eval()
         try:
-            ranks = self.slow_ranks(model, device) if self.kind == "slow" else self.fast_ranks(model, device)
+            ranks, score_sum = self.slow_ranks(model, device) if self.kind == "slow" else self.fast_ranks(model, device)
         finally:
             model.train(was_training)
         metrics = retrieval_metrics(ranks)
         out = {f"val_r{k[2:]}": float(v) for k, v in metrics.items() if k.startswith("R@")}
         out["val_median_rank"] = float(metrics["median_rank"])
+        out["val_score_sum"] = score_sum
         out["val_queries"] = len(self.queries)
         out["val_images"] = len(self.pixels)
         return out

@@ -1,0 +1,302 @@
+"""Precompute the frozen teacher's distillation scores with a Ray Data batch job.
+
+The slow teacher is frozen, so ``h(x, y)`` is a pure function of the pair and can be
+computed once, by an actor pool, instead of inside every distillation step (where each
+step pays ``B^2`` decoder passes). What is precomputed is exactly what online distillation
+uses: the train split is shuffled into *blocks* of ``block_size`` images, one caption is
+sampled per image, and for each block the full ``(B, B)`` matrix ``h[i, j] = h(x_j, y_i)``
+is stored. ``distill --teacher-scores`` then trains on these blocks (one block = one step's
+batch, B_i = the block's images), with no teacher in the loop.
+
+Output (``out``): Parquet rows, one per block: ``block`` (int), ``round`` (int), ``keys`` /
+``captions`` / ``rejected`` (JSON lists), ``media`` (list of the members' encoded bytes or
+URLs, so the student decodes them at its own resolution without joining the corpus again),
+``scores`` (list<float32>, the B x B matrix row-major); plus ``manifest.json`` (teacher
+identity, block size, rounds, counts). Rows that fail to decode are kept in ``rejected``
+(key + reason) and left out of their block's matrix, never silently dropped. ``rounds > 1``
+stores that many independent shufflings (more distinct B_i per image; a distillation epoch
+then covers each image ``rounds`` times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from thinkfast.errors import CheckpointError, DecodeError, ThinkfastError
+from thinkfast.utils import fs
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TeacherScoresResult:
+    """What the job wrote (also in ``manifest.json``)."""
+
+    out: str  # output directory (local or s3://)
+    teacher: str  # the teacher model directory
+    teacher_identity: str  # SlowModel.identity of that teacher
+    blocks: int  # blocks written (rows of the output)
+    pairs: int  # scored (image, caption) pairs = sum of block sizes
+    rejected: int  # rows that failed to decode (listed per block)
+    block_size: int  # images per block (the last block of a round may be smaller)
+    rounds: int  # independent shufflings stored
+    media: str  # corpus media column the blocks carry (jpg | mp4 | url)
+    seconds: float  # wall time of the job
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _select_split(batch: pa.Table, columns: Any, split: str) -> pa.Table:
+    from pipelines.train_data import split_of_key
+
+    if columns.has_split:
+        keep = [s == split for s in batch.column("split").to_pylist()]
+    else:
+        keep = [split_of_key(str(k)) == split for k in batch.column(columns.key).to_pylist()]
+    return batch.filter(pa.array(keep, type=pa.bool_()))
+
+
+class TeacherBlockScorer:
+    """Ray Data actor: decodes one block of rows and scores all its (caption, image) pairs."""
+
+    def __init__(self, teacher: str, columns: Any, round_index: int, seed: int, num_frames: int,
+                 torch_threads: int) -> None:
+        import torch
+
+        from pipelines.train_loop import load_teacher
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.teacher = load_teacher(teacher)
+        self.columns = columns
+        self.round = round_index
+        self.seed = seed
+        self.num_frames = num_frames
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        import torch
+
+        from pipelines.train_objectives import teacher_score_matrix
+        from thinkfast.data.media import captions_of, load_pixels
+
+        cols = self.columns
+        keys, captions, media, pixels = [], [], [], []
+        rejected: list[list[str]] = []
+        for row in batch.to_pylist():
+            key = str(row[cols.key])
+            caps = captions_of(row, cols)
+            if not caps:
+                rejected.append([key, "no_caption: row has no non-empty caption"])
+                continue
+            try:
+                array = load_pixels(row, cols, self.teacher.config.image_size, self.num_frames)
+            except DecodeError as exc:
+                rejected.append([key, f"{exc.reason}: {exc.detail}"])
+                continue
+            rng = np.random.default_rng([self.seed, self.round, zlib.crc32(key.encode("utf-8"))])
+            keys.append(key)
+            captions.append([caps[int(rng.integers(len(caps)))]])
+            media.append(row[cols.media])
+            pixels.append(array)
+        if keys:
+            with torch.inference_mode():
+                scores = teacher_score_matrix(self.teacher, torch.stack(pixels), [c[0] for c in captions])
+            flat = scores.cpu().numpy().astype(np.float32).reshape(-1)
+        else:
+            flat = np.zeros(0, dtype=np.float32)
+        block_id = zlib.crc32(json.dumps(keys + [k for k, _ in rejected]).encode("utf-8"))
+        return {
+            "block": np.array([block_id], dtype=np.int64),
+            "round": np.array([self.round], dtype=np.int64),
+            "keys": np.array([json.dumps(keys)], dtype=object),
+            "captions": np.array([json.dumps(captions)], dtype=object),
+            "rejected": np.array([json.dumps(rejected)], dtype=object),
+            "media": _one_list(media),
+            "scores": _one_list(list(flat)),
+        }
+
+
+def _one_list(values: list[Any]) -> np.ndarray:
+    """A length-1 object column holding one list (Ray Data stores it as list<...>)."""
+    out = np.empty(1, dtype=object)
+    out[0] = values
+    return out
+
+
+def precompute_teacher_scores(corpus: str, teacher: str, out: str, *, block_size: int = 64, rounds: int = 1,
+                              seed: int = 0, num_frames: int = 4, actors: int = 1,
+                              cpus_per_actor: float = 1.0) -> TeacherScoresResult:
+    """Run the job; see the module docstring. ``block_size`` should equal the distillation
+    batch size (the blocks *are* its batches)."""
+    import ray
+    import ray.data
+
+    from pipelines.ray_utils import init_ray
+    from pipelines.train_data import inspect_corpus
+    from thinkfast.models.slow import SlowModel
+
+    if block_size < 2 or rounds < 1 or actors < 1:
+        raise ThinkfastError("need block_size >= 2, rounds >= 1 and actors >= 1")
+    if not fs.exists(fs.join(teacher, "config.json")):
+        raise CheckpointError(f"--teacher {teacher} is not a model directory (no config.json)")
+    started = time.perf_counter()
+    if not ray.is_initialized():
+        init_ray(num_cpus=None if os.environ.get("RAY_ADDRESS") else (os.cpu_count() or 1) + 2)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    identity = SlowModel.from_pretrained(teacher).identity
+    info = inspect_corpus(corpus)
+    columns = info.columns
+    threads = max(1, int(cpus_per_actor))
+    parts = []
+    for r in range(rounds):
+        ds = ray.data.read_parquet(list(info.files), columns=columns.read_columns())
+        ds = ds.map_batches(_select_split, batch_format="pyarrow", fn_kwargs={"columns": columns, "split": "train"})
+        ds = ds.random_shuffle(seed=seed + r)
+        parts.append(ds.map_batches(
+            TeacherBlockScorer,
+            batch_format="pyarrow",
+            batch_size=block_size,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus_per_actor,
+            fn_constructor_kwargs={"teacher": teacher, "columns": columns, "round_index": r, "seed": seed,
+                                   "num_frames": num_frames, "torch_threads": threads},
+        ))
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    ds = ds.materialize()
+    stats = ds.map_batches(_block_stats, batch_format="pyarrow").take_all()
+    ds.write_parquet(out)
+    result = TeacherScoresResult(
+        out=out, teacher=teacher, teacher_identity=identity, blocks=len(stats),
+        pairs=sum(s["pairs"] for s in stats), rejected=sum(s["rejected"] for s in stats),
+        block_size=block_size, rounds=rounds, media=columns.media, seconds=time.perf_counter() - started,
+    )
+    fs.write_json(fs.join(out, MANIFEST), result.to_dict())
+    logger.info("teacher scores: %d blocks, %d pairs, %d rejected rows in %.1f s -> %s",
+                result.blocks, result.pairs, result.rejected, result.seconds, out)
+    return result
+
+
+def _block_stats(batch: pa.Table) -> pa.Table:
+    keys = [len(json.loads(k)) for k in batch.column("keys").to_pylist()]
+    rejected = [len(json.loads(r)) for r in batch.column("rejected").to_pylist()]
+    return pa.table({"pairs": keys, "rejected": rejected})
+
+
+def read_manifest(uri: str) -> dict[str, Any]:
+    path = fs.join(uri, MANIFEST)
+    if not fs.exists(path):
+        raise ThinkfastError(f"{uri} is not a teacher-scores directory (no {MANIFEST}); run pipelines.teacher_scores")
+    return fs.read_json(path)
+
+
+def _decode_blocks(batch: pa.Table, columns: Any, image_size: int, num_frames: int) -> dict[str, np.ndarray]:
+    """Block rows -> the grouped row format of the train loop (pixels (G, ...), scores (G, G))."""
+    from pipelines.train_data import PIXEL_DTYPE
+    from thinkfast.data.media import load_pixels
+
+    out: dict[str, list[Any]] = {"key": [], "captions": [], "reject": [], "pixels": [], "scores": [], "group_size": []}
+    for row in batch.to_pylist():
+        keys = json.loads(row["keys"])
+        n = len(keys)
+        if n == 0:
+            continue  # a block whose every row was rejected: its rejects are in the manifest counts
+        rejects, arrays = [], []
+        shape = None
+        for key, media in zip(keys, row["media"]):
+            try:
+                array = load_pixels({columns.key: key, columns.media: media}, columns, image_size, num_frames)
+                array = array.numpy().astype(PIXEL_DTYPE)
+                shape = array.shape
+                rejects.append("")
+            except DecodeError as exc:
+                array = None
+                rejects.append(f"{exc.reason}: {exc.detail}")
+            arrays.append(array)
+        if shape is None:
+            continue
+        arrays = [a if a is not None else np.zeros(shape, dtype=PIXEL_DTYPE) for a in arrays]
+        out["key"].append(json.dumps(keys))
+        out["captions"].append(json.dumps(json.loads(row["captions"])))
+        out["reject"].append(json.dumps(rejects))
+        out["pixels"].append(np.stack(arrays))
+        out["scores"].append(np.asarray(row["scores"], dtype=np.float32).reshape(n, n))
+        out["group_size"].append(n)
+    result = {k: np.array(v, dtype=object) for k, v in out.items() if k in ("key", "captions", "reject")}
+    result["group_size"] = np.array(out["group_size"], dtype=np.int64)
+    result["pixels"] = _ragged(out["pixels"])
+    result["scores"] = _ragged(out["scores"])
+    return result
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """Stack equal shapes; keep an object array when the last block of a round is smaller."""
+    if arrays and all(a.shape == arrays[0].shape for a in arrays):
+        return np.stack(arrays)
+    holder = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        holder[i] = a
+    return holder
+
+
+def block_dataset(uri: str, info: Any, image_size: int, num_frames: int) -> tuple[Any, int, int]:
+    """The precomputed blocks decoded for the student: (dataset, blocks, images per block)."""
+    import ray.data
+
+    manifest = read_manifest(uri)
+    if manifest.get("media") != info.columns.media:
+        raise ThinkfastError(f"teacher scores {uri} carry {manifest.get('media')} media, "
+                             f"the corpus has {info.columns.media}: were they computed from this corpus?")
+    files = [f for f in fs.fsspec_fs(uri).find(fs.strip_scheme(uri)) if f.endswith(".parquet")]
+    if not files:
+        raise ThinkfastError(f"teacher scores {uri} hold no Parquet files")
+    files = [("s3://" + f) if fs.is_s3(uri) else f for f in sorted(files)]
+    ds = ray.data.read_parquet(files).map_batches(
+        _decode_blocks, batch_format="pyarrow", batch_size=8,
+        fn_kwargs={"columns": info.columns, "image_size": image_size, "num_frames": num_frames})
+    logger.info("teacher scores %s: %d blocks of <= %d (teacher %s)", uri, manifest["blocks"],
+                manifest["block_size"], manifest.get("teacher_identity"))
+    return ds, int(manifest["blocks"]), int(manifest["block_size"])
+
+
+# ---------------------------------------------------------------- command line (python -m)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.teacher_scores", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", required=True, help="corpus Parquet (local or s3://)")
+    parser.add_argument("--teacher", required=True, help="slow model dir (local or s3://)")
+    parser.add_argument("--out", required=True, help="output directory (local or s3://)")
+    parser.add_argument("--block-size", type=int, default=64, help="images per block = the distill batch size")
+    parser.add_argument("--rounds", type=int, default=1, help="independent shufflings to store")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-frames", type=int, default=4, help="frames per video")
+    parser.add_argument("--actors", type=int, default=1, help="teacher actors in the pool")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = precompute_teacher_scores(args.corpus, args.teacher, args.out, block_size=args.block_size,
+                                           rounds=args.rounds, seed=args.seed, num_frames=args.num_frames,
+                                           actors=args.actors, cpus_per_actor=args.cpus_per_actor)
+    except ThinkfastError as exc:
+        print(f"teacher_scores: error: {exc}")
+        return 2
+    print(json.dumps(result.to_dict(), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
