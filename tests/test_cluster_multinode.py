@@ -132,7 +132,7 @@ def local_cluster(head_cpus: int = 2, worker_cpus: int = 2) -> Iterator[LocalClu
             f"--dashboard-port={dash_port}",
             "--include-dashboard=true",
             f"--num-cpus={head_cpus}",
-            f"--temp-dir={temp_dir}",
+            f"--temp-dir={temp_dir}/h",
             f"--ray-client-server-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}",
             f"--metrics-export-port={free_port()}",
@@ -150,6 +150,10 @@ def local_cluster(head_cpus: int = 2, worker_cpus: int = 2) -> Iterator[LocalClu
                 f"--node-ip-address={WORKER_IP}",
                 f"--num-cpus={worker_cpus}",
                 '--resources={"worker_node": 1}',
+                # its own temp dir: by default a node joins the head's session dir, and two
+                # nodes on one machine then share runtime_resources/, where each node's agent
+                # unpacks and garbage-collects job working dirs under the other's feet
+                f"--temp-dir={temp_dir}/w",
                 f"--dashboard-agent-listen-port={free_port()}",
                 f"--metrics-export-port={free_port()}",
                 f"--runtime-env-agent-port={free_port()}",
