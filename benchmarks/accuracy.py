@@ -119,27 +119,44 @@ def _train_slow_from(corpus: str, out: str, init: str, **overrides: Any) -> Any:
     return train.run_training("slow", corpus, out, build_config(overrides), init=init)
 
 
-def train_models(corpus: str, workdir: str, cfg: ExperimentConfig, video: bool) -> dict[str, Any]:
+def _finished(model_dir: str) -> dict[str, Any] | None:
+    """The ``training.json`` of a finished run in ``model_dir`` (None when absent)."""
+    path = os.path.join(model_dir, "training.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def train_models(corpus: str, workdir: str, cfg: ExperimentConfig, video: bool, reuse: bool = False) -> dict[str, Any]:
     """Train slow (fine, and coarse for images), fast NCE and fast distilled; returns model
-    dirs and each run's seconds and history."""
+    dirs and each run's seconds and history. ``reuse`` keeps models a previous (interrupted)
+    run of the same workdir finished, so a long experiment can be resumed."""
     from pipelines.train import distill, train_fast
 
     slow_epochs = cfg.video_epochs if video else cfg.slow_epochs
     fast_epochs = cfg.video_epochs if video else cfg.fast_epochs
     runs: dict[str, Any] = {}
 
-    def record(name: str, result: Any) -> None:
-        runs[name] = {"dir": result.out, "seconds": round(result.seconds, 1), "steps": result.steps,
-                      "history": result.history}
-        logger.info("trained %s in %.1f s (%d steps)", name, result.seconds, result.steps)
+    def record(name: str, train: Any) -> None:
+        out = os.path.join(workdir, name)
+        done = _finished(out) if reuse else None
+        if done is None:
+            result = train(out)
+            done = {"out": result.out, "seconds": result.seconds, "steps": result.steps, "history": result.history}
+        else:
+            logger.info("reusing %s from a previous run", out)
+        runs[name] = {"dir": done["out"], "seconds": round(done["seconds"], 1), "steps": done["steps"],
+                      "history": done["history"]}
+        logger.info("trained %s in %.1f s (%d steps)", name, done["seconds"], done["steps"])
 
     variants = [("slow_fine", cfg.fine_levels)] + ([] if video else [("slow_coarse", cfg.coarse_levels)])
     for name, levels in variants:
-        init = _fresh_slow(corpus, os.path.join(workdir, f"{name}-init"), cfg, levels)
-        record(name, _train_slow_from(corpus, os.path.join(workdir, name), init, **_train_kwargs(cfg, slow_epochs)))
-    record("fast_nce", train_fast(corpus, os.path.join(workdir, "fast_nce"), **_train_kwargs(cfg, fast_epochs)))
-    record("fast_distilled", distill(corpus, os.path.join(workdir, "fast_distilled"), teacher=runs["slow_fine"]["dir"],
-                                     alpha=cfg.alpha, **_train_kwargs(cfg, fast_epochs)))
+        record(name, lambda out, name=name, levels=levels: _train_slow_from(
+            corpus, out, _fresh_slow(corpus, out + "-init", cfg, levels), **_train_kwargs(cfg, slow_epochs)))
+    record("fast_nce", lambda out: train_fast(corpus, out, **_train_kwargs(cfg, fast_epochs)))
+    record("fast_distilled", lambda out: distill(corpus, out, teacher=runs["slow_fine"]["dir"], alpha=cfg.alpha,
+                                                 **_train_kwargs(cfg, fast_epochs)))
     return runs
 
 
@@ -324,7 +341,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def run_experiment(cfg: ExperimentConfig, workdir: str, video: bool = True, plots_prefix: Path | None = None,
-                   out: Path | None = None) -> dict[str, Any]:
+                   out: Path | None = None, reuse: bool = False) -> dict[str, Any]:
     """Everything: corpora, training, β tuning, evaluation, verdicts, plots. Returns the record
     (also written to ``out`` after each part, so a long run keeps what it measured)."""
     from pipelines.ray_utils import init_ray
@@ -333,8 +350,8 @@ def run_experiment(cfg: ExperimentConfig, workdir: str, video: bool = True, plot
     started = time.perf_counter()
     result: dict[str, Any] = {"config": dataclasses.asdict(cfg), "workdir": workdir}
     corpus = os.path.join(workdir, "corpus")
-    result["corpus"] = make_corpus(corpus, cfg, video=False)
-    runs = train_models(corpus, os.path.join(workdir, "models"), cfg, video=False)
+    result["corpus"] = _corpus(corpus, cfg, False, reuse)
+    runs = train_models(corpus, os.path.join(workdir, "models"), cfg, video=False, reuse=reuse)
     beta, trials = tune_beta(corpus, runs, cfg)
     rows, report = evaluate_images(corpus, runs, cfg, beta)
     result["images"] = {"rows": rows, "beta": beta, "beta_trials": trials, "gallery_size": report["gallery_size"],
@@ -346,8 +363,8 @@ def run_experiment(cfg: ExperimentConfig, workdir: str, video: bool = True, plot
     _save(result, out)
     if video and cfg.video_clips > 0:
         vcorpus = os.path.join(workdir, "video_corpus")
-        result["video_corpus"] = make_corpus(vcorpus, cfg, video=True)
-        vruns = train_models(vcorpus, os.path.join(workdir, "video_models"), cfg, video=True)
+        result["video_corpus"] = _corpus(vcorpus, cfg, True, reuse)
+        vruns = train_models(vcorpus, os.path.join(workdir, "video_models"), cfg, video=True, reuse=reuse)
         vrows, vreport = evaluate_video(vcorpus, vruns, cfg, beta)
         result["video"] = {"rows": vrows, "beta": beta, "gallery_size": vreport["gallery_size"],
                            "num_queries": vreport["num_queries"], "rejected": vreport["rejected_count"],
@@ -357,6 +374,17 @@ def run_experiment(cfg: ExperimentConfig, workdir: str, video: bool = True, plot
     result["seconds"] = round(time.perf_counter() - started, 1)
     _save(result, out)
     return result
+
+
+def _corpus(out: str, cfg: ExperimentConfig, video: bool, reuse: bool) -> dict[str, Any]:
+    """Generate the corpus, or with ``reuse`` keep the one already there (same seed and sizes)."""
+    manifest = os.path.join(out, "_synth.json")
+    if reuse and os.path.exists(manifest):
+        with open(manifest) as f:
+            done = json.load(f)
+        return {"rows": done["num_rows"], "splits": done["splits"], "hard_pairs": done["hard_pairs"],
+                "seconds": done["seconds"], "reused": True}
+    return make_corpus(out, cfg, video)
 
 
 def _save(result: dict[str, Any], out: Path | None) -> None:
@@ -376,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queries", type=int, help="cap the number of test queries")
     parser.add_argument("--video-clips", type=int, help="override the number of generated clips (0: no video)")
     parser.add_argument("--workers", type=int, help="override the Ray Train workers")
+    parser.add_argument("--reuse", action="store_true", help="resume: keep the corpora and finished models in --workdir")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1")):
@@ -397,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or str(REPO / "runs" / f"accuracy{suffix}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"accuracy{suffix}.json"
-    result = run_experiment(cfg, workdir, video=not args.no_video, plots_prefix=RESULTS / f"accuracy{suffix}", out=out)
+    result = run_experiment(cfg, workdir, video=not args.no_video, plots_prefix=RESULTS / f"accuracy{suffix}", out=out,
+                            reuse=args.reuse)
     print(markdown(result))
     print(f"\n{result['seconds']:.0f} s in all; JSON: {out}; plots: {', '.join(result.get('plots', []))}")
     return 0

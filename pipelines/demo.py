@@ -166,9 +166,16 @@ def demo(
         report = progress.run("eval", run_eval)
 
         def run_serve() -> tuple[str, str]:
-            base = serve({"fast": paths["fast"], "slow": paths["slow"], "index": paths["index"],
-                          "embeddings": paths["emb"], "corpus": paths["corpus"], "beta": report["beta"]},
-                         port=port, name=APP_NAME)
+            args = {"fast": paths["fast"], "slow": paths["slow"], "index": paths["index"],
+                    "embeddings": paths["emb"], "corpus": paths["corpus"], "beta": report["beta"]}
+            try:
+                base = serve(args, port=port, name=APP_NAME)
+            except ThinkfastError:
+                raise  # bad artifacts: retrying cannot help
+            except Exception as exc:  # noqa: BLE001 - Serve's HTTP proxy can die starting on a saturated machine
+                echo(f"serve: the HTTP proxy failed to start ({type(exc).__name__}); retrying once")
+                logger.warning("serve start failed, retrying once: %s", exc)
+                base = serve(args, port=port, name=APP_NAME)
             return base, f"listening on {base}/"
 
         url = progress.run("serve", run_serve)
