@@ -11,10 +11,11 @@ Both sides embed the same generated corpus with the same untrained ``small`` (or
   StageTimer; Ray start-up and the driver's model probe are reported apart).
 
 The ratio pipeline / bare is the price of streaming, decoding and writing (target ≥ 0.9
-for ``small``). Peak memory: the bare process's RSS, and the sum of RSS over the driver
-and every Ray process (workers, raylet, GCS; the object store's pages are shared and
-count once per process mapping them, so this over-estimates), sampled every 0.2 s,
-minus the idle Ray measured just before.
+for ``small``), reported end to end (actor start-up included, which a real corpus
+amortises) and steady (first to last write). Peak memory: the bare process's RSS (it
+holds every decoded image), and the sum of RSS over the driver and every Ray process
+(workers, raylet, GCS; shared object-store pages count once per process mapping them,
+so this over-estimates), sampled every 0.2 s; the idle baseline is printed apart.
 
     python benchmarks/embed_bench.py            # 2048 images, small preset
     python benchmarks/embed_bench.py --quick    # 512 images
@@ -54,13 +55,15 @@ class Row:
 
 
 class MemorySampler:
-    """Samples the RSS of this process and all its descendants (Ray's too) in a thread."""
+    """Samples the RSS of this process (and, with ``children``, all its descendants:
+    Ray's raylet, GCS and workers) in a thread."""
 
-    def __init__(self, interval_s: float = 0.2) -> None:
+    def __init__(self, interval_s: float = 0.2, children: bool = True) -> None:
         import psutil
 
         self._psutil = psutil
         self.interval_s = interval_s
+        self.children = children
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -68,7 +71,7 @@ class MemorySampler:
     def total_rss(self) -> int:
         me = self._psutil.Process()
         total = 0
-        for p in [me] + me.children(recursive=True):
+        for p in [me] + (me.children(recursive=True) if self.children else []):
             try:
                 total += p.memory_info().rss
             except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
@@ -126,7 +129,7 @@ def bare_loop(corpus: str, fast_dir: str, slow_dir: str, batch_size: int, thread
     columns = validate_corpus_schema(table.schema)
     size = fast.config.image_size
     pixels = torch.stack([load_pixels(r, columns, size, 8) for r in table.select(["key", columns.media]).to_pylist()])
-    with MemorySampler() as mem:
+    with MemorySampler(children=False) as mem:
         start = time.perf_counter()
         with torch.inference_mode():
             for i in range(0, len(pixels), batch_size):
@@ -142,24 +145,40 @@ def pipeline(corpus: str, fast_dir: str, slow_dir: str, out: str, actors: int, b
              threads: int, rows_per_write: int) -> tuple[list[Row], dict]:
     """Run ``embed``: one row end to end (its ``embed_media`` stage, actor start-up
     included) and one steady-state row (first to last write, see EmbeddingSink).
-    Memory is the peak over the idle-Ray baseline."""
+    Memory: peak RSS summed over the driver and every Ray process during the run."""
     from pipelines.embed import EmbedConfig, embed
 
     config = EmbedConfig(actors=actors, batch_size=batch_size, threads=threads, progress=False,
                          rows_per_write=rows_per_write)
-    with MemorySampler() as idle:
-        pass
     with MemorySampler() as mem:
         manifest = embed(corpus, out, fast=fast_dir, slow=slow_dir, config=config)
     seconds = manifest["timings_s"]["embed_media"]
     n = manifest["counts"]["embedded"]
-    peak = (mem.peak - idle.peak) / 2**20
+    peak = mem.peak / 2**20
     note = f"{actors} actor(s) x {threads} threads, batch {batch_size}, rejected {manifest['counts']['rejected']}"
     rows = [Row(f"pipeline {actors} actor, end to end", n, seconds, n / seconds, peak, note + ", incl. start-up")]
     steady = manifest.get("media_steady_rows_per_s")
     if steady:
         rows.append(Row(f"pipeline {actors} actor, steady", n, n / steady, steady, peak, note + ", after first write"))
     return rows, manifest
+
+
+def _start_ray(cores: int, attempts: int = 3) -> None:
+    """Start a local Ray; retried because on a loaded machine the raylet can miss Ray's
+    fixed 30 s registration window ("The current node timed out during startup")."""
+    import ray
+
+    from pipelines.ray_utils import init_ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            init_ray(num_cpus=cores, include_dashboard=False)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception here
+            logger.warning("ray start attempt %d/%d failed: %s", attempt, attempts, exc)
+            ray.shutdown()
+            if attempt == attempts:
+                raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +196,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pipelines.ray_utils import init_ray
     from thinkfast.models.config import fast_preset
 
     images = args.images or (512 if args.quick else 2048)
@@ -186,9 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="embed_bench_") as work:
         corpus, fast_dir, slow_dir = make_assets(work, images, args.preset, image_size, args.seed)
-        rows.append(bare_loop(corpus, fast_dir, slow_dir, args.batch_size, threads=cores))
-        init_ray(num_cpus=cores, include_dashboard=False)
+        _start_ray(cores)  # first, so the bare loop shares the machine with an idle Ray as well
         try:
+            with MemorySampler() as idle:
+                pass
+            idle_ray_mib = idle.peak / 2**20
+            rows.append(bare_loop(corpus, fast_dir, slow_dir, args.batch_size, threads=cores))
             configs = [(1, cores)] + ([(2, max(1, cores // 2))] if cores >= 2 else [])
             manifest = {}
             for actors, threads in configs:
@@ -200,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bare = rows[0].images_per_s
     print(f"\nembed_bench: {images} images, preset {args.preset} ({image_size} px), {cores} cores\n")
-    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}; driver + idle Ray before the runs: {idle_ray_mib:.0f} MiB")
     print(f"{'run':34s} {'images':>7s} {'s':>7s} {'img/s':>8s} {'ratio':>6s} {'peak MiB':>9s}  note")
     for r in rows:
         print(f"{r.name:34s} {r.images:7d} {r.seconds:7.2f} {r.images_per_s:8.1f} {r.images_per_s / bare:6.2f} {r.peak_mem_mib:9.0f}  {r.note}")
@@ -215,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "best_ratio_steady": round(max((r.images_per_s for r in rows if "steady" in r.name), default=0.0) / bare, 3),
         "best_ratio_end_to_end": round(max(r.images_per_s for r in rows if "end to end" in r.name) / bare, 3),
         "load_average_1m": os.getloadavg()[0],
+        "driver_plus_idle_ray_mib": round(idle_ray_mib, 1),
         "pipeline_timings_s": manifest.get("timings_s", {}),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -11,12 +11,14 @@ The pipeline is one Ray Data stream::
 
 Memory is bounded by the stream, not by the corpus: Ray Data's streaming executor keeps
 a few blocks per operator in flight and applies backpressure when an operator's output
-queue or the object store budget fills. Concretely what is alive at once is about
-(read/decode tasks in flight) × ``decode_batch_size`` decoded rows, plus ``actors`` ×
-(``max_tasks_in_flight_per_actor`` = 2) × ``batch_size`` rows queued at the actors, plus
-one ``rows_per_write`` bundle per write task; ``--object-store-limit-mb`` caps the
-object store memory Ray Data may use for all of them. A decoded row costs 4·3·S² bytes
-(S = image size; ×F frames for video), a token row 2·T·D bytes.
+queue or the object store budget fills. The job sets Ray Data's block target to one
+model batch of decoded rows (``batch_size`` × 4·3·S² bytes, S = image size, ×F frames for
+video; at least 1 MiB), so what is alive at once is about: per running read/decode task
+one Parquet row group of encoded media plus one block of decoded rows; ``actors`` ×
+(``max_tasks_in_flight_per_actor`` = 2) batches queued at the actors; one
+``rows_per_write`` bundle per write task (tokens: 2·T·D bytes a row). The number of
+concurrent read/decode tasks is bounded by the CPUs Ray has, and
+``--object-store-limit-mb`` caps the object store memory the whole stream may use.
 
 Outputs under ``--out`` (local or ``s3://``): ``fast/`` (``key``, ``embedding``), ``tokens/``
 (a :class:`thinkfast.store.TokenStore`), ``rejected/`` (``key``, ``stage``, ``reason``,

@@ -108,23 +108,39 @@ def _check_out_not_inside_corpus(corpus_files: tuple[str, ...], out: str) -> Non
 # --------------------------------------------------------------------------- Ray Data
 
 
+# smallest block target: below this, per-block overhead outweighs any gain in latency
+MIN_BLOCK_BYTES = 1024**2
+
+
+def decoded_row_bytes(models: ModelInfo, media: str) -> int:
+    """Bytes of one decoded row as it travels to the actors: float32 (3, S, S), × F for video."""
+    frames = models.num_frames if media == "mp4" else 1
+    return 4 * 3 * models.image_size**2 * frames
+
+
 @contextmanager
-def _data_context(config: EmbedConfig) -> Iterator[None]:
-    """Progress bars and the object-store cap for this job only: the DataContext is
-    process-wide, so the previous values come back afterwards (the demo and tests run
-    several jobs in one driver)."""
+def _data_context(config: EmbedConfig, row_bytes: int) -> Iterator[None]:
+    """Ray Data settings for this job only (the DataContext is process-wide; the demo and
+    tests run several jobs in one driver, so the previous values come back afterwards).
+
+    The block target is one model batch of decoded rows: Ray Data's default (128 MiB)
+    would let a decode task pack a whole Parquet file into one block, so the actors would
+    wait for the entire file to be decoded (no pipelining) and one block could hold
+    thousands of images. With one batch per block, decode and embed overlap and each
+    block in flight costs ``batch_size`` × ``row_bytes``."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.execution_options.resource_limits)
+    saved = (ctx.enable_progress_bars, ctx.execution_options.resource_limits, ctx.target_max_block_size)
     ctx.enable_progress_bars = config.progress
+    ctx.target_max_block_size = max(MIN_BLOCK_BYTES, config.batch_size * row_bytes)
     if config.object_store_limit_mb:
         limits = ctx.execution_options.resource_limits
         ctx.execution_options.resource_limits = limits.copy(object_store_memory=config.object_store_limit_mb * 1024**2)
     try:
         yield
     finally:
-        ctx.enable_progress_bars, ctx.execution_options.resource_limits = saved
+        ctx.enable_progress_bars, ctx.execution_options.resource_limits, ctx.target_max_block_size = saved
 
 
 def _actor_resources(config: EmbedConfig) -> dict[str, float]:
@@ -240,7 +256,7 @@ def run_embed(
         removed = clear_outputs(out, endpoint)
     with timer.stage("ray_init"):
         init_ray(address=address)
-    with _data_context(config):
+    with _data_context(config, decoded_row_bytes(models, corpus.columns.media)):
         counts, token_manifest, steady = _run_streams(corpus, models, out, config, timer, fast=fast,
                                                       media=media, texts=texts, expected=expected)
 

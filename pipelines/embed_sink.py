@@ -80,7 +80,8 @@ class EmbeddingSink(Datasink[dict]):
         self.rows_per_write = int(rows_per_write)
         self.s3_endpoint = s3_endpoint
         self.result: dict[str, Any] = {}
-        self.write_times: list[tuple[float, int]] = []  # (unix end time, rows) of each write, sorted
+        self.first_batch: tuple[float, int] | None = None  # (unix time, rows) of the first model batch out
+        self.last_write_end: float | None = None  # unix time the last write finished
 
     def get_name(self) -> str:
         return "WriteEmbeddings" if self.kind == "media" else "WriteTexts"
@@ -92,14 +93,19 @@ class EmbeddingSink(Datasink[dict]):
     # ------------------------------------------------------------------ workers
 
     def write(self, blocks: Iterable[pa.Table], ctx: Any) -> dict:
-        """One bundle: returns ``{"counts": {...}, "rows": n, "t_end": unix time}``."""
+        """One bundle: returns ``{"counts": {...}, "t_end": unix time, "first_embedded":
+        (earliest ``embedded_at``, rows carrying it) or None}``."""
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
         counts: dict = {}
+        first = None
         if tables:
             table = pa.concat_tables(tables, promote_options="permissive")
+            if "embedded_at" in table.column_names:
+                stamps = np.asarray(table.column("embedded_at"))
+                first = (float(stamps.min()), int((stamps == stamps.min()).sum()))
             counts = self._write_texts(table) if self.kind == "texts" else self._write_media(table)
-        return {"counts": counts, "rows": int(counts.get("rows", 0)), "t_end": time.time()}
+        return {"counts": counts, "t_end": time.time(), "first_embedded": first}
 
     def _write_media(self, table: pa.Table) -> dict:
         from thinkfast.store import TokenStoreWriter, write_embeddings
@@ -131,6 +137,7 @@ class EmbeddingSink(Datasink[dict]):
         return dict(counts)
 
     def _write_texts(self, table: pa.Table) -> dict:
+        table = table.select(["key", "caption_index", "caption", "embedding"])
         good = table.filter(pc.is_valid(table.column("caption")))
         if good.num_rows:
             ids = [f"{k}\x1f{i}" for k, i in zip(good.column("key").to_pylist(), good.column("caption_index").to_pylist())]
@@ -145,16 +152,23 @@ class EmbeddingSink(Datasink[dict]):
         for ret in write_result.write_returns:
             total.update(ret["counts"])
         self.result = dict(total)
-        self.write_times = sorted((ret["t_end"], ret["rows"]) for ret in write_result.write_returns if ret["rows"])
+        firsts = [ret["first_embedded"] for ret in write_result.write_returns if ret["first_embedded"]]
+        if firsts:
+            t0 = min(t for t, _ in firsts)
+            self.first_batch = (t0, sum(n for t, n in firsts if t == t0))
+        ends = [ret["t_end"] for ret in write_result.write_returns if ret["counts"]]
+        self.last_write_end = max(ends) if ends else None
         logger.info("%s: %s", self.get_name(), self.result)
 
     def steady_rows_per_s(self) -> float | None:
-        """Rows per second once the stream is flowing: rows written after the first write
-        divided by the time from the first write to the last. Excludes start-up (actor
-        pool launch, model loading, first blocks in flight), which a long run amortises;
-        None with fewer than two writes."""
-        if len(self.write_times) < 2:
+        """Rows per second once the stream is flowing: the rows after the first model
+        batch, over the time from that batch leaving the actors to the last write ending.
+        Leaves out start-up (actor launch, model loading, the first blocks read and
+        decoded), a fixed cost that a long run amortises; None if nothing was embedded
+        after the first batch."""
+        if self.first_batch is None or self.last_write_end is None:
             return None
-        (t0, _), (t1, _) = self.write_times[0], self.write_times[-1]
-        rows = sum(n for _, n in self.write_times[1:])
-        return rows / (t1 - t0) if t1 > t0 else None
+        t0, first_rows = self.first_batch
+        rows = int(self.result.get("rows", 0)) - first_rows
+        elapsed = self.last_write_end - t0
+        return rows / elapsed if rows > 0 and elapsed > 0 else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -139,7 +140,8 @@ class EmbedActor:
 
     Output per row: the status columns, ``embedding`` (fixed_size_list<float32>[d], fast
     model) and ``tokens`` (float16 bytes of ``token_shape`` (T, D), slow model), null on
-    rejected rows. A batch the model fails on is retried row by row so that only the
+    rejected rows, and ``embedded_at`` (when the batch was done; never written out).
+    A batch the model fails on is retried row by row so that only the
     culprit is rejected (``stage="embed"``); non-finite outputs are rejected too, because
     an index or token store must never hold NaN."""
 
@@ -236,6 +238,8 @@ class EmbedActor:
         if self.slow is not None:
             columns["tokens"] = pa.array(tokens, pa.large_binary())
             columns["token_shape"] = pa.array(token_shapes, pa.list_(pa.int32()))
+        # when this batch left the models (unix s): lets the sink measure steady throughput
+        columns["embedded_at"] = pa.array(np.full(len(keys), time.time()), pa.float64())
         return pa.table(columns)
 
 

@@ -402,8 +402,8 @@ def test_embed_actor_rejects_non_finite_rows_only(models):
     # fast only / slow only: the same statuses, only that model's column, same values
     fast_only = EmbedActor(models[0], None, threads=1)(batch)
     slow_only = EmbedActor(None, models[1], threads=1)(batch)
-    assert fast_only.column_names == ["key", "stage", "reason", "detail", "embedding"]
-    assert slow_only.column_names == ["key", "stage", "reason", "detail", "tokens", "token_shape"]
+    assert fast_only.column_names == ["key", "stage", "reason", "detail", "embedding", "embedded_at"]
+    assert slow_only.column_names == ["key", "stage", "reason", "detail", "tokens", "token_shape", "embedded_at"]
     for table in (fast_only, slow_only):
         assert [(r["key"], r["stage"], r["reason"]) for r in table.to_pylist()] == expected
     assert fast_only.column("embedding").to_pylist() == both.column("embedding").to_pylist()
