@@ -49,9 +49,9 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "dist",
 )
 
-# A thinkfast driver calls ``ray.init(runtime_env={"env_vars": <forwarded AWS vars>})``
-# (pipelines.ray_utils.init_ray); inside a job that already sets the same variables Ray
-# refuses to merge the two runtime envs. This documented switch lets them combine.
+# Inside a job Ray refuses a driver's ``ray.init(runtime_env=...)`` whose env vars overlap
+# the job's. init_ray already leaves out the variables the job sets; this documented switch
+# also lets a stage that passes its own runtime_env (or an older checkout) merge with it.
 _MERGE_RUNTIME_ENV = {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
 
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
