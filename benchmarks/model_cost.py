@@ -16,6 +16,12 @@ the load average before and after is recorded with the numbers.
 
     python benchmarks/model_cost.py            # small preset, N=100k, K in 10/100/1000
     python benchmarks/model_cost.py --quick    # fewer repeats and sizes
+    python benchmarks/model_cost.py --train-steps 400 --out benchmarks/results/model_cost_train.json
+
+``--train-steps N`` also trains both models of the preset for N steps (batch 32, plain
+torch, no Ray) on a generated corpus and reports CPU seconds per training step and the
+test split's R@1/5/10 for fast, slow (exhaustive) and fast top-10 re-ranked by slow:
+what the cost buys, measured by the same script.
 """
 
 from __future__ import annotations
@@ -142,6 +148,74 @@ def measure(preset: str, num_embeddings: int, ks: list[int], repeats: int, batch
     return out
 
 
+def train_check(preset: str, steps: int, num_images: int = 1000, batch: int = 32, rerank_k: int = 10) -> dict[str, Any]:
+    """Train fast (NCE) and slow (caption loss) for ``steps`` each; R@K on the test split."""
+    import random
+
+    import torch
+
+    from thinkfast.data.image import decode_image, preprocess_image
+    from thinkfast.data.synth import SynthConfig, generate_table, plan_groups
+    from thinkfast.data.tokenizer import WordTokenizer
+    from thinkfast.losses import caption_loss, nce_loss
+    from thinkfast.metrics import ranks_from_rankings, ranks_from_scores, retrieval_metrics
+    from thinkfast.models.fast import FastModel
+    from thinkfast.models.slow import SlowModel
+    from thinkfast.rerank import ExactIndex, rerank_many
+
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    size = SlowModel.preset_config(preset).image_size
+    config = SynthConfig(num_images=num_images, image_size=size, seed=0)
+    rows = generate_table(config, plan_groups(config)).to_pylist()
+    train = [r for r in rows if r["split"] == "train"]
+    test = [r for r in rows if r["split"] == "test"]
+    tokenizer = WordTokenizer.build([c for r in train for c in r["captions"]])
+
+    def pixels(items: list[dict]) -> torch.Tensor:
+        return torch.stack([preprocess_image(decode_image(r["jpg"]), size) for r in items])
+
+    train_pixels, test_pixels = pixels(train), pixels(test)
+    slow = SlowModel.from_preset(preset, tokenizer=tokenizer, load_pretrained=False)
+    fast = FastModel.from_preset(preset, tokenizer=tokenizer, load_pretrained=False)
+    out: dict[str, Any] = {"train_images": len(train), "test_queries": len(test), "steps": steps, "batch": batch}
+    for name, model, lr in (("slow", slow, 2e-3), ("fast", fast, 1e-3)):
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        model.train()
+        cpu_start, losses = time.process_time(), []
+        for _ in range(steps):
+            idx = rng.sample(range(len(train)), batch)
+            tokens = model.tokenize([rng.choice(train[i]["captions"]) for i in idx])
+            a, b = model(train_pixels[idx], **tokens)
+            loss = caption_loss(a, b, tokens["attention_mask"]) if name == "slow" else nce_loss(a, b, temperature=0.05)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        model.eval()
+        out[f"{name}_cpu_s_per_step"] = (time.process_time() - cpu_start) / steps
+        out[f"{name}_loss_first_last"] = [losses[0], float(np.mean(losses[-20:]))]
+    captions = [r["captions"][0] for r in test]
+    keys = [r["key"] for r in test]
+    targets = list(range(len(test)))
+    with torch.inference_mode():
+        images = fast.encode_image(test_pixels).numpy()
+        texts = fast.encode_text(**fast.tokenize(captions)).numpy()
+        out["fast"] = retrieval_metrics(ranks_from_scores(texts @ images.T, targets))
+        visual = slow.encode_visual(test_pixels)
+        out["slow_exhaustive"] = retrieval_metrics(ranks_from_scores(slow.score_matrix(visual, **slow.tokenize(captions)).numpy(), targets))
+        cached = dict(zip(keys, visual.half().numpy()))
+        cand_keys, cand_scores = ExactIndex(keys, images).search(texts, rerank_k)
+        hits = rerank_many(slow, lambda ks: np.stack([cached[k] for k in ks]), [slow.tokenize([c]) for c in captions],
+                           [list(k) for k in cand_keys], [list(s) for s in cand_scores], k=rerank_k)
+        # answers outside the fast top-K keep their fast rank (> K): R@k for k <= K is exact
+        fast_ranks = ranks_from_scores(texts @ images.T, targets)
+        ranks = ranks_from_rankings([[h.key for h in hs] for hs in hits], keys)
+        ranks = np.where(np.isinf(ranks), fast_ranks, ranks)
+        out[f"fast_then_slow_top{rerank_k}"] = retrieval_metrics(ranks)
+    return out
+
+
 def print_table(r: dict[str, Any]) -> None:
     def us(x: float) -> str:
         return f"{x * 1e6:12.3f} us"
@@ -160,6 +234,14 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"{'slow encode_visual (per image, batched)':<48}{us(r['slow_encode_visual_s_per_image'])}")
     print(f"token cache: {r['token_cache_bytes_per_image'] / 1024:.1f} KiB per image (fp16); "
           f"params fast {r['fast_params']:,} slow {r['slow_params']:,}")
+    if "train_check" in r:
+        t = r["train_check"]
+        print(f"\ntraining {t['steps']} steps of {t['batch']} ({t['train_images']} train images): CPU s/step "
+              f"slow {t['slow_cpu_s_per_step']:.3f}, fast {t['fast_cpu_s_per_step']:.3f}; {t['test_queries']} test queries")
+        print(f"{'ranking':<28}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'median':>8}")
+        for name in ("fast", "slow_exhaustive", next(k for k in t if k.startswith("fast_then_slow"))):
+            m = t[name]
+            print(f"{name:<28}{m['R@1']:>8.1f}{m['R@5']:>8.1f}{m['R@10']:>8.1f}{m['median_rank']:>8.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="small", choices=["tiny", "small", "paper"])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller N and K")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--train-steps", type=int, default=0, help="also train both models this many steps and report R@K")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -179,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     n, ks, repeats = (20_000, [10, 100], 5) if args.quick else (100_000, [10, 100, 1000], 11)
     before = os.getloadavg()
     result = measure(args.preset, n, ks, repeats, batch=16 if args.quick else 64)
+    if args.train_steps:
+        result["train_check"] = train_check(args.preset, args.train_steps)
     result.update({
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
