@@ -62,8 +62,9 @@ def _write_parquet(table: pa.Table, uri: str, s3_endpoint: str | None) -> None:
 class EmbeddingSink(Datasink[dict]):
     """Writes the embed stream (``kind="media"``) or the caption stream (``kind="texts"``).
 
-    Every write returns a dict of counts; ``self.result`` holds their sum (and the token
-    store manifest) after ``write_datasink`` returns."""
+    Every write returns its counts; after ``write_datasink`` returns, ``self.result``
+    holds their sum and :meth:`steady_rows_per_s` the throughput once flowing. The token
+    store is indexed afterwards by the driver (``finalize_token_store``)."""
 
     def __init__(
         self,
