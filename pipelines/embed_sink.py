@@ -10,7 +10,7 @@ writes, for that bundle:
 
 File names are hashes of the keys they hold, so a retried write task rewrites its own
 files instead of adding copies. The counts each call returns are summed on the driver in
-``on_write_complete``, which also indexes the token shards (``finalize_token_store``).
+``on_write_complete``; the driver then indexes the token shards (``finalize_token_store``).
 The same class writes the ``texts/`` output of ``--texts`` (``kind="texts"``).
 """
 
