@@ -163,6 +163,90 @@ def train_models(corpus: str, workdir: str, cfg: ExperimentConfig, video: bool, 
     return runs
 
 
+def train_models_inprocess(corpus: str, workdir: str, cfg: ExperimentConfig, video: bool) -> dict[str, Any]:
+    """FALLBACK trainer: the same four (or two, for video) models trained by a plain
+    single-process torch loop over ``thinkfast.losses`` instead of ``pipelines.train``.
+
+    Used (``--trainer inprocess``) when Ray cannot start its workers in time, as on the
+    saturated build machine where this table was measured; same objectives, AdamW, batch
+    and epochs, no warm-up/cosine schedule, no validation. ``pipelines.train`` is the
+    project's training path; this loop only exists so the experiment can still be measured."""
+    import random
+
+    import torch
+
+    from pipelines.evaluate import load_gallery
+    from thinkfast import FastModel, SlowModel
+    from thinkfast.data.tokenizer import WordTokenizer
+    from thinkfast.losses import caption_loss, fast_distill_loss, nce_loss
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    data = load_gallery(corpus, "train", cfg.num_frames, check_decode_size=cfg.image_size)
+    pixels = data.pixels(cfg.image_size)  # (N, 3, S, S) or (N, F, 3, S, S)
+    tokenizer = WordTokenizer.build([c for caps in data.captions for c in caps])
+    epochs = cfg.video_epochs if video else cfg.slow_epochs
+    runs: dict[str, Any] = {}
+
+    def fit(name: str, model: Any, loss_fn: Any) -> Any:
+        started = time.perf_counter()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        model.train()
+        history, step = [], 0
+        for epoch in range(1, epochs + 1):
+            order = list(range(len(data.keys)))
+            rng.shuffle(order)
+            losses = []
+            for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+                idx = order[i : i + cfg.batch_size]
+                texts = [rng.choice(data.captions[j]) for j in idx]  # one sampled caption per image
+                loss = loss_fn(model, pixels[idx], texts)
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                step += 1
+            history.append({"epoch": epoch, "step": step, "train_loss": sum(losses) / max(1, len(losses))})
+            logger.info("%s epoch %d: %s", name, epoch, history[-1])
+        model.eval()
+        out = os.path.join(workdir, name)
+        model.save_pretrained(out)
+        runs[name] = {"dir": out, "seconds": round(time.perf_counter() - started, 1), "steps": step,
+                      "history": history, "trainer": "inprocess-fallback"}
+        return model
+
+    def slow_loss(model: Any, px: Any, texts: list[str]) -> Any:
+        tok = model.tokenize(texts)
+        h_fwd, h_bwd = model(px, tok["input_ids"], tok["attention_mask"])
+        return caption_loss(h_fwd, h_bwd, tok["attention_mask"])
+
+    def fast_loss(model: Any, px: Any, texts: list[str]) -> Any:
+        tok = model.tokenize(texts)
+        image, text = model(px, tok["input_ids"], tok["attention_mask"])
+        return nce_loss(image, text, temperature=0.05, gather=False)
+
+    variants = [("slow_fine", cfg.fine_levels)] + ([] if video else [("slow_coarse", cfg.coarse_levels)])
+    teacher = None
+    for name, levels in variants:
+        model = fit(name, SlowModel.from_preset(cfg.preset, tokenizer=tokenizer, levels=tuple(levels)), slow_loss)
+        teacher = teacher or model
+    fit("fast_nce", FastModel.from_preset(cfg.preset, tokenizer=tokenizer), fast_loss)
+    if video:
+        return runs
+
+    def distill_loss(model: Any, px: Any, texts: list[str]) -> Any:
+        with torch.no_grad():  # the frozen teacher: h(x_j, y_i) over the batch's images, (B, B)
+            t_tok = teacher.tokenize(texts)
+            scores = teacher.score_matrix(teacher.encode_visual(px), t_tok["input_ids"], t_tok["attention_mask"])
+        tok = model.tokenize(texts)
+        image, text = model(px, tok["input_ids"], tok["attention_mask"])
+        return fast_distill_loss(image, text, scores, alpha=cfg.alpha, temperature=0.05, gather=False).total
+
+    fit("fast_distilled", FastModel.from_preset(cfg.preset, tokenizer=tokenizer), distill_loss)
+    return runs
+
+
 def tune_beta(corpus: str, runs: dict[str, Any], cfg: ExperimentConfig) -> tuple[float, list[dict[str, Any]]]:
     """β of ``h + β·s_fast`` chosen on the val split (R@1, then R@5, at K=10): DESIGN says
     K and β are configuration tuned on validation, never on the test queries."""
@@ -345,17 +429,20 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def run_experiment(cfg: ExperimentConfig, workdir: str, video: bool = True, plots_prefix: Path | None = None,
-                   out: Path | None = None, reuse: bool = False) -> dict[str, Any]:
+                   out: Path | None = None, reuse: bool = False, trainer: str = "ray") -> dict[str, Any]:
     """Everything: corpora, training, β tuning, evaluation, verdicts, plots. Returns the record
     (also written to ``out`` after each part, so a long run keeps what it measured)."""
-    from pipelines.ray_utils import init_ray
-
-    init_ray()
     started = time.perf_counter()
     result: dict[str, Any] = {"config": dataclasses.asdict(cfg), "workdir": workdir}
+    if trainer == "ray":
+        from pipelines.ray_utils import init_ray
+
+        init_ray()
     corpus = os.path.join(workdir, "corpus")
     result["corpus"] = _corpus(corpus, cfg, False, reuse)
-    runs = train_models(corpus, os.path.join(workdir, "models"), cfg, video=False, reuse=reuse)
+    result["trainer"] = "pipelines.train (Ray Train)" if trainer == "ray" else "in-process fallback loop"
+    train = train_models if trainer == "ray" else (lambda c, w, cf, video, reuse: train_models_inprocess(c, w, cf, video))
+    runs = train(corpus, os.path.join(workdir, "models"), cfg, video=False, reuse=reuse)
     beta, trials = tune_beta(corpus, runs, cfg)
     rows, report = evaluate_images(corpus, runs, cfg, beta)
     result["images"] = {"rows": rows, "beta": beta, "beta_trials": trials, "gallery_size": report["gallery_size"],
@@ -368,7 +455,7 @@ def run_experiment(cfg: ExperimentConfig, workdir: str, video: bool = True, plot
     if video and cfg.video_clips > 0:
         vcorpus = os.path.join(workdir, "video_corpus")
         result["video_corpus"] = _corpus(vcorpus, cfg, True, reuse)
-        vruns = train_models(vcorpus, os.path.join(workdir, "video_models"), cfg, video=True, reuse=reuse)
+        vruns = train(vcorpus, os.path.join(workdir, "video_models"), cfg, video=True, reuse=reuse)
         vrows, vreport = evaluate_video(vcorpus, vruns, cfg, beta)
         result["video"] = {"rows": vrows, "beta": beta, "gallery_size": vreport["gallery_size"],
                            "num_queries": vreport["num_queries"], "rejected": vreport["rejected_count"],
@@ -409,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video-clips", type=int, help="override the number of generated clips (0: no video)")
     parser.add_argument("--workers", type=int, help="override the Ray Train workers")
     parser.add_argument("--reuse", action="store_true", help="resume: keep the corpora and finished models in --workdir")
+    parser.add_argument("--trainer", choices=("ray", "inprocess"), default="ray",
+                        help="ray: pipelines.train (default); inprocess: the single-process fallback loop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1")):
@@ -431,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"accuracy{suffix}.json"
     result = run_experiment(cfg, workdir, video=not args.no_video, plots_prefix=RESULTS / f"accuracy{suffix}", out=out,
-                            reuse=args.reuse)
+                            reuse=args.reuse, trainer=args.trainer)
     print(markdown(result))
     print(f"\n{result['seconds']:.0f} s in all; JSON: {out}; plots: {', '.join(result.get('plots', []))}")
     return 0
