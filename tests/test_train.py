@@ -6,7 +6,7 @@ Three Ray Train runs in all (each ~20-40 s on 2 cores), shared through module fi
 * slow with the ``fail_at_step`` test hook: one restart from the newest checkpoint, the
   step count continues; its model is the teacher of
 * distill: the student's KL to the teacher on held-out B_i sets (val images) falls
-  (marked xfail for now: not reliable at this tiny schedule, see the marker's reason).
+  (marked xfail: at this tiny schedule the teacher is near-uniform, see the marker's reason).
 """
 
 from __future__ import annotations
@@ -116,40 +116,86 @@ def test_worker_crash_restarts_from_checkpoint_and_step_count_continues(slow_run
     assert "val_r1" in result.history[-1]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "KNOWN ISSUE: with the tiny schedule (~16 steps from a near-uniform random student) the held-out KL "
-    "rose in 1 run (0.51 -> 1.14); single-process runs show it falls for some init seeds and rises for "
-    "others. Needs a longer distillation schedule or a better-generalising teacher; see the issue note."))
-def test_distillation_lowers_student_kl_to_teacher_on_held_out_sets(corpus, slow_run, ray_session, tmp_path):
-    from pipelines.train import distill
+def _train_teacher(corpus: str, out: str, epochs: int = 40) -> str:
+    """A slow teacher with real signal on held-out images, trained in-process (~10 s).
+
+    The Ray slow_run teacher (~14 steps) is near-uniform (softmax entropy 2.97 of ln 22 on the
+    held-out images): KL to it only measures how flat a student is. This one, 40 epochs of L_CA
+    over the train split, has held-out entropy ~0.8 (max p ~0.7)."""
+    from pipelines.train_data import inspect_corpus
+    from pipelines.train_objectives import SlowObjective
+    from thinkfast.data.tokenizer import WordTokenizer
+    from thinkfast.models.slow import SlowModel
+
+    pixels, captions = _split(corpus, "train", 32)
+    torch.manual_seed(0)
+    teacher = SlowModel.from_preset("tiny", tokenizer=WordTokenizer.build(inspect_corpus(corpus).train_captions))
+    objective = SlowObjective(teacher)
+    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    teacher.train()
+    for epoch in range(epochs):
+        rng = np.random.default_rng(epoch)
+        order = rng.permutation(len(captions))
+        for start in range(0, len(order) - BATCH + 1, BATCH):
+            idx = order[start:start + BATCH]
+            caps = [captions[i][rng.integers(len(captions[i]))] for i in idx]
+            enc = teacher.tokenize(caps)
+            loss, _ = objective(pixels[idx], enc["input_ids"], enc["attention_mask"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    teacher.eval().save_pretrained(out)
+    return out
+
+
+def _split(corpus: str, split: str, image_size: int):
+    from pipelines.train_data import decode_rows
+    from thinkfast.data import reader
+
+    info = reader.inspect_corpus(corpus)
+    table = reader.read_table(corpus, columns=info.columns.read_columns())
+    rows = decode_rows(table, info.columns, split, image_size, 1, explode_captions=False)
+    pixels = [np.asarray(a, dtype=np.float32) for a in rows["pixels"]]
+    return torch.as_tensor(np.stack(pixels)), [json.loads(c) for c in rows["captions"]]
+
+
+def test_distillation_moves_student_towards_teacher_on_held_out_images(corpus, ray_session, tmp_path):
+    """From the same init, data, steps and seed, the distilled student's KL(p_teacher || q_student)
+    over held-out images (val + test, every caption) is lower than the NCE-only student's, and
+    lower than the initial student's. Single-process runs of this setup, seeds 0/1/2:
+    init 4.56/2.67/2.39, NCE-only 2.39/2.46/2.44, distilled 2.26/2.30/2.35."""
+    from pipelines.train import distill, train_fast
     from pipelines.train_data import inspect_corpus
     from pipelines.train_objectives import student_teacher_kl, teacher_score_matrix
     from thinkfast.data.tokenizer import WordTokenizer
     from thinkfast.models.fast import FastModel
     from thinkfast.models.slow import SlowModel
 
-    teacher_dir = slow_run[0].out
+    teacher_dir = _train_teacher(corpus, str(tmp_path / "teacher"))
     teacher = SlowModel.from_pretrained(teacher_dir).eval()
     torch.manual_seed(0)
     init = FastModel.from_preset("tiny", tokenizer=WordTokenizer.build(inspect_corpus(corpus).train_captions))
     init.save_pretrained(str(tmp_path / "init"))
 
-    def held_out_kl(student) -> float:
-        """Mean KL(p_teacher || q_student) over B_i = blocks of 4 val images."""
-        val = _val_set(corpus, "slow", student.config.image_size, 32)
-        kls = []
-        for start in range(0, len(val.queries) - 3, 4):
-            pixels = val.pixels[start:start + 4]
-            captions = val.queries[start:start + 4]
-            h = teacher_score_matrix(teacher, pixels, captions)
-            enc = student.tokenize(captions)
-            kls.append(student_teacher_kl(student.eval(), h, pixels, enc["input_ids"], enc["attention_mask"],
-                                          temperature=0.05, teacher_temperature=1.0))
-        return float(np.mean(kls))
+    val_px, val_caps = _split(corpus, "val", 32)
+    test_px, test_caps = _split(corpus, "test", 32)
+    pixels = torch.cat([val_px, test_px])
+    captions = [c for caps in val_caps + test_caps for c in caps]
+    h = teacher_score_matrix(teacher, pixels, captions)
 
+    def held_out_kl(student) -> float:
+        enc = student.tokenize(captions)
+        return student_teacher_kl(student.eval(), h, pixels, enc["input_ids"], enc["attention_mask"],
+                                  temperature=0.05, teacher_temperature=1.0)
+
+    common = dict(TINY, epochs=6)
     before = held_out_kl(init)
+    nce = train_fast(corpus, str(tmp_path / "nce"), init=str(tmp_path / "init"), storage=str(tmp_path / "ckpt"),
+                     run_name="nce", **common)
     result = distill(corpus, str(tmp_path / "student"), teacher=teacher_dir, init=str(tmp_path / "init"),
-                     storage=str(tmp_path / "ckpt"), epochs=4, alpha=10.0, **TINY)
-    after = held_out_kl(FastModel.from_pretrained(result.out))
+                     storage=str(tmp_path / "ckpt"), run_name="distill", alpha=10.0, **common)
     assert all("train_distill" in h for h in result.history)
-    assert after < before * 0.9, (before, after)
+    assert nce.steps == result.steps
+    kl_nce = held_out_kl(FastModel.from_pretrained(nce.out))
+    kl_distill = held_out_kl(FastModel.from_pretrained(result.out))
+    assert kl_distill < kl_nce and kl_distill < before, (before, kl_nce, kl_distill)
