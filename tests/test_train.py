@@ -1,12 +1,14 @@
 """Ray Train: train-fast / train-slow / distill on a tiny generated corpus, 2 CPU workers.
 
-Three Ray Train runs in all (each ~20-40 s on 2 cores), shared through module fixtures:
+Ray Train runs on 2 CPU workers, shared through module fixtures where they can be:
 * fast, checkpoints on moto S3: loss falls; the S3 checkpoint loads back and reproduces
   the worker's validation scores exactly;
 * slow with the ``fail_at_step`` test hook: one restart from the newest checkpoint, the
-  step count continues; its model is the teacher of
-* distill: the student's KL to the teacher on held-out B_i sets (val images) falls
-  (marked xfail: at this tiny schedule the teacher is near-uniform, see the marker's reason).
+  step count continues;
+* distillation: a slow teacher trained in-process (the ~14-step Ray one is near-uniform,
+  so KL to it measures nothing), then train_fast and distill from the same init, data and
+  steps: the distilled student's KL to the teacher on held-out images is lower than the
+  NCE-only student's and the initial student's (~3-4 min on 2 busy cores).
 """
 
 from __future__ import annotations
@@ -198,4 +200,5 @@ def test_distillation_moves_student_towards_teacher_on_held_out_images(corpus, r
     assert nce.steps == result.steps
     kl_nce = held_out_kl(FastModel.from_pretrained(nce.out))
     kl_distill = held_out_kl(FastModel.from_pretrained(result.out))
+    print(f"held-out KL: init {before:.3f}, NCE-only {kl_nce:.3f}, distilled {kl_distill:.3f}")
     assert kl_distill < kl_nce and kl_distill < before, (before, kl_nce, kl_distill)
