@@ -223,10 +223,21 @@ def test_media_serves_exactly_the_corpus_bytes(service, artifacts) -> None:
 def test_search_cli_prints_results(service, artifacts, capsys) -> None:
     from pipelines.cli import main
 
+    from pipelines.search import print_results
+
+    # --json: the raw response, which is the service's answer to exactly this body
+    assert main(["search", artifacts.captions[2], "--url", service, "--k", "3", "--rerank", "6", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["query"] == artifacts.captions[2] and len(data["results"]) == 3
+    assert {r["key"] for r in data["results"]} <= set(artifacts.media)
+    # the table: every result row of that response, with the timings line
+    print_results(data)
+    table = capsys.readouterr().out
+    assert all(r["key"] in table and r["caption"] in table for r in data["results"]) and "total" in table
+    # and the plain CLI prints such a table for a live query
     assert main(["search", artifacts.captions[2], "--url", service, "--k", "3", "--rerank", "6"]) == 0
     out = capsys.readouterr().out
-    expected = _post(service, {"query": artifacts.captions[2], "k": 3, "rerank": 6}).json()["results"]
-    assert all(r["key"] in out for r in expected) and "total" in out
+    assert "total" in out and sum(line.strip().startswith(("1 ", "2 ", "3 ")) for line in out.splitlines()) == 3
     assert main(["search", "a", "--url", service, "--k", "0"]) == 2
     assert "HTTP 422" in capsys.readouterr().err
 
