@@ -51,8 +51,12 @@ def _detail(data: Any) -> str:
     return str(detail)
 
 
-def print_results(data: dict[str, Any], out: TextIO = sys.stdout) -> None:
-    """A fixed-width table: rank, key, score, fast, slow, caption; then the stage timings."""
+def print_results(data: dict[str, Any], out: TextIO | None = None) -> None:
+    """A fixed-width table: rank, key, score, fast, slow, caption; then the stage timings.
+
+    ``out`` defaults to the *current* ``sys.stdout`` (looked up at call time, so output
+    redirected after import, e.g. by pytest's capture, is honoured)."""
+    out = out if out is not None else sys.stdout
 
     def num(x: Any) -> str:
         return "-" if x is None else f"{x:.3f}"
