@@ -15,7 +15,7 @@ URLs, so the student decodes them at its own resolution without joining the corp
 identity, block size, rounds, counts). Rows that fail to decode are kept in ``rejected``
 (key + reason) and left out of their block's matrix, never silently dropped. ``rounds > 1``
 stores that many independent shufflings (more distinct B_i per image; a distillation epoch
-then covers each image ``rounds`` times).
+then covers each image ``rounds`` times), one ``round-NNNNN/`` directory each.
 """
 
 from __future__ import annotations
@@ -156,16 +156,20 @@ def precompute_teacher_scores(corpus: str, teacher: str, out: str, *, block_size
     if not ray.is_initialized():
         init_ray(num_cpus=None if os.environ.get("RAY_ADDRESS") else (os.cpu_count() or 1) + 2)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    _check_room(actors * cpus_per_actor, joined=bool(os.environ.get("RAY_ADDRESS")))
     identity = SlowModel.from_pretrained(teacher).identity
     info = inspect_corpus(corpus)
     columns = info.columns
     threads = max(1, int(cpus_per_actor))
-    parts = []
+    # One round at a time, each written to its own ``round-NNNNN/`` directory. A union of
+    # per-round pipelines would need one actor pool per round at once: with more rounds
+    # than the cluster has room for teacher actors, the pools wait on each other forever.
+    stats: list[dict[str, Any]] = []
     for r in range(rounds):
         ds = ray.data.read_parquet(list(info.files), columns=columns.read_columns())
         ds = ds.map_batches(_select_split, batch_format="pyarrow", fn_kwargs={"columns": columns, "split": "train"})
         ds = ds.random_shuffle(seed=seed + r)
-        parts.append(ds.map_batches(
+        ds = ds.map_batches(
             TeacherBlockScorer,
             batch_format="pyarrow",
             batch_size=block_size,
@@ -173,11 +177,10 @@ def precompute_teacher_scores(corpus: str, teacher: str, out: str, *, block_size
             num_cpus=cpus_per_actor,
             fn_constructor_kwargs={"teacher": teacher, "columns": columns, "round_index": r, "seed": seed,
                                    "num_frames": num_frames, "torch_threads": threads},
-        ))
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    ds = ds.materialize()
-    stats = ds.map_batches(_block_stats, batch_format="pyarrow").take_all()
-    ds.write_parquet(out)
+        ).materialize()
+        stats += ds.map_batches(_block_stats, batch_format="pyarrow").take_all()
+        ds.write_parquet(_round_dir(out, r), mode=ray.data.SaveMode.OVERWRITE)
+        logger.info("teacher scores: round %d/%d done (%.1f s so far)", r + 1, rounds, time.perf_counter() - started)
     result = TeacherScoresResult(
         out=out, teacher=teacher, teacher_identity=identity, blocks=len(stats),
         pairs=sum(s["pairs"] for s in stats), rejected=sum(s["rejected"] for s in stats),
@@ -187,6 +190,27 @@ def precompute_teacher_scores(corpus: str, teacher: str, out: str, *, block_size
     logger.info("teacher scores: %d blocks, %d pairs, %d rejected rows in %.1f s -> %s",
                 result.blocks, result.pairs, result.rejected, result.seconds, out)
     return result
+
+
+def _check_room(actor_cpus: float, joined: bool) -> None:
+    """The actor pool starts before the read and shuffle tasks run: if it takes every CPU,
+    they never get one and the job waits forever. Fail fast locally; on a joined cluster an
+    autoscaler may still add nodes, so only warn there."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0))
+    if actor_cpus < total:
+        return
+    message = (f"teacher actors need {actor_cpus:g} CPUs but the cluster has {total:g}: nothing would be left "
+               f"for reading the corpus; lower --actors / --cpus-per-actor")
+    if joined:
+        logger.warning(message)
+        return
+    raise ThinkfastError(message)
+
+
+def _round_dir(out: str, round_index: int) -> str:
+    return fs.join(out, f"round-{round_index:05d}")
 
 
 def _block_stats(batch: pa.Table) -> pa.Table:
@@ -259,10 +283,12 @@ def block_dataset(uri: str, info: Any, image_size: int, num_frames: int) -> tupl
     if manifest.get("media") != info.columns.media:
         raise ThinkfastError(f"teacher scores {uri} carry {manifest.get('media')} media, "
                              f"the corpus has {info.columns.media}: were they computed from this corpus?")
-    files = [f for f in fs.fsspec_fs(uri).find(fs.strip_scheme(uri)) if f.endswith(".parquet")]
-    if not files:
-        raise ThinkfastError(f"teacher scores {uri} hold no Parquet files")
-    files = [("s3://" + f) if fs.is_s3(uri) else f for f in sorted(files)]
+    files = []
+    for r in range(int(manifest["rounds"])):  # only the manifest's rounds: a re-run with fewer leaves stale ones
+        found = [f for f in fs.fsspec_fs(uri).find(fs.strip_scheme(_round_dir(uri, r))) if f.endswith(".parquet")]
+        if not found:
+            raise ThinkfastError(f"teacher scores {uri}: round {r} of {manifest['rounds']} holds no Parquet files")
+        files += [("s3://" + f) if fs.is_s3(uri) else f for f in sorted(found)]
     ds = ray.data.read_parquet(files).map_batches(
         _decode_blocks, batch_format="pyarrow", batch_size=8,
         fn_kwargs={"columns": info.columns, "image_size": image_size, "num_frames": num_frames})

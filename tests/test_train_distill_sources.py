@@ -119,6 +119,40 @@ def test_precomputed_teacher_scores_equal_online_scores_and_train(setup, ray_ses
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_more_rounds_than_room_for_teacher_actors_finishes_and_reruns_cleanly(setup, ray_session):
+    """Regression: rounds used to be a union of per-round actor pools, all needed at once;
+    12 rounds of 2-CPU actors on a 2-CPU cluster waited on each other forever."""
+    import ray
+
+    from pipelines.teacher_scores import block_dataset, precompute_teacher_scores
+    from thinkfast.data import reader
+
+    out = str(setup["root"] / "scores_many_rounds")
+    from thinkfast.errors import ThinkfastError
+
+    with pytest.raises(ThinkfastError, match="nothing would be left"):  # would starve the reads: refused
+        precompute_teacher_scores(setup["corpus"], setup["teacher"], str(setup["root"] / "never"), block_size=16,
+                                  cpus_per_actor=ray.cluster_resources()["CPU"])
+    per_actor = ray.cluster_resources().get("CPU", 2) / 2  # room for one actor plus the read tasks
+    rounds = 3  # the old union needed 3 actors (1.5x the cluster) at once
+    result = precompute_teacher_scores(setup["corpus"], setup["teacher"], out, block_size=16, rounds=rounds,
+                                       seed=1, cpus_per_actor=per_actor)
+    n_train = len(setup["train_keys"])
+    assert result.rounds == rounds and result.pairs == rounds * n_train and result.rejected == 0
+    blocks = reader.read_table(out, columns=["round", "keys"]).to_pylist()
+    for r in range(rounds):
+        covered = [k for b in blocks if b["round"] == r for k in json.loads(b["keys"])]
+        assert sorted(covered) == sorted(setup["train_keys"])
+
+    again = precompute_teacher_scores(setup["corpus"], setup["teacher"], out, block_size=16, rounds=1, seed=1)
+    ds, n_blocks, _ = block_dataset(out, setup["info"], 32, 1)
+    rows = ds.take_all()
+    assert n_blocks == again.blocks == len(rows)  # the stale rounds 1.. of the first run are not read
+    assert sorted(k for r in rows for k in json.loads(r["key"])) == sorted(setup["train_keys"])
+
+
+@pytest.mark.ray
 def test_hard_negative_distillation_trains_on_index_groups(setup, ray_session):
     from pipelines.train import distill
 
