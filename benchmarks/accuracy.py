@@ -48,12 +48,13 @@ class ExperimentConfig:
     """Sizes and schedule of one run of the experiment."""
 
     preset: str = "small"  # model preset of every model (tiny | small | paper)
-    images: int = 1500  # generated images, all splits (10 % val, 10 % test)
+    images: int = 2000  # generated images, all splits (10 % val, 10 % test)
     captions_per_image: int = 3  # captions per image: every test caption is a query
     image_size: int = 64  # generated image side (the small preset's input size)
-    slow_epochs: int = 5  # epochs of L_CA for each slow model
-    fast_epochs: int = 5  # epochs of L_DE (and of L_DE + alpha L_distill)
+    slow_epochs: int = 12  # epochs of L_CA for each slow model (the small preset's default schedule)
+    fast_epochs: int = 12  # epochs of L_DE (and of L_DE + alpha L_distill, from scratch: same steps)
     batch_size: int = 64  # pairs per worker per step (in-batch negatives, B_i)
+    video_batch_size: int = 32  # the same for the video models (320 train clips: 10 steps per epoch)
     workers: int = 1  # Ray Train workers (1 worker x 2 threads beats 2 DDP ranks on 2 cores)
     alpha: float = 1.0  # weight of L_distill
     fine_levels: tuple[int, ...] = (16,)  # fine-grained tokens: stride 16 (196 tokens at 224 px)
@@ -62,13 +63,14 @@ class ExperimentConfig:
     betas: tuple[float, ...] = (0.0, 1.0, 5.0, 20.0)  # beta grid tuned on val (R@1 at K=10)
     max_queries: int | None = None  # cap on test queries (None: every caption)
     video_clips: int = 400  # generated clips for the video variant (0 skips it)
-    video_epochs: int = 4  # epochs for each video model
+    video_epochs: int = 20  # epochs for each video model (200 steps)
     num_frames: int = 4  # frames sampled per clip (training, embedding and evaluation)
     seed: int = 0  # corpus and training seed
 
 
 QUICK = ExperimentConfig(preset="tiny", images=120, captions_per_image=2, image_size=32, slow_epochs=1, fast_epochs=1,
-                         batch_size=16, workers=1, rerank=(5, 10), betas=(0.0, 5.0), video_clips=60, video_epochs=1,
+                         batch_size=16, video_batch_size=16, workers=1, rerank=(5, 10), betas=(0.0, 5.0), video_clips=60,
+                         video_epochs=1,
                          num_frames=2, fine_levels=(16,), coarse_levels=(32,))
 
 
@@ -87,8 +89,9 @@ def make_corpus(out: str, cfg: ExperimentConfig, video: bool) -> dict[str, Any]:
             "seconds": round(result.seconds, 2)}
 
 
-def _train_kwargs(cfg: ExperimentConfig, epochs: int) -> dict[str, Any]:
-    return {"preset": cfg.preset, "epochs": epochs, "batch_size": cfg.batch_size, "workers": cfg.workers,
+def _train_kwargs(cfg: ExperimentConfig, epochs: int, video: bool = False) -> dict[str, Any]:
+    batch = cfg.video_batch_size if video else cfg.batch_size
+    return {"preset": cfg.preset, "epochs": epochs, "batch_size": batch, "workers": cfg.workers,
             "num_frames": cfg.num_frames, "seed": cfg.seed}
 
 
@@ -154,8 +157,8 @@ def train_models(corpus: str, workdir: str, cfg: ExperimentConfig, video: bool, 
     variants = [("slow_fine", cfg.fine_levels)] + ([] if video else [("slow_coarse", cfg.coarse_levels)])
     for name, levels in variants:
         record(name, lambda out, name=name, levels=levels: _train_slow_from(
-            corpus, out, _fresh_slow(corpus, out + "-init", cfg, levels), **_train_kwargs(cfg, slow_epochs)))
-    record("fast_nce", lambda out: train_fast(corpus, out, **_train_kwargs(cfg, fast_epochs)))
+            corpus, out, _fresh_slow(corpus, out + "-init", cfg, levels), **_train_kwargs(cfg, slow_epochs, video)))
+    record("fast_nce", lambda out: train_fast(corpus, out, **_train_kwargs(cfg, fast_epochs, video)))
     if video:  # the video claim is fast (mean-pooled frames) vs slow (frame tokens): no distillation run
         return runs
     record("fast_distilled", lambda out: distill(corpus, out, teacher=runs["slow_fine"]["dir"], alpha=cfg.alpha,
@@ -197,8 +200,9 @@ def train_models_inprocess(corpus: str, workdir: str, cfg: ExperimentConfig, vid
             order = list(range(len(data.keys)))
             rng.shuffle(order)
             losses = []
-            for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
-                idx = order[i : i + cfg.batch_size]
+            batch = cfg.video_batch_size if video else cfg.batch_size
+            for i in range(0, len(order) - batch + 1, batch):
+                idx = order[i : i + batch]
                 texts = [rng.choice(data.captions[j]) for j in idx]  # one sampled caption per image
                 loss = loss_fn(model, pixels[idx], texts)
                 optimizer.zero_grad()
