@@ -162,18 +162,20 @@ def test_accuracy_experiment_tiny_produces_complete_table(ray_session, tmp_path)
     acc = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = acc
     spec.loader.exec_module(acc)
-    cfg = dataclasses.replace(acc.QUICK, images=60, betas=(0.0, 1.0))
+    cfg = dataclasses.replace(acc.QUICK, images=60, betas=(0.0, 1.0), hard_negatives=True)
     result = acc.run_experiment(cfg, str(tmp_path / "work"), video=False, plots_prefix=tmp_path / "acc",
                                 out=tmp_path / "acc.json")
     methods = [r["method"] for r in result["images"]["rows"]]
     assert methods[0] == "fast (NCE)" and methods[1].startswith("slow exhaustive, fine")
     assert methods[2].startswith("slow exhaustive, coarse") and methods[3] == "fast distilled"
-    assert methods[4:] == [f"fast distilled+slow rerank@{k}" for k in cfg.rerank]
+    assert methods[4:-1] == [f"fast distilled+slow rerank@{k}" for k in cfg.rerank]
+    assert methods[-1] == "fast distilled, hard negatives"
     for row in result["images"]["rows"]:
         assert METRIC_KEYS <= set(row) and row["queries"] == result["images"]["num_queries"]
     assert [c["claim"] for c in result["claims"]][:3] == ["slow beats fast", "fine-grained beats coarse",
                                                           "distillation improves fast"]
-    assert len(result["claims"]) == 4 and all(isinstance(c["held"], bool) for c in result["claims"])
+    assert result["claims"][3]["claim"] == "distillation with hard negatives improves fast"
+    assert len(result["claims"]) == 5 and all(isinstance(c["held"], bool) for c in result["claims"])
     assert result["images"]["beta"] in cfg.betas
     assert all(Path(p).stat().st_size > 0 for p in result["plots"]) and len(result["plots"]) == 2
     assert "| claim | held? |" in acc.markdown(result)
