@@ -372,6 +372,7 @@ def evaluate(
     fast_name: str = "fast",
     slow_name: str = "slow",
     gallery: Gallery | None = None,
+    per_query_ranks: bool = False,
 ) -> dict[str, Any]:
     """Evaluate text-to-visual retrieval on ``split``; returns (and with ``out`` writes) the report.
 
@@ -380,7 +381,8 @@ def evaluate(
     ``embeddings``: an ``embed`` output whose fast vectors and fp16 tokens are used instead
     of running the image towers here. ``exhaustive=False`` skips the slow-over-everything
     row (Q·N slow evaluations). ``gallery``: a pre-loaded gallery (reused across calls by
-    the accuracy benchmark; ``corpus``/``split`` are then only recorded)."""
+    the accuracy benchmark; ``corpus``/``split`` are then only recorded). ``per_query_ranks``
+    adds ``ranks``: method -> each query's rank of its image (for paired comparisons)."""
     rerank = sorted({int(k) for k in rerank})
     if any(k < 1 for k in rerank):
         raise EvalError(f"--rerank values must be >= 1, got {rerank}")
@@ -409,6 +411,11 @@ def evaluate(
                 token_getter = lambda keys: tokens[[position[k] for k in keys]]  # noqa: E731
     queries = make_queries(gallery, max_queries, seed)
     methods: list[dict[str, Any]] = []
+    all_ranks: dict[str, list[int]] = {}
+
+    def add(row: dict[str, Any], ranks: np.ndarray) -> None:
+        methods.append(row)
+        all_ranks[row["method"]] = [int(r) for r in ranks]
 
     with timer.stage("fast"):
         t0 = time.perf_counter()
@@ -418,7 +425,8 @@ def evaluate(
         fast_s = time.perf_counter() - t0
     from thinkfast import metrics
 
-    methods.append(summarize(fast_name, metrics.ranks_from_scores(fast_scores, queries.target), 0, fast_s))
+    fast_ranks = metrics.ranks_from_scores(fast_scores, queries.target)
+    add(summarize(fast_name, fast_ranks, 0, fast_s), fast_ranks)
 
     if slow_model is not None and exhaustive:
         with timer.stage("slow_exhaustive"):
@@ -426,8 +434,8 @@ def evaluate(
             all_tokens = np.asarray(token_getter(gallery.keys))  # (N, T, D)
             slow_matrix = slow_exhaustive_scores(slow_model, all_tokens, queries.texts)  # (Q, N)
             slow_s = time.perf_counter() - t0
-        methods.append(summarize(slow_name, metrics.ranks_from_scores(slow_matrix, queries.target),
-                                 len(gallery.keys), slow_s))
+        slow_ranks = metrics.ranks_from_scores(slow_matrix, queries.target)
+        add(summarize(slow_name, slow_ranks, len(gallery.keys), slow_s), slow_ranks)
 
     sharded = None
     if index and slow_model is not None and rerank:
@@ -444,8 +452,8 @@ def evaluate(
                 candidates = exact_candidates(fast_scores, min(k, len(gallery.keys)))
             ranks, evals = rerank_ranks(slow_model, queries, gallery.keys, fast_scores, token_getter, candidates, beta)
             seconds = encode_s + time.perf_counter() - t0
-        methods.append(summarize(f"{fast_name}+{slow_name} rerank@{k}", ranks, evals, seconds, K=k,
-                                 **({"foreign_candidates": foreign} if sharded is not None else {})))
+        add(summarize(f"{fast_name}+{slow_name} rerank@{k}", ranks, evals, seconds, K=k,
+                      **({"foreign_candidates": foreign} if sharded is not None else {})), ranks)
 
     report: dict[str, Any] = {
         "corpus": str(corpus),
@@ -464,6 +472,8 @@ def evaluate(
         "methods": methods,
         "timings_s": timer.as_dict(),
     }
+    if per_query_ranks:
+        report["ranks"] = all_ranks
     if out:
         fs.write_json(out, report, s3_endpoint)
         logger.info("wrote %s", out)

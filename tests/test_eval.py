@@ -147,12 +147,7 @@ def test_video_corpus_fast_pools_frames_slow_sees_frame_tokens(tmp_path):
     assert tokens.shape[:2] == (len(gallery.keys), slow.num_visual_tokens(num_frames=3))  # tokens of every frame
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-def test_accuracy_experiment_tiny_produces_complete_table(ray_session, tmp_path):
-    """benchmarks/accuracy.py's code path (real training through pipelines.train) on a tiny
-    corpus: every row and claim of the table is there. Values are measured, not asserted."""
-    import dataclasses
+def _accuracy_module():
     import importlib.util
     import sys
     from pathlib import Path
@@ -162,6 +157,38 @@ def test_accuracy_experiment_tiny_produces_complete_table(ray_session, tmp_path)
     acc = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = acc
     spec.loader.exec_module(acc)
+    return acc
+
+
+def test_sign_test_matches_hand_computed_binomial():
+    acc = _accuracy_module()
+    # 8 queries only A ranks first, 2 only B, 3 both, 2 neither: n = 10 discordant
+    a = [1] * 8 + [3] * 2 + [1] * 3 + [2] * 2
+    b = [2] * 8 + [1] * 2 + [1] * 3 + [5] * 2
+    test = acc.sign_test(a, b)
+    assert (test["won"], test["lost"]) == (8, 2)
+    assert test["p"] == pytest.approx(2 * (1 + 10 + 45) / 1024, abs=1e-4)  # 2 P(X <= 2), X ~ Bin(10, 1/2)
+    assert acc.sign_test(a, a) == {"won": 0, "lost": 0, "p": 1.0}
+    claim = acc._paired({"claim": "x", "held": True, "evidence": "e"}, {"A": a, "B": b}, "A", "B")
+    assert claim["significant"] is False and "8 won / 2 lost" in claim["evidence"]
+    rows = [{"method": "video fast (NCE, mean over frames)", "R@1": 20.0, "K": None, "slow_evals_per_query": 0},
+            {"method": "video slow exhaustive (8 frame tokens)", "R@1": 66.7, "slow_evals_per_query": 40},
+            {"method": "video fast + slow rerank@5", "R@1": 60.0, "K": 5, "slow_evals_per_query": 5},
+            {"method": "video fast + slow rerank@10", "R@1": 66.0, "K": 10, "slow_evals_per_query": 10}]
+    video = acc.check_video_claims(rows, {rows[0]["method"]: [2, 2, 1], rows[1]["method"]: [1, 1, 1]})
+    assert [c["held"] for c in video] == [True, True] and video[0]["sign_test"] == {"won": 2, "lost": 0, "p": 0.5}
+    assert "K=10" in video[1]["evidence"]  # the smallest K within 1 point of slow
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_accuracy_experiment_tiny_produces_complete_table(ray_session, tmp_path):
+    """benchmarks/accuracy.py's code path (real training through pipelines.train) on a tiny
+    corpus: every row and claim of the table is there. Values are measured, not asserted."""
+    import dataclasses
+    from pathlib import Path
+
+    acc = _accuracy_module()
     cfg = dataclasses.replace(acc.QUICK, images=60, betas=(0.0, 1.0), hard_negatives=True)
     result = acc.run_experiment(cfg, str(tmp_path / "work"), video=False, plots_prefix=tmp_path / "acc",
                                 out=tmp_path / "acc.json")
@@ -175,6 +202,9 @@ def test_accuracy_experiment_tiny_produces_complete_table(ray_session, tmp_path)
     assert [c["claim"] for c in result["claims"]][:3] == ["slow beats fast", "fine-grained beats coarse",
                                                           "distillation improves fast"]
     assert result["claims"][3]["claim"] == "distillation with hard negatives improves fast"
+    ranks = result["images"]["ranks"]  # every row's per-query ranks: the claims' sign tests use them
+    assert set(methods) <= set(ranks) and all(len(ranks[m]) == result["images"]["num_queries"] for m in methods)
+    assert all("sign_test" in c for c in result["claims"][:4])
     assert len(result["claims"]) == 5 and all(isinstance(c["held"], bool) for c in result["claims"])
     assert result["images"]["beta"] in cfg.betas
     assert all(Path(p).stat().st_size > 0 for p in result["plots"]) and len(result["plots"]) == 2
