@@ -451,6 +451,7 @@ def plot(rows: list[dict[str, Any]], path_prefix: Path, title: str) -> list[str]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     reranked = sorted((r for r in rows if "rerank@" in r["method"]), key=lambda r: r["K"])
     if not reranked:
@@ -465,6 +466,7 @@ def plot(rows: list[dict[str, Any]], path_prefix: Path, title: str) -> list[str]
         ax.axhline(slow[metric], color=colour, ls="--", lw=1, label=f"slow exhaustive {metric}")
         ax.axhline(fast[metric], color=colour, ls=":", lw=1, label=f"fast {metric}")
     ax.set_xscale("log")
+    ax.minorticks_off()  # only the measured K values as ticks
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("K (candidates re-ranked by the slow model)")
     ax.set_ylabel("recall (%)")
@@ -481,6 +483,7 @@ def plot(rows: list[dict[str, Any]], path_prefix: Path, title: str) -> list[str]
     ax.axhline(fast["ms_per_query"], color="C2", ls=":", label="fast only")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the measured K values as ticks
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("K (candidates re-ranked by the slow model)")
     ax.set_ylabel("wall time per query (ms, amortised)")
