@@ -112,17 +112,10 @@ def _fresh_slow(corpus: str, out: str, cfg: ExperimentConfig, levels: tuple[int,
 
 
 def _train_slow_from(corpus: str, out: str, init: str, **overrides: Any) -> Any:
-    """``train_slow`` starting from ``init`` (the architecture variant): through the public
-    ``train_slow(init=...)`` when it takes one, else its driver ``run_training`` (same path)."""
-    import inspect
+    """``train_slow`` starting from ``init`` (the untrained architecture variant)."""
+    from pipelines.train import train_slow
 
-    from pipelines import train
-
-    if "init" in inspect.signature(train.train_slow).parameters:
-        return train.train_slow(corpus, out, init=init, **overrides)
-    from pipelines.train_config import build_config
-
-    return train.run_training("slow", corpus, out, build_config(overrides), init=init)
+    return train_slow(corpus, out, init=init, **overrides)
 
 
 def _finished(model_dir: str) -> dict[str, Any] | None:

@@ -58,10 +58,13 @@ class TrainResult:
 
 
 def train_slow(corpus: str, out: str, *, storage: str | None = None, resume: bool = False,
-               config_file: str | None = None, run_name: str | None = None, **overrides: Any) -> TrainResult:
-    """Train the slow cross-attention model (L_CA). ``overrides`` are TrainConfig fields."""
+               config_file: str | None = None, run_name: str | None = None, init: str | None = None,
+               **overrides: Any) -> TrainResult:
+    """Train the slow cross-attention model (L_CA). ``overrides`` are TrainConfig fields.
+    ``init``: start from a saved slow model (e.g. an architecture variant such as coarse-only
+    FPN levels, saved untrained) instead of the preset's fresh one."""
     config = build_config(overrides, config_file)
-    return run_training("slow", corpus, out, config, storage=storage, resume=resume, run_name=run_name)
+    return run_training("slow", corpus, out, config, storage=storage, resume=resume, run_name=run_name, init=init)
 
 
 def train_fast(corpus: str, out: str, *, storage: str | None = None, resume: bool = False,
@@ -110,9 +113,12 @@ def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, 
     from pipelines.train_data import inspect_corpus
 
     started = time.perf_counter()
-    for name, uri in (("--teacher", teacher), ("--init", init)):
+    wanted_kind = {"slow": "slow", "fast": "fast", "distill": "fast"}[objective]
+    for name, uri, kind in (("--teacher", teacher, "slow"), ("--init", init, wanted_kind)):
         if uri and not fs.exists(fs.join(uri, "config.json")):
             raise CheckpointError(f"{name} {uri} is not a model directory (no config.json)")
+        if uri and fs.read_json(fs.join(uri, "config.json")).get("thinkfast_model") != kind:
+            raise CheckpointError(f"{name} {uri} is not a {kind} model (objective {objective})")
     _start_ray(config)
     info = inspect_corpus(corpus)
     image_size = _image_size(objective, config, init)
@@ -342,8 +348,8 @@ def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
                         help="one GPU per worker (nccl)")
     for flag, typ, help_text in _TRAIN_FLAGS + (_DISTILL_FLAGS if name == "distill" else ()):
         parser.add_argument(f"--{flag}", type=typ, default=None, help=help_text)
-    if name in ("train-fast", "distill"):
-        parser.add_argument("--init", help="start from this fast model dir instead of a fresh preset")
+    kind = "slow" if name == "train-slow" else "fast"
+    parser.add_argument("--init", help=f"start from this {kind} model dir instead of a fresh preset")
     if name == "distill":
         parser.add_argument("--teacher", help="frozen slow teacher model dir (local or s3://)")
         parser.add_argument("--teacher-scores", help="precomputed teacher scores (thinkfast.pipelines.teacher_scores)")
@@ -361,7 +367,7 @@ def run_for(name: str, args: argparse.Namespace) -> int:
     common = {"storage": args.storage, "resume": args.resume, "config_file": args.config_file,
               "run_name": args.run_name}
     if objective == "slow":
-        result = train_slow(args.corpus, args.out, **common, **overrides)
+        result = train_slow(args.corpus, args.out, init=args.init, **common, **overrides)
     elif objective == "fast":
         result = train_fast(args.corpus, args.out, init=args.init, **common, **overrides)
     else:

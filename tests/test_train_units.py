@@ -140,3 +140,27 @@ def test_cli_parses_each_subcommand_and_rejects_missing_inputs(tmp_path, capsys)
     code = main(["distill", "--corpus", str(tmp_path), "--out", str(tmp_path / "o"), "--teacher", str(tmp_path / "nope")])
     assert code == 2
     assert "not a model directory" in capsys.readouterr().err
+
+
+def test_init_and_teacher_must_be_the_right_model_kind(tmp_path):
+    """--init of train-slow takes a slow model, of train-fast / distill a fast one, and the
+    teacher is slow: a mix-up fails on the driver, before Ray starts any worker."""
+    from pipelines.train import distill, train_fast, train_slow
+    from thinkfast.data.tokenizer import WordTokenizer
+    from thinkfast.errors import CheckpointError
+    from thinkfast.models.fast import FastModel
+    from thinkfast.models.slow import SlowModel
+
+    tok = WordTokenizer.build(["a red circle", "a blue square"])
+    fast, slow = str(tmp_path / "fast"), str(tmp_path / "slow")
+    FastModel.from_preset("tiny", tokenizer=tok).save_pretrained(fast)
+    SlowModel.from_preset("tiny", tokenizer=tok).save_pretrained(slow)
+    corpus, out = str(tmp_path / "corpus"), str(tmp_path / "out")
+    with pytest.raises(CheckpointError, match="--init .* is not a slow model"):
+        train_slow(corpus, out, init=fast, preset="tiny")
+    with pytest.raises(CheckpointError, match="--init .* is not a fast model"):
+        train_fast(corpus, out, init=slow, preset="tiny")
+    with pytest.raises(CheckpointError, match="--teacher .* is not a slow model"):
+        distill(corpus, out, teacher=fast, preset="tiny")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        train_slow(corpus, out, init=str(tmp_path), preset="tiny")
