@@ -137,7 +137,7 @@ def _one_list(values: list[Any]) -> np.ndarray:
 
 
 def precompute_teacher_scores(corpus: str, teacher: str, out: str, *, block_size: int = 64, rounds: int = 1,
-                              seed: int = 0, num_frames: int = 4, actors: int = 1,
+                              seed: int = 0, num_frames: int = 8, actors: int = 1,
                               cpus_per_actor: float = 1.0) -> TeacherScoresResult:
     """Run the job; see the module docstring. ``block_size`` should equal the distillation
     batch size (the blocks *are* its batches)."""
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=64, help="images per block = the distill batch size")
     parser.add_argument("--rounds", type=int, default=1, help="independent shufflings to store")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-frames", type=int, default=4, help="frames per video")
+    parser.add_argument("--num-frames", type=int, default=8, help="frames per video (as train and embed)")
     parser.add_argument("--actors", type=int, default=1, help="teacher actors in the pool")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     args = parser.parse_args(argv)

@@ -48,7 +48,7 @@ class TrainConfig:
     val_images: int = 512  # fast: val images embedded for R@1 (0 = no validation)
     val_pool: int = 32  # slow: val images re-ranked exhaustively for R@1 (0 = no validation)
     min_word_count: int = 1  # word vocabulary: drop words seen fewer times in the train split
-    num_frames: int = 4  # frames sampled per video (videos only)
+    num_frames: int = 8  # frames sampled per video (videos only; = embed and eval defaults, so serving sees what training saw)
     caption_sampling: Literal["sample", "all"] = "sample"  # one random caption per image per epoch, or every caption
     decode_batch_size: int = 64  # rows per Ray Data decode task
     cache_decoded: bool = True  # decode each split once and keep it in the object store (if it fits in a third)
