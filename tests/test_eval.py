@@ -194,8 +194,9 @@ def test_accuracy_experiment_tiny_produces_complete_table(ray_session, tmp_path)
                                 out=tmp_path / "acc.json")
     methods = [r["method"] for r in result["images"]["rows"]]
     assert methods[0] == "fast (NCE)" and methods[1].startswith("slow exhaustive, fine")
-    assert methods[2].startswith("slow exhaustive, coarse") and methods[3] == "fast distilled"
-    assert methods[4:-1] == [f"fast distilled+slow rerank@{k}" for k in cfg.rerank]
+    assert methods[2].startswith("slow exhaustive, coarse") and methods[3].startswith("slow exhaustive, all levels")
+    assert methods[4] == "fast distilled"
+    assert methods[5:-1] == [f"fast distilled+slow rerank@{k}" for k in cfg.rerank]
     assert methods[-1] == "fast distilled, hard negatives"
     for row in result["images"]["rows"]:
         assert METRIC_KEYS <= set(row) and row["queries"] == result["images"]["num_queries"]
@@ -205,7 +206,8 @@ def test_accuracy_experiment_tiny_produces_complete_table(ray_session, tmp_path)
     ranks = result["images"]["ranks"]  # every row's per-query ranks: the claims' sign tests use them
     assert set(methods) <= set(ranks) and all(len(ranks[m]) == result["images"]["num_queries"] for m in methods)
     assert all("sign_test" in c for c in result["claims"][:4])
-    assert len(result["claims"]) == 5 and all(isinstance(c["held"], bool) for c in result["claims"])
+    assert result["claims"][5]["claim"].startswith("more visual tokens")
+    assert len(result["claims"]) == 6 and all(isinstance(c["held"], bool) for c in result["claims"])
     assert result["images"]["beta"] in cfg.betas
     assert all(Path(p).stat().st_size > 0 for p in result["plots"]) and len(result["plots"]) == 2
     assert "| claim | held? |" in acc.markdown(result)
