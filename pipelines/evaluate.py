@@ -296,13 +296,36 @@ def index_candidates(
 ) -> tuple[tuple[np.ndarray, np.ndarray], int]:
     """Stage 1 through a FAISS ``ShardedIndex`` (ANN effects included, like the service).
 
-    Returns ((gallery indices (Q, k), scores (Q, k)), foreign) where keys the index holds
-    outside the evaluated gallery (other splits) become -1 slots and are counted."""
-    keys, scores = index.search(np.ascontiguousarray(text_embeddings, dtype=np.float32), k)  # (Q, k) each
+    The index may hold more than the evaluated gallery (it is built over every split, the
+    gallery is one split). Each query's candidates are its best ``k`` *gallery* keys in the
+    index's order: the search over-fetches (and widens until every query has ``k``, or the
+    whole index was searched), skipping other splits' keys instead of spending candidate
+    slots on them. Returns ((gallery indices (Q, k), scores (Q, k)), foreign) where
+    ``foreign`` counts the skipped keys; a slot stays -1 only when the index holds fewer
+    than ``k`` of the gallery's keys."""
     position = {key: i for i, key in enumerate(gallery_keys)}
-    idx = np.asarray([[position.get(str(key), -1) for key in row] for row in keys], dtype=np.int64)
-    foreign = int(sum(1 for row in keys for key in row if key not in (None, "") and str(key) not in position))
-    return (idx, np.asarray(scores, dtype=np.float32)), foreign
+    queries = np.ascontiguousarray(text_embeddings, dtype=np.float32)
+    total = max(len(index), 1)
+    fetch = min(total, max(k, int(np.ceil(1.5 * k * total / max(1, len(gallery_keys))))))
+    while True:
+        keys, scores = index.search(queries, fetch)  # (Q, fetch) each
+        idx = np.full((len(queries), k), -1, dtype=np.int64)
+        out = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        foreign = 0
+        for q, (row_keys, row_scores) in enumerate(zip(keys, scores)):
+            n = 0
+            for key, score in zip(row_keys, row_scores):
+                if n == k or key in (None, ""):
+                    break
+                i = position.get(str(key))
+                if i is None:
+                    foreign += 1
+                    continue
+                idx[q, n], out[q, n] = i, score
+                n += 1
+        if fetch >= total or bool((idx >= 0).all()):
+            return (idx, out), foreign
+        fetch = min(total, fetch * 4)
 
 
 # --------------------------------------------------------------------------- the evaluation

@@ -107,10 +107,15 @@ def test_embeddings_and_index_match_in_process(artifacts, ray_session):
         for key in ("R@1", "R@5", "R@10"):  # fp16 tokens may flip one near-tie, not more
             assert math.isclose(a[key], b[key], abs_tol=100.0 / 40 + 1e-6), (a, b)
     # on the test split the index (built over every split) also returns other splits' keys:
-    # they are counted, never silently ranked
+    # they are skipped and counted, and each query still gets its best 5 test-split images
     test_only = ev.evaluate(artifacts["corpus"], artifacts["fast"], artifacts["slow"], embeddings=emb, index=idx,
                             rerank=[5], exhaustive=False)
+    exact = ev.evaluate(artifacts["corpus"], artifacts["fast"], artifacts["slow"], embeddings=emb,
+                        rerank=[5], exhaustive=False)
     assert test_only["methods"][-1]["foreign_candidates"] > 0
+    assert test_only["methods"][-1]["slow_evals_per_query"] == exact["methods"][-1]["slow_evals_per_query"] == 5
+    for key in ("R@1", "R@5", "R@10"):  # Flat index = the exact top 5 of the split
+        assert math.isclose(test_only["methods"][-1][key], exact["methods"][-1][key], abs_tol=1e-6)
 
 
 def test_cli_prints_table_and_rejects_bad_input(artifacts, tmp_path, capsys):
