@@ -115,9 +115,13 @@ def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, 
     started = time.perf_counter()
     wanted_kind = {"slow": "slow", "fast": "fast", "distill": "fast"}[objective]
     for name, uri, kind in (("--teacher", teacher, "slow"), ("--init", init, wanted_kind)):
-        if uri and not fs.exists(fs.join(uri, "config.json")):
-            raise CheckpointError(f"{name} {uri} is not a model directory (no config.json)")
-        if uri and fs.read_json(fs.join(uri, "config.json")).get("thinkfast_model") != kind:
+        if not uri:
+            continue
+        try:
+            saved_kind = fs.read_json(fs.join(uri, "config.json")).get("thinkfast_model")
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{name} {uri} is not a model directory (no config.json)") from exc
+        if saved_kind != kind:
             raise CheckpointError(f"{name} {uri} is not a {kind} model (objective {objective})")
     _start_ray(config)
     info = inspect_corpus(corpus)

@@ -153,7 +153,7 @@ def test_submit_streams_logs_waits_and_returns_the_jobs_outcome(monkeypatch):
     monkeypatch.setattr(sub, "_client", lambda address: fake)
     monkeypatch.setattr(sub.time, "sleep", lambda s: None)
     out = io.StringIO()
-    result = sub.submit("http://head:8265", ["--", "index", "--embeddings", "s3://b/e", "--out", "s3://b/i"],
+    result = sub.submit("http://127.0.0.1:8265", ["--", "index", "--embeddings", "s3://b/e", "--out", "s3://b/i"],
                         working_dir=str(ROOT), entrypoint_resources={"worker_node": 1.0}, log_stream=out)  # fmt: skip
     assert out.getvalue() == "".join(fake.chunks)  # every chunk, in order
     assert (result.status, result.exit_code) == ("FAILED", 2)
@@ -167,7 +167,7 @@ def test_submit_streams_logs_waits_and_returns_the_jobs_outcome(monkeypatch):
 def test_submit_no_wait_returns_at_once(monkeypatch, capsys):
     fake = _FakeJobs("SUCCEEDED", 0, ["never streamed\n"])
     monkeypatch.setattr(sub, "_client", lambda address: fake)
-    code = main(["submit", "--address", "http://head:8265", "--no-wait", "--submission-id", "tf-1", "--", "synth", "--out", "s3://b/c", "--images", "4"])
+    code = main(["submit", "--address", "http://127.0.0.1:8265", "--no-wait", "--submission-id", "tf-1", "--", "synth", "--out", "s3://b/c", "--images", "4"])
     assert code == 0
     assert capsys.readouterr().out.strip() == "tf-1"
     assert fake.polls == 0  # nothing waited for

@@ -180,9 +180,13 @@ def test_sign_test_matches_hand_computed_binomial():
             {"method": "video slow exhaustive (8 frame tokens)", "R@1": 66.7, "slow_evals_per_query": 40},
             {"method": "video fast + slow rerank@5", "R@1": 60.0, "K": 5, "slow_evals_per_query": 5},
             {"method": "video fast + slow rerank@10", "R@1": 66.0, "K": 10, "slow_evals_per_query": 10}]
-    video = acc.check_video_claims(rows, {rows[0]["method"]: [2, 2, 1], rows[1]["method"]: [1, 1, 1]})
+    for r in rows:
+        r["ms_per_query"] = 1.0
+    video = acc.check_video_claims(rows, 40, {rows[0]["method"]: [2, 2, 1], rows[1]["method"]: [1, 1, 1]})
     assert [c["held"] for c in video] == [True, True] and video[0]["sign_test"] == {"won": 2, "lost": 0, "p": 0.5}
     assert "K=10" in video[1]["evidence"]  # the smallest K within 1 point of slow
+    # K=10 is no "small K" over a 30-clip gallery (more than a quarter of it)
+    assert acc.check_video_claims(rows, 30)[1]["held"] is False
 
 
 @pytest.mark.slow
@@ -216,4 +220,6 @@ def test_accuracy_experiment_tiny_produces_complete_table(ray_session, tmp_path)
     assert result["images"]["beta"] in cfg.betas
     assert all(Path(p).stat().st_size > 0 for p in result["plots"]) and len(result["plots"]) == 2
     assert "| claim | held? |" in acc.markdown(result)
-    assert json.loads((tmp_path / "acc.json").read_text())["claims"] == result["claims"]
+    saved = json.loads((tmp_path / "acc.json").read_text())
+    assert saved["claims"] == result["claims"] and "ranks" not in saved["images"]
+    assert json.loads((tmp_path / saved["ranks_file"]).read_text())["images"] == ranks

@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
+import os
 import shutil
 import subprocess
 import urllib.parse
@@ -242,7 +243,9 @@ def test_search_cli_prints_results(service, artifacts, capsys) -> None:
     assert "HTTP 422" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+@pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("THINKFAST_REQUIRE_CHROMIUM"),
+                    reason="Debian's chromium is not installed (.ci/run installs it and sets THINKFAST_REQUIRE_CHROMIUM=1, "
+                           "so CI fails instead of skipping)")
 def test_page_shows_thumbnails_in_headless_chromium(service, artifacts) -> None:
     query = urllib.parse.quote(artifacts.captions[4])
     proc = subprocess.run(
