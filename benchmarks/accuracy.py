@@ -4,7 +4,7 @@
     python benchmarks/accuracy.py --quick    # tiny preset, a few minutes: the code path only
 
 Generates a corpus (``thinkfast.data.synth``), trains with the project's own training
-functions (``pipelines.train``: Ray Train), then evaluates with ``pipelines.evaluate``
+functions (``thinkfast_pipelines.train``: Ray Train), then evaluates with ``thinkfast_pipelines.evaluate``
 (the ``thinkfast eval`` code path, which re-ranks through ``thinkfast.rerank`` like the
 service) on the test split, every caption a query:
 
@@ -114,7 +114,7 @@ def _fresh_slow(corpus: str, out: str, cfg: ExperimentConfig, levels: tuple[int,
 
 def _train_slow_from(corpus: str, out: str, init: str, **overrides: Any) -> Any:
     """``train_slow`` starting from ``init`` (the untrained architecture variant)."""
-    from pipelines.train import train_slow
+    from thinkfast_pipelines.train import train_slow
 
     return train_slow(corpus, out, init=init, **overrides)
 
@@ -132,7 +132,7 @@ def train_models(corpus: str, workdir: str, cfg: ExperimentConfig, video: bool, 
     """Train slow (fine, and coarse for images), fast NCE and fast distilled; returns model
     dirs and each run's seconds and history. ``reuse`` keeps models a previous (interrupted)
     run of the same workdir finished, so a long experiment can be resumed."""
-    from pipelines.train import distill, train_fast
+    from thinkfast_pipelines.train import distill, train_fast
 
     slow_epochs = cfg.video_epochs if video else cfg.slow_epochs
     fast_epochs = cfg.video_epochs if video else cfg.fast_epochs
@@ -170,9 +170,9 @@ def _distill_hard_negatives(corpus: str, out: str, workdir: str, runs: dict[str,
                             epochs: int) -> Any:
     """The paper's other B_i source: embed the corpus with the NCE model, index it, and
     distil (from scratch, same schedule) with batches of index-neighbour groups."""
-    from pipelines.embed import embed
-    from pipelines.index import build_index
-    from pipelines.train import distill
+    from thinkfast_pipelines.embed import embed
+    from thinkfast_pipelines.index import build_index
+    from thinkfast_pipelines.train import distill
 
     emb, index = os.path.join(workdir, "emb_nce"), os.path.join(workdir, "index_nce")
     embed(corpus, emb, runs["fast_nce"]["dir"], None)
@@ -183,17 +183,17 @@ def _distill_hard_negatives(corpus: str, out: str, workdir: str, runs: dict[str,
 
 def train_models_inprocess(corpus: str, workdir: str, cfg: ExperimentConfig, video: bool) -> dict[str, Any]:
     """FALLBACK trainer: the same four (or two, for video) models trained by a plain
-    single-process torch loop over ``thinkfast.losses`` instead of ``pipelines.train``.
+    single-process torch loop over ``thinkfast.losses`` instead of ``thinkfast_pipelines.train``.
 
     Used (``--trainer inprocess``) when Ray cannot start its workers in time, as on the
     saturated build machine where this table was measured; same objectives, AdamW, batch
-    and epochs, no warm-up/cosine schedule, no validation. ``pipelines.train`` is the
+    and epochs, no warm-up/cosine schedule, no validation. ``thinkfast_pipelines.train`` is the
     project's training path; this loop only exists so the experiment can still be measured."""
     import random
 
     import torch
 
-    from pipelines.evaluate import load_gallery
+    from thinkfast_pipelines.evaluate import load_gallery
     from thinkfast import FastModel, SlowModel
     from thinkfast.data.tokenizer import WordTokenizer
     from thinkfast.losses import caption_loss, fast_distill_loss, nce_loss
@@ -270,7 +270,7 @@ def train_models_inprocess(corpus: str, workdir: str, cfg: ExperimentConfig, vid
 def tune_beta(corpus: str, runs: dict[str, Any], cfg: ExperimentConfig) -> tuple[float, list[dict[str, Any]]]:
     """β of ``h + β·s_fast`` chosen on the val split (R@1, then R@5, at K=10): DESIGN says
     K and β are configuration tuned on validation, never on the test queries."""
-    from pipelines.evaluate import evaluate, load_gallery
+    from thinkfast_pipelines.evaluate import evaluate, load_gallery
 
     fast, slow = _models(runs, "fast_distilled", "slow_all")
     gallery = load_gallery(corpus, "val", cfg.num_frames, check_decode_size=fast.config.image_size)
@@ -303,7 +303,7 @@ def evaluate_images(corpus: str, runs: dict[str, Any], cfg: ExperimentConfig, be
     """The image table: every row the issue asks for, on one shared test gallery. The slow
     model of the two-stage rows (and the distillation teacher) is the whole pyramid, as in
     the demo and the service; fine-only and coarse-only are the token-count ablations."""
-    from pipelines.evaluate import evaluate, load_gallery
+    from thinkfast_pipelines.evaluate import evaluate, load_gallery
 
     fast_nce, slow = _models(runs, "fast_nce", "slow_all")
     fast_dist, slow_fine = _models(runs, "fast_distilled", "slow_fine")
@@ -335,7 +335,7 @@ def evaluate_images(corpus: str, runs: dict[str, Any], cfg: ExperimentConfig, be
 def evaluate_video(corpus: str, runs: dict[str, Any], cfg: ExperimentConfig, beta: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The video table: fast mean-pooled over frames vs slow over frame tokens, and the
     fast model's top-K re-ranked by the slow one."""
-    from pipelines.evaluate import evaluate, load_gallery
+    from thinkfast_pipelines.evaluate import evaluate, load_gallery
 
     fast, slow = _models(runs, "fast_nce", "slow_all")
     gallery = load_gallery(corpus, "test", cfg.num_frames, check_decode_size=fast.config.image_size)
@@ -507,7 +507,7 @@ def plot(rows: list[dict[str, Any]], path_prefix: Path, title: str) -> list[str]
 
 def markdown(result: dict[str, Any]) -> str:
     """The tables and verdicts as Markdown (what docs/RESULTS.md holds)."""
-    from pipelines.evaluate import format_table
+    from thinkfast_pipelines.evaluate import format_table
 
     out = []
     for name in ("images", "video"):
@@ -538,12 +538,12 @@ def run_experiment(cfg: ExperimentConfig, workdir: str, video: bool = True, plot
     started = time.perf_counter()
     result: dict[str, Any] = {"config": dataclasses.asdict(cfg), "workdir": workdir}
     if trainer == "ray":
-        from pipelines.ray_utils import init_ray
+        from thinkfast_pipelines.ray_utils import init_ray
 
         init_ray()
     corpus = os.path.join(workdir, "corpus")
     result["corpus"] = _corpus(corpus, cfg, False, reuse)
-    result["trainer"] = "pipelines.train (Ray Train)" if trainer == "ray" else "in-process fallback loop"
+    result["trainer"] = "thinkfast_pipelines.train (Ray Train)" if trainer == "ray" else "in-process fallback loop"
     train = train_models if trainer == "ray" else (lambda c, w, cf, video, reuse: train_models_inprocess(c, w, cf, video))
     runs = train(corpus, os.path.join(workdir, "models"), cfg, video=False, reuse=reuse)
     beta, trials = tune_beta(corpus, runs, cfg)
@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="override the Ray Train workers")
     parser.add_argument("--reuse", action="store_true", help="resume: keep the corpora and finished models in --workdir")
     parser.add_argument("--trainer", choices=("ray", "inprocess"), default="ray",
-                        help="ray: pipelines.train (default); inprocess: the single-process fallback loop")
+                        help="ray: thinkfast_pipelines.train (default); inprocess: the single-process fallback loop")
     parser.add_argument("--hard-negatives", action="store_true",
                         help="also distil with B_i from the NCE model's index neighbours (Ray trainer only)")
     args = parser.parse_args(argv)

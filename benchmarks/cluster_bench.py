@@ -42,7 +42,7 @@ def _cli(*args: str, timeout: float = 900) -> tuple[float, subprocess.CompletedP
     """Run ``thinkfast ARGS`` in a fresh process; (seconds, result). Fails loudly."""
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "thinkfast_pipelines.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
@@ -54,7 +54,7 @@ def _package_size() -> tuple[int, int]:
     """(files, bytes) of the zip Ray's job client builds from this checkout."""
     import zipfile
 
-    from pipelines.submit import build_runtime_env
+    from thinkfast_pipelines.cluster.submit import build_runtime_env
     from ray._private.runtime_env.packaging import create_package
 
     env = build_runtime_env(str(REPO))

@@ -6,7 +6,7 @@ Both sides embed the same generated corpus with the same untrained ``small`` (or
 * ``bare``: the images are decoded up front (not timed), then one process runs
   ``FastModel.encode_image`` and ``SlowModel.encode_visual`` over them in batches with
   torch using every core. This is the ceiling: model time only.
-* ``pipeline``: ``pipelines.embed.embed`` end to end: Parquet read, decode, the actor
+* ``pipeline``: ``thinkfast_pipelines.embed.embed`` end to end: Parquet read, decode, the actor
   pool, and writing fast/, tokens/, rejected/ (the ``embed_media`` stage of its
   StageTimer; Ray start-up and the driver's model probe are reported apart).
 
@@ -148,7 +148,7 @@ def pipeline(corpus: str, fast_dir: str, slow_dir: str, out: str, actors: int, b
     """Run ``embed``: one row end to end (its ``embed_media`` stage, actor start-up
     included) and one steady-state row (first to last write, see EmbeddingSink).
     Memory: peak RSS summed over the driver and every Ray process during the run."""
-    from pipelines.embed import EmbedConfig, embed
+    from thinkfast_pipelines.embed import EmbedConfig, embed
 
     config = EmbedConfig(actors=actors, batch_size=batch_size, threads=threads, progress=False,
                          rows_per_write=rows_per_write)
@@ -170,7 +170,7 @@ def _start_ray(cores: int, attempts: int = 3) -> None:
     fixed 30 s registration window ("The current node timed out during startup")."""
     import ray
 
-    from pipelines.ray_utils import init_ray
+    from thinkfast_pipelines.ray_utils import init_ray
 
     for attempt in range(1, attempts + 1):
         try:

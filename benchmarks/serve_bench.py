@@ -85,9 +85,9 @@ def build_artifacts(workdir: Path, images: int, preset: str, shards: int, seed: 
     """Generated corpus -> untrained models -> embed -> index; reused when already built."""
     import torch
 
-    from pipelines.embed import EmbedConfig, embed
-    from pipelines.index import build_index
-    from pipelines.synth import synth
+    from thinkfast_pipelines.embed import EmbedConfig, embed
+    from thinkfast_pipelines.index import build_index
+    from thinkfast_pipelines.synth import synth
     from thinkfast import FastModel, SlowModel
     from thinkfast.data.reader import read_table
     from thinkfast.data.tokenizer import WordTokenizer
@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import serve as ray_serve
 
-    from pipelines.ray_utils import init_ray
-    from pipelines.serve import serve
+    from thinkfast_pipelines.ray_utils import init_ray
+    from thinkfast_pipelines.serve import serve
 
     workdir = Path(ns.workdir) if ns.workdir else Path(tempfile.mkdtemp(prefix="serve_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -5,15 +5,15 @@ One run, one generated corpus, the same cores for every row:
 1. **Throughput** (fast objective, NCE): steps/s and pairs/s of
    * ``bare``: one process, the train split decoded into memory up front, the same model,
      objective, optimizer and batch size, torch using every core;
-   * ``ray-1`` / ``ray-2``: ``pipelines.train.train_fast`` with 1 and 2 Ray Train workers
+   * ``ray-1`` / ``ray-2``: ``thinkfast_pipelines.train.train_fast`` with 1 and 2 Ray Train workers
      (DDP over gloo; each worker's batch is the same size, so 2 workers do 2x the pairs
      per step). Measured on the last epoch (the decoded split is cached after the first),
      plus the run's whole wall time (Ray start, worker start-up, decode, checkpoints).
 2. **Distillation sources**: ``distill`` with the teacher scoring each batch online vs the
-   Ray Data precompute job (``pipelines.teacher_scores``) + ``distill --teacher-scores``.
+   Ray Data precompute job (``thinkfast_pipelines.train.teacher_scores``) + ``distill --teacher-scores``.
 3. **Accuracy** (skipped with ``--skip-accuracy``): R@1/5/10 on the test split of fast
    (NCE), fast distilled (online and precomputed) and slow (exhaustive) after the default
-   schedule, via ``pipelines.evaluate.evaluate``.
+   schedule, via ``thinkfast_pipelines.evaluate.evaluate``.
 
     python benchmarks/train_bench.py             # small preset, 2000 images
     python benchmarks/train_bench.py --quick     # tiny preset, 300 images, 1-2 epochs
@@ -57,9 +57,9 @@ def bare_loop(corpus: str, preset: str, batch: int, steps: int, seed: int) -> Ro
     import numpy as np
     import torch
 
-    from pipelines.train_data import decode_rows, inspect_corpus, sample_captions
-    from pipelines.train_objectives import FastObjective
-    from pipelines.train_state import learning_rate
+    from thinkfast_pipelines.train.data import decode_rows, inspect_corpus, sample_captions
+    from thinkfast_pipelines.train.objectives import FastObjective
+    from thinkfast_pipelines.train.state import learning_rate
     from thinkfast.data import reader
     from thinkfast.data.tokenizer import WordTokenizer
     from thinkfast.models.fast import FastModel
@@ -99,7 +99,7 @@ def bare_loop(corpus: str, preset: str, batch: int, steps: int, seed: int) -> Ro
 
 
 def ray_row(corpus: str, work: str, preset: str, batch: int, workers: int, epochs: int, seed: int) -> Row:
-    from pipelines.train import train_fast
+    from thinkfast_pipelines.train import train_fast
 
     started = time.perf_counter()
     result = train_fast(corpus, os.path.join(work, f"fast-ray{workers}"), preset=preset, batch_size=batch,
@@ -123,8 +123,8 @@ def distill_and_accuracy(corpus: str, work: str, preset: str, batch: int, epochs
     precomputed scores; then eval. ``fast (NCE, same steps)`` trains NCE alone for as many
     epochs as fast + distil together: the control that says whether distillation, rather
     than the extra epochs, moved R@1."""
-    from pipelines.teacher_scores import precompute_teacher_scores
-    from pipelines.train import distill, train_fast, train_slow
+    from thinkfast_pipelines.train.teacher_scores import precompute_teacher_scores
+    from thinkfast_pipelines.train import distill, train_fast, train_slow
 
     common = {"preset": preset, "batch_size": batch, "workers": workers, "seed": seed}
     slow, slow_s = timed(train_slow, corpus, f"{work}/slow", epochs=epochs["slow"], **common)
@@ -155,7 +155,7 @@ def distill_and_accuracy(corpus: str, work: str, preset: str, batch: int, epochs
                                         / max(out["training_loop_s"]["distill_from_scores"], 1e-9), 2)
     out["distill_speedup_end_to_end"] = round(online_s / max(pre_s + from_s, 1e-9), 2)
     if accuracy:
-        from pipelines.evaluate import evaluate
+        from thinkfast_pipelines.evaluate import evaluate
 
         rows = []
         for name, fast_dir in (("fast (NCE)", fast.out),
@@ -194,7 +194,7 @@ def main() -> int:
     images = args.images or (300 if args.quick else 2000)
     batch = args.batch_size or (16 if args.quick else 64)
     # the demo's schedule (what the end-to-end experiment builds on); --quick: one epoch each
-    from pipelines.demo import DemoConfig
+    from thinkfast_pipelines.demo import DemoConfig
 
     demo = DemoConfig()
     epochs = ({"slow": 1, "fast": 1, "distill": 1} if args.quick
@@ -202,7 +202,7 @@ def main() -> int:
     workers = 1 if args.quick else demo.workers
     work = args.workdir or tempfile.mkdtemp(prefix="train_bench-")
 
-    from pipelines.ray_utils import init_ray
+    from thinkfast_pipelines.ray_utils import init_ray
     from thinkfast.data.synth import SynthConfig, write_synth
     from thinkfast.models.config import fast_preset
 

@@ -1,6 +1,6 @@
 """The ``thinkfast`` command. Each subcommand lives in its own module under ``pipelines/``
 and exposes ``add_arguments(parser)`` and ``run(args) -> int``; the same module exposes a
-plain Python function (e.g. ``pipelines.embed.embed(...)``) that ``run`` calls, so the
+plain Python function (e.g. ``thinkfast_pipelines.embed.embed(...)``) that ``run`` calls, so the
 CLI and the Python API are one code path. Modules are imported only when their
 subcommand runs, so ``thinkfast --help`` is instant and nothing heavy loads at import.
 """
@@ -16,17 +16,17 @@ from thinkfast.errors import ThinkfastError
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("pipelines.synth", "write a generated compositional corpus (images or videos) as Parquet"),
-    "embed": ("pipelines.embed", "Ray Data: decode a corpus, write fast embeddings, slow tokens and rejected rows"),
-    "train-slow": ("pipelines.train", "Ray Train: train the slow cross-attention model (L_CA)"),
-    "train-fast": ("pipelines.train", "Ray Train: train the fast dual encoder (L_DE, NCE)"),
-    "distill": ("pipelines.train", "Ray Train: distil a frozen slow teacher into the fast model"),
-    "index": ("pipelines.index", "build a sharded FAISS index from fast embeddings"),
-    "eval": ("pipelines.evaluate", "text-to-visual retrieval metrics: fast, slow, re-ranked"),
-    "serve": ("pipelines.serve", "Ray Serve: two-stage search service with HTTP API and page"),
-    "search": ("pipelines.search", "query a running service"),
-    "demo": ("pipelines.demo", "everything end to end on generated data, local Ray"),
-    "submit": ("pipelines.submit", "run any subcommand as a Ray job on a cluster"),
+    "synth": ("thinkfast_pipelines.synth", "write a generated compositional corpus (images or videos) as Parquet"),
+    "embed": ("thinkfast_pipelines.embed", "Ray Data: decode a corpus, write fast embeddings, slow tokens and rejected rows"),
+    "train-slow": ("thinkfast_pipelines.train.run", "Ray Train: train the slow cross-attention model (L_CA)"),
+    "train-fast": ("thinkfast_pipelines.train.run", "Ray Train: train the fast dual encoder (L_DE, NCE)"),
+    "distill": ("thinkfast_pipelines.train.run", "Ray Train: distil a frozen slow teacher into the fast model"),
+    "index": ("thinkfast_pipelines.index", "build a sharded FAISS index from fast embeddings"),
+    "eval": ("thinkfast_pipelines.evaluate", "text-to-visual retrieval metrics: fast, slow, re-ranked"),
+    "serve": ("thinkfast_pipelines.serve.run", "Ray Serve: two-stage search service with HTTP API and page"),
+    "search": ("thinkfast_pipelines.search", "query a running service"),
+    "demo": ("thinkfast_pipelines.demo", "everything end to end on generated data, local Ray"),
+    "submit": ("thinkfast_pipelines.cluster.submit", "run any subcommand as a Ray job on a cluster"),
 }
 
 

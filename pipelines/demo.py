@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
+from thinkfast.utils.paths import user_paths
 from thinkfast.errors import ThinkfastError
 from thinkfast.utils import fs
 
@@ -97,6 +98,7 @@ def _example_queries(corpus: str, n: int = 3) -> list[str]:
     return captions + list(FREE_QUERIES)
 
 
+@user_paths("workdir")
 def demo(
     workdir: str = "runs/demo",
     *,
@@ -112,14 +114,14 @@ def demo(
     ``keep_serving`` the service stays up (blocking until Ctrl-C) after the summary."""
     import ray
 
-    from pipelines.embed import EmbedConfig, embed
-    from pipelines.evaluate import evaluate, format_table
-    from pipelines.index import build_index
-    from pipelines.ray_utils import init_ray
-    from pipelines.search import print_results, search
-    from pipelines.serve import serve
-    from pipelines.synth import synth
-    from pipelines.train import distill, train_fast, train_slow
+    from thinkfast_pipelines.embed import EmbedConfig, embed
+    from thinkfast_pipelines.evaluate import evaluate, format_table
+    from thinkfast_pipelines.index import build_index
+    from thinkfast_pipelines.ray_utils import init_ray
+    from thinkfast_pipelines.search import print_results, search
+    from thinkfast_pipelines.serve import serve
+    from thinkfast_pipelines.synth import synth
+    from thinkfast_pipelines.train import distill, train_fast, train_slow
 
     cfg = config or (TINY if tiny else DemoConfig())
     os.makedirs(workdir, exist_ok=True)

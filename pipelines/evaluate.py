@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from thinkfast.utils.paths import user_paths
 from thinkfast.errors import ThinkfastError
 from thinkfast.utils import fs
 from thinkfast.utils.timer import StageTimer
@@ -374,6 +375,7 @@ def _embedding_sources(
     return vectors[[position[k] for k in gallery.keys]], (store.get if store is not None else None)
 
 
+@user_paths("corpus", "index", "embeddings", "out", models=("fast", "slow"))
 def evaluate(
     corpus: str,
     fast: Any,

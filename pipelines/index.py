@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from thinkfast.utils.paths import user_paths
 from thinkfast.errors import ThinkfastError
 from thinkfast.index import build as B
 from thinkfast.index.manifest import MANIFEST_NAME, TRAINED_NAME, IndexManifest, ShardRecord, read_manifest
@@ -100,6 +101,7 @@ def identity_from_embeddings(embeddings: str, s3_endpoint: str | None = None) ->
     return fast.get("identity") if isinstance(fast, dict) else None
 
 
+@user_paths("embeddings", "out")
 def build_index(
     embeddings: str,
     out: str,
@@ -160,7 +162,7 @@ def _ray_mapper(address: str | None, cpus_per_task: float) -> ShardMapper:
     def mapper(plan: B.BuildPlan, trained: bytes) -> list[ShardRecord]:
         import ray
 
-        from pipelines.ray_utils import init_ray
+        from thinkfast_pipelines.ray_utils import init_ray
 
         init_ray(address=address)
         task = ray.remote(num_cpus=cpus_per_task, max_retries=2)(B.build_shard)
@@ -212,6 +214,7 @@ def _delete_stale_shards(out: str, manifest: IndexManifest, s3_endpoint: str | N
             logger.info("deleted stale %s", name)
 
 
+@user_paths("embeddings", "index_uri")
 def append_to_index(
     embeddings: str, index_uri: str, shard_size: int | None = None, s3_endpoint: str | None = None
 ) -> IndexManifest:
@@ -230,6 +233,7 @@ def append_to_index(
     return read_manifest(index_uri, s3_endpoint)
 
 
+@user_paths("index_uri")
 def remove_keys(index_uri: str, keys: Sequence[str], s3_endpoint: str | None = None) -> int:
     """Tombstone ``keys`` in the index at ``index_uri`` (unknown keys are an error)."""
     from thinkfast.index.sharded import ShardedIndex

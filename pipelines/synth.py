@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 
+from thinkfast.utils.paths import user_paths
 from thinkfast.data.synth import SynthConfig, SynthResult, write_synth
 
 logger = logging.getLogger(__name__)
 
 
+@user_paths("out")
 def synth(
     out: str,
     images: int = 1000,

@@ -79,7 +79,7 @@ def ray_session(s3_server):
     S3 environment."""
     import ray
 
-    from pipelines.ray_utils import init_ray
+    from thinkfast_pipelines.ray_utils import init_ray
 
     init_ray(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024 * 1024)
     yield ray

@@ -239,18 +239,18 @@ def _group_capacity(group: dict) -> tuple[float, int]:
 
 
 def _job_commands(entrypoint: str) -> list[list[str]]:
-    """``python -m pipelines.cli SUB FLAGS... && ...`` -> [[SUB, FLAGS...], ...]."""
+    """``python -m thinkfast_pipelines.cli SUB FLAGS... && ...`` -> [[SUB, FLAGS...], ...]."""
     commands = []
     for part in re.split(r"\s*&&\s*", entrypoint.strip()):
         argv = shlex.split(part)
-        assert argv[:3] == ["python", "-m", "pipelines.cli"], f"entrypoint must run the thinkfast CLI: {part!r}"
+        assert argv[:3] == ["python", "-m", "thinkfast_pipelines.cli"], f"entrypoint must run the thinkfast CLI: {part!r}"
         commands.append(argv[3:])
     return commands
 
 
 def _parse(argv: list[str]):
     """Parse with the real ``thinkfast`` parser; argparse errors fail the test loudly."""
-    from pipelines.cli import build_parser
+    from thinkfast_pipelines.cli import build_parser
 
     try:
         return build_parser(argv[0]).parse_args(argv)
@@ -405,7 +405,7 @@ def test_rayservice_serve_config_is_serve_yaml_verbatim():
 def test_serve_yaml_is_a_config_serve_run_accepts_and_fits_the_rayservice_cluster():
     from ray.serve.schema import ServeDeploySchema
 
-    from pipelines.serve_app.args import ServeArgs
+    from thinkfast_pipelines.serve.args import ServeArgs
 
     config = yaml.safe_load((CLUSTER / "serve.yaml").read_text())
     ServeDeploySchema.model_validate(config)

@@ -57,7 +57,7 @@ def _cluster_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
     env.pop("RAY_ADDRESS", None)
-    # jobs run `python -m pipelines.cli`: make that this venv's python even when the
+    # jobs run `python -m thinkfast_pipelines.cli`: make that this venv's python even when the
     # suite was started as .venv/bin/python without activating the venv
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
@@ -200,7 +200,7 @@ def two_node_cluster():
 def _thinkfast(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """The real ``thinkfast`` command line, as a user runs it (exit code included)."""
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
+        [sys.executable, "-m", "thinkfast_pipelines.cli", *args],
         cwd=ROOT,
         env=dict(os.environ),
         capture_output=True,
@@ -271,7 +271,7 @@ def s3_corpus(two_node_cluster, s3_server):
 def test_submit_streams_the_jobs_logs_and_reports_success(s3_corpus):
     _, _, synth_job = s3_corpus  # `thinkfast submit -- synth` wrote the corpus the other tests use
     assert f"Running entrypoint for job {_job_id(synth_job.stderr)}" in synth_job.stdout  # streamed
-    assert "python -m pipelines.cli synth --out s3://tf-cluster-embed/corpus" in synth_job.stdout
+    assert "python -m thinkfast_pipelines.cli synth --out s3://tf-cluster-embed/corpus" in synth_job.stdout
     assert synth_job.stderr.strip().splitlines()[-1].endswith("SUCCEEDED")
 
 
@@ -349,7 +349,7 @@ def test_plain_ray_job_submit_as_in_the_readme(two_node_cluster, s3_corpus, embe
     proc = subprocess.run(
         [RAY_BIN, "job", "submit", "--address", two_node_cluster.dashboard_url, "--working-dir", str(ROOT),
          "--runtime-env-json", json.dumps(runtime_env), "--",
-         "python", "-m", "pipelines.cli", "index", "--embeddings", emb, "--out", f"{bucket}/index-plain"],
+         "python", "-m", "thinkfast_pipelines.cli", "index", "--embeddings", emb, "--out", f"{bucket}/index-plain"],
         cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import submit as sub
-from pipelines.cli import main
+from thinkfast_pipelines.cluster import submit as sub
+from thinkfast_pipelines.cli import main
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_entrypoint_runs_the_subcommand_through_python_m_and_quotes_flags():
     entry = sub.build_entrypoint(["--", "embed", "--corpus", "s3://b/my corpus", "--out", "s3://b/o"])
-    assert entry == "python -m pipelines.cli embed --corpus 's3://b/my corpus' --out s3://b/o"
-    assert sub.build_entrypoint(["-v", "index", "--out", "o"]) == "python -m pipelines.cli -v index --out o"
+    assert entry == "python -m thinkfast_pipelines.cli embed --corpus 's3://b/my corpus' --out s3://b/o"
+    assert sub.build_entrypoint(["-v", "index", "--out", "o"]) == "python -m thinkfast_pipelines.cli -v index --out o"
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def test_submit_streams_logs_waits_and_returns_the_jobs_outcome(monkeypatch):
     assert out.getvalue() == "".join(fake.chunks)  # every chunk, in order
     assert (result.status, result.exit_code) == ("FAILED", 2)
     assert result.error_line == "thinkfast index: error: no embeddings at s3://b/e"
-    assert fake.submitted["entrypoint"] == "python -m pipelines.cli index --embeddings s3://b/e --out s3://b/i"
+    assert fake.submitted["entrypoint"] == "python -m thinkfast_pipelines.cli index --embeddings s3://b/e --out s3://b/i"
     assert fake.submitted["runtime_env"]["working_dir"] == str(ROOT)
     assert fake.submitted["entrypoint_resources"] == {"worker_node": 1.0}
     assert fake.submitted["metadata"] == {"thinkfast_command": "index"}

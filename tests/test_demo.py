@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from pipelines import demo as demo_mod
+from thinkfast_pipelines import demo as demo_mod
 
 
 @pytest.mark.slow
@@ -44,7 +44,7 @@ def test_demo_tiny_end_to_end(ray_session, tmp_path):
 
 
 def test_demo_cli_rejects_bad_sizes(capsys):
-    from pipelines.cli import main
+    from thinkfast_pipelines.cli import main
 
     assert main(["demo", "--tiny", "--images", "5"]) == 2
     assert "thinkfast demo: error:" in capsys.readouterr().err

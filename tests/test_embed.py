@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.embed import EmbedConfig, EmbedError, embed
+from thinkfast_pipelines.embed import EmbedConfig, EmbedError, embed
 from thinkfast.data.reader import read_table
 from thinkfast.data.schema import validate_corpus_schema
 from thinkfast.errors import CorpusSchemaError, ThinkfastError
@@ -298,12 +298,12 @@ def test_video_corpus_with_zero_frame_and_corrupt_clips(ray_session, models, tmp
 @pytest.fixture
 def no_ray(monkeypatch):
     """Fail the test if embed reaches Ray or clears the output directory."""
-    import pipelines.embed_run as embed_run
+    import thinkfast_pipelines.embed.run as embed_run
 
     def forbidden(*args, **kwargs):
         raise AssertionError("embed reached Ray / the clean-up before rejecting its input")
 
-    monkeypatch.setattr("pipelines.ray_utils.init_ray", forbidden)
+    monkeypatch.setattr("thinkfast_pipelines.ray_utils.init_ray", forbidden)
     monkeypatch.setattr(embed_run, "clear_outputs", forbidden)
 
 
@@ -334,7 +334,7 @@ def test_bad_schema_fails_before_any_work(no_ray, models, tmp_path, table, match
 
 
 def test_cli_prints_one_line_and_exits_2(no_ray, models, tmp_path, capsys):
-    from pipelines.cli import main
+    from thinkfast_pipelines.cli import main
 
     corpus = _table_corpus(tmp_path, pa.table({"key": ["a"], "captions": [["x"]]}))
     rc = main(["embed", "--corpus", corpus, "--fast", models[0], "--out", str(tmp_path / "emb"), "--no-progress"])
@@ -364,7 +364,7 @@ def test_bad_flags_and_checkpoints_fail_before_any_work(no_ray, models, tmp_path
 
 
 def test_decode_batch_marks_bad_rows_and_keeps_good_pixels():
-    from pipelines.embed_stages import decode_batch
+    from thinkfast_pipelines.embed.stages import decode_batch
     from thinkfast.data.media import load_pixels
 
     table = pa.table({"key": ["ok", "bad", None], "captions": [["x"]] * 3,
@@ -381,7 +381,7 @@ def test_decode_batch_marks_bad_rows_and_keeps_good_pixels():
 
 
 def test_embed_actor_rejects_non_finite_rows_only(models):
-    from pipelines.embed_stages import DECODED_SCHEMA, EmbedActor
+    from thinkfast_pipelines.embed.stages import DECODED_SCHEMA, EmbedActor
 
     good = np.random.default_rng(0).standard_normal((3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
     nan = good.copy()
@@ -411,7 +411,7 @@ def test_embed_actor_rejects_non_finite_rows_only(models):
 
 
 def test_explode_captions_one_row_per_caption_blank_kept_as_null():
-    from pipelines.embed_stages import explode_captions
+    from thinkfast_pipelines.embed.stages import explode_captions
 
     table = pa.table({"key": ["a", "b", "c"], "captions": [["x y", " "], None, ["z"]]})
     out = explode_captions(table, caption_column="captions").to_pylist()
@@ -428,8 +428,8 @@ def test_sink_splits_a_bundle_and_a_retried_write_replaces_its_files(tmp_path):
     """A write task that Ray retries with the same bundle must not add a second copy."""
     from ray.data.datasource import WriteResult
 
-    from pipelines.embed_sink import EmbeddingSink
-    from pipelines.embed_stages import _fixed_size_list
+    from thinkfast_pipelines.embed.sink import EmbeddingSink
+    from thinkfast_pipelines.embed.stages import _fixed_size_list
     from thinkfast.store import TokenStore, finalize_token_store, read_embeddings
 
     dim, t, d = 4, 3, 2

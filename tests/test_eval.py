@@ -11,8 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from pipelines import evaluate as ev
-from pipelines.cli import main as cli_main
+from thinkfast_pipelines import evaluate as ev
+from thinkfast_pipelines.cli import main as cli_main
 
 METRIC_KEYS = {"method", "R@1", "R@5", "R@10", "median_rank", "slow_evals_per_query", "ms_per_query", "queries"}
 
@@ -89,8 +89,8 @@ def test_rerank_ranks_place_answers_outside_candidates_by_fast_order():
 
 @pytest.mark.ray
 def test_embeddings_and_index_match_in_process(artifacts, ray_session):
-    from pipelines.embed import embed
-    from pipelines.index import build_index
+    from thinkfast_pipelines.embed import embed
+    from thinkfast_pipelines.index import build_index
 
     emb = str(artifacts["root"] / "emb")
     idx = str(artifacts["root"] / "index")
@@ -192,7 +192,7 @@ def test_sign_test_matches_hand_computed_binomial():
 @pytest.mark.slow
 @pytest.mark.ray
 def test_accuracy_experiment_tiny_produces_complete_table(ray_session, tmp_path):
-    """benchmarks/accuracy.py's code path (real training through pipelines.train) on a tiny
+    """benchmarks/accuracy.py's code path (real training through thinkfast_pipelines.train) on a tiny
     corpus: every row and claim of the table is there. Values are measured, not asserted."""
     import dataclasses
     from pathlib import Path

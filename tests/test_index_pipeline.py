@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from pipelines.cli import main
-from pipelines.index import append_to_index, build_index, remove_keys
+from thinkfast_pipelines.cli import main
+from thinkfast_pipelines.index import append_to_index, build_index, remove_keys
 from thinkfast.errors import IndexMismatchError, ThinkfastError
 from thinkfast.index.sharded import ShardedIndex
 from thinkfast.index.synthetic import clustered_vectors, noisy_queries

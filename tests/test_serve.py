@@ -41,9 +41,9 @@ class Artifacts:
 def artifacts(tmp_path_factory, ray_session) -> Artifacts:
     import torch
 
-    from pipelines.embed import EmbedConfig, embed
-    from pipelines.index import build_index
-    from pipelines.synth import synth
+    from thinkfast_pipelines.embed import EmbedConfig, embed
+    from thinkfast_pipelines.index import build_index
+    from thinkfast_pipelines.synth import synth
     from thinkfast import FastModel, SlowModel
     from thinkfast.data.reader import read_table
     from thinkfast.data.tokenizer import WordTokenizer
@@ -69,7 +69,7 @@ def service(artifacts):
     from ray import serve as ray_serve
 
     from conftest import free_port
-    from pipelines.serve import serve
+    from thinkfast_pipelines.serve import serve
 
     args = {
         "fast": artifacts.fast, "slow": artifacts.slow, "index": artifacts.index,
@@ -222,9 +222,9 @@ def test_media_serves_exactly_the_corpus_bytes(service, artifacts) -> None:
 
 
 def test_search_cli_prints_results(service, artifacts, capsys) -> None:
-    from pipelines.cli import main
+    from thinkfast_pipelines.cli import main
 
-    from pipelines.search import print_results
+    from thinkfast_pipelines.search import print_results
 
     # --json: the raw response, which is the service's answer to exactly this body
     assert main(["search", artifacts.captions[2], "--url", service, "--k", "3", "--rerank", "6", "--json"]) == 0
@@ -270,7 +270,7 @@ def test_serve_config_args_go_through_serves_own_builder_validation(artifacts) -
     from ray.serve import Application
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
-    from pipelines.serve_app.app import build_app
+    from thinkfast_pipelines.serve.app import build_app
 
     args = {"fast": artifacts.fast, "slow": artifacts.slow, "index": artifacts.index,
             "embeddings": artifacts.embeddings, "corpus": artifacts.corpus, "reranker": {"max_replicas": 4}}

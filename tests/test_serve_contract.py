@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipelines.serve_app.args import ServeArgs
-from pipelines.serve_app.http_api import MAX_BODY_BYTES, RequestError, parse_search_body
+from thinkfast_pipelines.serve.args import ServeArgs
+from thinkfast_pipelines.serve.http_api import MAX_BODY_BYTES, RequestError, parse_search_body
 from thinkfast.errors import ThinkfastError
 
 BAD_BODIES = {
@@ -69,7 +69,7 @@ def test_good_bodies_and_candidate_counts() -> None:
 def test_serve_yaml_is_a_valid_serve_config_for_our_builder() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from pipelines.serve import APP_IMPORT_PATH, load_serve_config
+    from thinkfast_pipelines.serve.run import APP_IMPORT_PATH, load_serve_config
 
     doc = yaml.safe_load(open("cluster/serve.yaml", encoding="utf-8"))
     schema = ServeDeploySchema.model_validate(doc)
@@ -92,7 +92,7 @@ def test_serve_args_reject_typos_and_inconsistent_sizes() -> None:
 
 
 def _ns(**kw) -> argparse.Namespace:
-    from pipelines.serve import add_arguments
+    from thinkfast_pipelines.serve.run import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -103,7 +103,7 @@ def _ns(**kw) -> argparse.Namespace:
 
 
 def test_cli_flags_and_config_fill_the_same_args(tmp_path) -> None:
-    from pipelines.serve import args_from_cli
+    from thinkfast_pipelines.serve.run import args_from_cli
 
     args, host, port, name, prefix = args_from_cli(
         _ns(fast="F", slow="S", index="I", embeddings="E", corpus="C", port=9123, max_replicas=3, beta=0.5)
@@ -123,7 +123,7 @@ def test_cli_flags_and_config_fill_the_same_args(tmp_path) -> None:
 
 
 def test_check_inputs_names_the_missing_artifact(tmp_path) -> None:
-    from pipelines.serve import check_inputs
+    from thinkfast_pipelines.serve.run import check_inputs
 
     args = ServeArgs(fast=str(tmp_path / "nope"), slow="s", index="i", embeddings="e", corpus="c")
     with pytest.raises(ThinkfastError, match="--fast: .*nope.*does not exist"):
@@ -131,7 +131,7 @@ def test_check_inputs_names_the_missing_artifact(tmp_path) -> None:
 
 
 def test_merge_shard_results_is_a_global_top_k() -> None:
-    from pipelines.serve_app.deployments import merge_shard_results
+    from thinkfast_pipelines.serve.deployments import merge_shard_results
 
     shard_a = ([["a1", "a2", "a3"]], np.array([[0.9, 0.5, 0.1]], np.float32))
     shard_b = ([["b1", "b2", ""]], np.array([[0.7, 0.6, -np.inf]], np.float32))  # padded shard
@@ -143,7 +143,7 @@ def test_merge_shard_results_is_a_global_top_k() -> None:
 
 
 def test_search_client_prints_a_table() -> None:
-    from pipelines.search import print_results
+    from thinkfast_pipelines.search import print_results
 
     data = {
         "query": "a red circle", "k": 2, "rerank": 10,
@@ -181,7 +181,7 @@ def test_catalog_serves_only_corpus_keys(tmp_path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.serve_app.catalog import CorpusCatalog, UnknownMediaKey
+    from thinkfast_pipelines.serve.catalog import CorpusCatalog, UnknownMediaKey
     from thinkfast.errors import DecodeError
 
     (tmp_path / "corpus").mkdir()
@@ -209,7 +209,7 @@ def test_catalog_serves_only_corpus_keys(tmp_path) -> None:
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys) -> None:
     from conftest import free_port
-    from pipelines.cli import main
+    from thinkfast_pipelines.cli import main
 
     missing = str(tmp_path / "missing")
     argv = ["serve", "--fast", missing, "--slow", missing, "--index", missing, "--embeddings", missing, "--corpus", missing]
@@ -224,7 +224,7 @@ def test_catalog_on_s3_video_corpus_serves_first_frames(s3_bucket) -> None:
     """Corpus on S3 (moto on loopback), media = mp4 clips: /media answers a PNG poster frame."""
     from PIL import Image
 
-    from pipelines.serve_app.catalog import CorpusCatalog
+    from thinkfast_pipelines.serve.catalog import CorpusCatalog
     from thinkfast.data.synth import SynthConfig, write_synth
 
     corpus = f"{s3_bucket}/corpus"

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.cli import main as cli_main
+from thinkfast_pipelines.cli import main as cli_main
 from thinkfast.data.image import decode_image
 from thinkfast.data.reader import inspect_corpus, read_table
 from thinkfast.data.synth import SynthConfig, generate_table, hard_pairs, iter_shards, plan_groups, write_synth

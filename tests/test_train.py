@@ -41,8 +41,8 @@ def corpus(tmp_path_factory) -> str:
 
 def _val_set(corpus: str, kind: str, image_size: int, limit: int):
     """The val split decoded by the training pipeline's own UDF (same float16 pixels)."""
-    from pipelines.train_data import decode_rows
-    from pipelines.train_validate import ValidationSet
+    from thinkfast_pipelines.train.data import decode_rows
+    from thinkfast_pipelines.train.validate import ValidationSet
     from thinkfast.data import reader
 
     info = reader.inspect_corpus(corpus)
@@ -64,7 +64,7 @@ def _val_set(corpus: str, kind: str, image_size: int, limit: int):
 @pytest.fixture(scope="module")
 def slow_run(corpus, ray_session, tmp_path_factory):
     """train-slow with one injected worker crash at step 3 (checkpoints every 2 steps)."""
-    from pipelines.train import train_slow
+    from thinkfast_pipelines.train import train_slow
 
     work = tmp_path_factory.mktemp("slow")
     marker = str(work / "failed-once")
@@ -74,7 +74,7 @@ def slow_run(corpus, ray_session, tmp_path_factory):
 
 
 def test_train_fast_loss_falls_and_s3_checkpoint_scores_identically(corpus, ray_session, s3_bucket):
-    from pipelines.train import train_fast
+    from thinkfast_pipelines.train import train_fast
     from thinkfast.models.fast import FastModel
     from thinkfast.utils import fs
 
@@ -124,8 +124,8 @@ def _train_teacher(corpus: str, out: str, epochs: int = 40) -> str:
     The Ray slow_run teacher (~14 steps) is near-uniform (softmax entropy 2.97 of ln 22 on the
     held-out images): KL to it only measures how flat a student is. This one, 40 epochs of L_CA
     over the train split, has held-out entropy ~0.8 (max p ~0.7)."""
-    from pipelines.train_data import inspect_corpus
-    from pipelines.train_objectives import SlowObjective
+    from thinkfast_pipelines.train.data import inspect_corpus
+    from thinkfast_pipelines.train.objectives import SlowObjective
     from thinkfast.data.tokenizer import WordTokenizer
     from thinkfast.models.slow import SlowModel
 
@@ -151,7 +151,7 @@ def _train_teacher(corpus: str, out: str, epochs: int = 40) -> str:
 
 
 def _split(corpus: str, split: str, image_size: int):
-    from pipelines.train_data import decode_rows
+    from thinkfast_pipelines.train.data import decode_rows
     from thinkfast.data import reader
 
     info = reader.inspect_corpus(corpus)
@@ -166,9 +166,9 @@ def test_distillation_moves_student_towards_teacher_on_held_out_images(corpus, r
     over held-out images (val + test, every caption) is lower than the NCE-only student's, and
     lower than the initial student's. Single-process runs of this setup, seeds 0/1/2:
     init 4.56/2.67/2.39, NCE-only 2.39/2.46/2.44, distilled 2.26/2.30/2.35."""
-    from pipelines.train import distill, train_fast
-    from pipelines.train_data import inspect_corpus
-    from pipelines.train_objectives import student_teacher_kl, teacher_score_matrix
+    from thinkfast_pipelines.train import distill, train_fast
+    from thinkfast_pipelines.train.data import inspect_corpus
+    from thinkfast_pipelines.train.objectives import student_teacher_kl, teacher_score_matrix
     from thinkfast.data.tokenizer import WordTokenizer
     from thinkfast.models.fast import FastModel
     from thinkfast.models.slow import SlowModel

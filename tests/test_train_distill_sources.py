@@ -23,7 +23,7 @@ def _clustered(n_clusters: int, per: int, dim: int, seed: int) -> np.ndarray:
 
 
 def test_neighbour_groups_are_index_clusters_and_keep_every_key(tmp_path):
-    from pipelines.train_negatives import neighbour_groups
+    from thinkfast_pipelines.train.negatives import neighbour_groups
     from thinkfast.index.sharded import ShardedIndex
     from thinkfast.store import write_embeddings
 
@@ -48,7 +48,7 @@ def test_neighbour_groups_are_index_clusters_and_keep_every_key(tmp_path):
 def setup(tmp_path_factory):
     """Corpus, an untrained tiny teacher and student, and an index of the student's image
     embeddings (what `embed` + `index` would produce)."""
-    from pipelines.train_data import decode_rows, inspect_corpus
+    from thinkfast_pipelines.train.data import decode_rows, inspect_corpus
     from thinkfast.data import reader
     from thinkfast.data.synth import SynthConfig, write_synth
     from thinkfast.data.tokenizer import WordTokenizer
@@ -83,9 +83,9 @@ TINY = {"preset": "tiny", "batch_size": 8, "workers": 2, "epochs": 2, "val_image
 
 @pytest.mark.ray
 def test_precomputed_teacher_scores_equal_online_scores_and_train(setup, ray_session):
-    from pipelines.teacher_scores import precompute_teacher_scores
-    from pipelines.train import distill
-    from pipelines.train_objectives import teacher_score_matrix
+    from thinkfast_pipelines.train.teacher_scores import precompute_teacher_scores
+    from thinkfast_pipelines.train import distill
+    from thinkfast_pipelines.train.objectives import teacher_score_matrix
     from thinkfast.data import reader
     from thinkfast.data.media import load_pixels
     from thinkfast.models.slow import SlowModel
@@ -125,7 +125,7 @@ def test_more_rounds_than_room_for_teacher_actors_finishes_and_reruns_cleanly(se
     12 rounds of 2-CPU actors on a 2-CPU cluster waited on each other forever."""
     import ray
 
-    from pipelines.teacher_scores import block_dataset, precompute_teacher_scores
+    from thinkfast_pipelines.train.teacher_scores import block_dataset, precompute_teacher_scores
     from thinkfast.data import reader
 
     out = str(setup["root"] / "scores_many_rounds")
@@ -154,7 +154,7 @@ def test_more_rounds_than_room_for_teacher_actors_finishes_and_reruns_cleanly(se
 
 @pytest.mark.ray
 def test_hard_negative_distillation_trains_on_index_groups(setup, ray_session):
-    from pipelines.train import distill
+    from thinkfast_pipelines.train import distill
 
     trained = distill(setup["corpus"], str(setup["root"] / "hard"), teacher=setup["teacher"],
                       hard_negatives=str(setup["root"] / "index"), embeddings=str(setup["root"] / "emb"),

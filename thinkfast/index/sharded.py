@@ -202,7 +202,7 @@ class ShardedIndex:
         Trains once on ``train_sample`` vectors (or reuses ``trained``, an empty trained
         index of the same ``factory``, e.g. another build's ``trained.faiss``), adds
         ``shards`` shards in threads. For corpora on disk use
-        ``pipelines.index.build_index`` (streams, Ray tasks)."""
+        ``thinkfast_pipelines.index.build_index`` (streams, Ray tasks)."""
         keys = [str(k) for k in keys]
         if len(keys) != len(vectors):
             raise ThinkfastError(f"{len(keys)} keys but {len(vectors)} vectors")

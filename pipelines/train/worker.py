@@ -20,8 +20,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipelines.train_config import TrainConfig
-from pipelines.train_state import (
+from thinkfast_pipelines.train.config import TrainConfig
+from thinkfast_pipelines.train.state import (
     MODEL_DIR,
     LoopState,
     learning_rate,
@@ -85,7 +85,7 @@ def to_pairs(batch: dict[str, np.ndarray], seed: int, epoch: int, rank: int) -> 
     blocks: ``pixels`` (G, ...) per row, JSON lists per row) are flattened to pairs."""
     import json
 
-    from pipelines.train_data import sample_captions
+    from thinkfast_pipelines.train.data import sample_captions
 
     grouped = "group_size" in batch
     if grouped:
@@ -157,8 +157,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    from pipelines.train_objectives import build_objective
-    from pipelines.train_validate import ValidationSet
+    from thinkfast_pipelines.train.objectives import build_objective
+    from thinkfast_pipelines.train.validate import ValidationSet
 
     config = TrainConfig(**loop_config["config"])
     objective_kind: str = loop_config["objective"]

@@ -5,7 +5,7 @@
 * ``distill``: L_DE + alpha * L_distill, a frozen slow teacher (``--teacher``) teaching the
   fast student its softmax over B_i = the batch's other images (with ``--hard-negatives``,
   batches are built from fast-index neighbours so B_i holds hard negatives), scored online
-  or read from ``--teacher-scores`` (the precompute job, ``pipelines.teacher_scores``).
+  or read from ``--teacher-scores`` (the precompute job, ``thinkfast_pipelines.train.teacher_scores``).
 
 The three share one driver (this module), one worker loop (``train_loop``) and one data
 path (``train_data``). Checkpoints (``save_pretrained`` model + optimizer + step state) go to
@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.train_config import TrainConfig, build_config
+from thinkfast.utils.paths import user_paths
+from thinkfast_pipelines.train.config import TrainConfig, build_config
 from thinkfast.errors import CheckpointError, ThinkfastError
 from thinkfast.utils import fs
 
@@ -57,6 +58,7 @@ class TrainResult:
 # ---------------------------------------------------------------- public Python API
 
 
+@user_paths("corpus", "out", "storage", "config_file", models=("init",))
 def train_slow(corpus: str, out: str, *, storage: str | None = None, resume: bool = False,
                config_file: str | None = None, run_name: str | None = None, init: str | None = None,
                **overrides: Any) -> TrainResult:
@@ -67,6 +69,7 @@ def train_slow(corpus: str, out: str, *, storage: str | None = None, resume: boo
     return run_training("slow", corpus, out, config, storage=storage, resume=resume, run_name=run_name, init=init)
 
 
+@user_paths("corpus", "out", "storage", "config_file", models=("init",))
 def train_fast(corpus: str, out: str, *, storage: str | None = None, resume: bool = False,
                config_file: str | None = None, run_name: str | None = None, init: str | None = None,
                **overrides: Any) -> TrainResult:
@@ -75,6 +78,7 @@ def train_fast(corpus: str, out: str, *, storage: str | None = None, resume: boo
     return run_training("fast", corpus, out, config, storage=storage, resume=resume, run_name=run_name, init=init)
 
 
+@user_paths("corpus", "out", "teacher_scores", "hard_negatives", "embeddings", "storage", "config_file", models=("teacher", "init"))
 def distill(corpus: str, out: str, teacher: str | None = None, *, teacher_scores: str | None = None,
             hard_negatives: str | None = None, embeddings: str | None = None, init: str | None = None,
             storage: str | None = None, resume: bool = False, config_file: str | None = None,
@@ -82,7 +86,7 @@ def distill(corpus: str, out: str, teacher: str | None = None, *, teacher_scores
     """Distil a frozen slow teacher into the fast model: L_DE + alpha * L_distill.
 
     ``teacher``: slow model dir (scores computed online over each batch), or
-    ``teacher_scores``: the output of ``pipelines.teacher_scores.precompute_teacher_scores``
+    ``teacher_scores``: the output of ``thinkfast_pipelines.train.teacher_scores.precompute_teacher_scores``
     (batches are its blocks; no teacher forward at all). ``hard_negatives``: a fast index URI
     (with ``embeddings``, the embed output holding its vectors) to build batches from index
     neighbours. ``init``: start the student from a trained fast model instead of scratch."""
@@ -109,8 +113,8 @@ def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.ray_utils import init_ray
-    from pipelines.train_data import inspect_corpus
+    from thinkfast_pipelines.ray_utils import init_ray
+    from thinkfast_pipelines.train.data import inspect_corpus
 
     started = time.perf_counter()
     wanted_kind = {"slow": "slow", "fast": "fast", "distill": "fast"}[objective]
@@ -190,7 +194,7 @@ def _start_ray(config: TrainConfig) -> None:
     import ray
     import ray.data
 
-    from pipelines.ray_utils import init_ray
+    from thinkfast_pipelines.ray_utils import init_ray
 
     if not ray.is_initialized():
         cores = os.cpu_count() or 1
@@ -201,7 +205,7 @@ def _start_ray(config: TrainConfig) -> None:
 
 def _train_loop_entry(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Module-level so Ray pickles a reference, not a closure."""
-    from pipelines.train_loop import train_loop_per_worker
+    from thinkfast_pipelines.train.worker import train_loop_per_worker
 
     return train_loop_per_worker(loop_config)
 
@@ -230,19 +234,19 @@ def _datasets(objective: str, config: TrainConfig, info: Any, image_size: int, t
     """Train (split across workers) and val (whole, read by rank 0) datasets, the rows each
     worker takes per step, the images per row (1, or G for groups / teacher-score blocks),
     and the steps per epoch (equal on every rank: DDP needs it)."""
-    from pipelines.train_data import decoded_bytes_per_row, decoded_dataset, maybe_cache
+    from thinkfast_pipelines.train.data import decoded_bytes_per_row, decoded_dataset, maybe_cache
 
     explode = config.caption_sampling == "all"
     val_rows = config.val_pool if objective == "slow" else config.val_images
     row_bytes = decoded_bytes_per_row(info.is_video, image_size, config.num_frames)
     datasets: dict[str, Any] = {}
     if teacher_scores:
-        from pipelines.teacher_scores import block_dataset
+        from thinkfast_pipelines.train.teacher_scores import block_dataset
 
         train, n_rows, images_per_row = block_dataset(teacher_scores, info, image_size, config.num_frames)
         rows_per_step = 1  # one block (its B x B teacher matrix) per step
     elif hard_negatives:
-        from pipelines.train_negatives import grouped_dataset
+        from thinkfast_pipelines.train.negatives import grouped_dataset
 
         train, n_rows, images_per_row = grouped_dataset(info, hard_negatives, embeddings, config, image_size)
         rows_per_step = max(1, config.batch_size // images_per_row)
@@ -299,7 +303,7 @@ def _storage(storage: str) -> tuple[str, Any]:
 
 def _export(checkpoint: Any, out: str) -> dict[str, Any]:
     """Copy the newest checkpoint's model directory to ``out``; return its state.json."""
-    from pipelines.train_state import MODEL_DIR, STATE_FILE
+    from thinkfast_pipelines.train.state import MODEL_DIR, STATE_FILE
 
     with checkpoint.as_directory() as local:
         model_dir = os.path.join(local, MODEL_DIR)
@@ -356,7 +360,7 @@ def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", help=f"start from this {kind} model dir instead of a fresh preset")
     if name == "distill":
         parser.add_argument("--teacher", help="frozen slow teacher model dir (local or s3://)")
-        parser.add_argument("--teacher-scores", help="precomputed teacher scores (thinkfast.pipelines.teacher_scores)")
+        parser.add_argument("--teacher-scores", help="precomputed teacher scores (thinkfast.thinkfast_pipelines.train.teacher_scores)")
         parser.add_argument("--hard-negatives", help="fast index URI: build batches from index neighbours")
         parser.add_argument("--embeddings", help="embed output holding the index's vectors (with --hard-negatives)")
         parser.add_argument("--group-size", type=int, default=None,

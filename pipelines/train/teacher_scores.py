@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from thinkfast.utils.paths import user_paths
 from thinkfast.errors import CheckpointError, DecodeError, ThinkfastError
 from thinkfast.utils import fs
 
@@ -60,7 +61,7 @@ class TeacherScoresResult:
 
 
 def _select_split(batch: pa.Table, columns: Any, split: str) -> pa.Table:
-    from pipelines.train_data import split_of_key
+    from thinkfast_pipelines.train.data import split_of_key
 
     if columns.has_split:
         keep = [s == split for s in batch.column("split").to_pylist()]
@@ -76,7 +77,7 @@ class TeacherBlockScorer:
                  torch_threads: int) -> None:
         import torch
 
-        from pipelines.train_loop import load_teacher
+        from thinkfast_pipelines.train.worker import load_teacher
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -89,7 +90,7 @@ class TeacherBlockScorer:
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         import torch
 
-        from pipelines.train_objectives import teacher_score_matrix
+        from thinkfast_pipelines.train.objectives import teacher_score_matrix
         from thinkfast.data.media import captions_of, load_pixels
 
         cols = self.columns
@@ -136,6 +137,7 @@ def _one_list(values: list[Any]) -> np.ndarray:
     return out
 
 
+@user_paths("corpus", "out", models=("teacher",))
 def precompute_teacher_scores(corpus: str, teacher: str, out: str, *, block_size: int = 64, rounds: int = 1,
                               seed: int = 0, num_frames: int = 8, actors: int = 1,
                               cpus_per_actor: float = 1.0) -> TeacherScoresResult:
@@ -144,8 +146,8 @@ def precompute_teacher_scores(corpus: str, teacher: str, out: str, *, block_size
     import ray
     import ray.data
 
-    from pipelines.ray_utils import init_ray
-    from pipelines.train_data import inspect_corpus
+    from thinkfast_pipelines.ray_utils import init_ray
+    from thinkfast_pipelines.train.data import inspect_corpus
     from thinkfast.models.slow import SlowModel
 
     if block_size < 2 or rounds < 1 or actors < 1:
@@ -222,13 +224,13 @@ def _block_stats(batch: pa.Table) -> pa.Table:
 def read_manifest(uri: str) -> dict[str, Any]:
     path = fs.join(uri, MANIFEST)
     if not fs.exists(path):
-        raise ThinkfastError(f"{uri} is not a teacher-scores directory (no {MANIFEST}); run pipelines.teacher_scores")
+        raise ThinkfastError(f"{uri} is not a teacher-scores directory (no {MANIFEST}); run thinkfast_pipelines.train.teacher_scores")
     return fs.read_json(path)
 
 
 def _decode_blocks(batch: pa.Table, columns: Any, image_size: int, num_frames: int) -> dict[str, np.ndarray]:
     """Block rows -> the grouped row format of the train loop (pixels (G, ...), scores (G, G))."""
-    from pipelines.train_data import PIXEL_DTYPE
+    from thinkfast_pipelines.train.data import PIXEL_DTYPE
     from thinkfast.data.media import load_pixels
 
     out: dict[str, list[Any]] = {"key": [], "captions": [], "reject": [], "pixels": [], "scores": [], "group_size": []}
@@ -301,7 +303,7 @@ def block_dataset(uri: str, info: Any, image_size: int, num_frames: int) -> tupl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.teacher_scores", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m thinkfast_pipelines.train.teacher_scores", description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", required=True, help="corpus Parquet (local or s3://)")
     parser.add_argument("--teacher", required=True, help="slow model dir (local or s3://)")
     parser.add_argument("--out", required=True, help="output directory (local or s3://)")

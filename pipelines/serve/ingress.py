@@ -20,9 +20,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from pipelines.serve_app.args import ServeArgs
-from pipelines.serve_app.deployments import Candidates, RerankItem, merge_shard_results
-from pipelines.serve_app.http_api import (
+from thinkfast_pipelines.serve.args import ServeArgs
+from thinkfast_pipelines.serve.deployments import Candidates, RerankItem, merge_shard_results
+from thinkfast_pipelines.serve.http_api import (
     MAX_BODY_BYTES,
     RequestError,
     SearchRequest,
@@ -84,7 +84,7 @@ def _ms(since: float) -> float:
 
 
 def _page_html() -> str:
-    return resources.files("pipelines.serve_app").joinpath("static/index.html").read_text(encoding="utf-8")
+    return resources.files("thinkfast_pipelines.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
 @serve.deployment

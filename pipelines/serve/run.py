@@ -18,13 +18,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipelines.serve_app.args import ServeArgs
+from thinkfast_pipelines.serve.args import ServeArgs
 from thinkfast.errors import ThinkfastError
 from thinkfast.utils import fs
+from thinkfast.utils.paths import absolute_model_ref, absolute_uri
 
 logger = logging.getLogger(__name__)
 
-APP_IMPORT_PATH = "pipelines.serve_app.app:build_app"
+APP_IMPORT_PATH = "thinkfast_pipelines.serve.app:build_app"
 DEFAULT_APP_NAME = "thinkfast"
 
 
@@ -93,6 +94,16 @@ def _http_address(requested_host: str, requested_port: int) -> tuple[str, int]:
         return requested_host, requested_port
 
 
+def absolute_args(args: ServeArgs) -> ServeArgs:
+    """``args`` with its local paths made absolute here, on the driver: Serve replicas do
+    not run in the caller's working directory."""
+    return args.model_copy(update={
+        "fast": absolute_model_ref(args.fast), "slow": absolute_model_ref(args.slow),
+        "index": absolute_uri(args.index), "embeddings": absolute_uri(args.embeddings),
+        "corpus": absolute_uri(args.corpus),
+    })
+
+
 def serve(
     args: ServeArgs | dict[str, Any],
     *,
@@ -109,14 +120,15 @@ def serve(
     the app keeps running in the connected Ray cluster after this returns."""
     from ray import serve as ray_serve
 
-    from pipelines.ray_utils import init_ray
-    from pipelines.serve_app.app import build_app
+    from thinkfast_pipelines.ray_utils import init_ray
+    from thinkfast_pipelines.serve.app import build_app
 
     if not isinstance(args, ServeArgs):
         try:
             args = ServeArgs.model_validate(args)
         except ValidationError as exc:
             raise ThinkfastError(f"invalid serve arguments: {_one_line(exc)}") from None
+    args = absolute_args(args)
     check_inputs(args)
     init_ray(address=address)
     ray_serve.start(http_options={"host": host, "port": port})

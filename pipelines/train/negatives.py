@@ -97,7 +97,7 @@ def grouped_dataset(info: Any, index_uri: str, embeddings_uri: str | None, confi
                     image_size: int) -> tuple[Any, int, int]:
     """The decoded train split as one row per neighbour group: (dataset, groups, G)."""
     from thinkfast.data import reader
-    from pipelines.train_data import decoded_dataset, split_of_key
+    from thinkfast_pipelines.train.data import decoded_dataset, split_of_key
 
     if not embeddings_uri:
         raise ThinkfastError("--hard-negatives needs --embeddings (the embed output with the index's vectors)")

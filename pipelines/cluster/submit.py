@@ -97,7 +97,7 @@ class JobResult:
 
 def subcommand_names() -> list[str]:
     """The subcommands a job may run (everything but ``submit`` itself)."""
-    from pipelines.cli import COMMANDS
+    from thinkfast_pipelines.cli import COMMANDS
 
     return [name for name in COMMANDS if name != "submit"]
 
@@ -115,7 +115,7 @@ def _split_command(command: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def build_entrypoint(command: Sequence[str], python: str = "python") -> str:
-    """The shell command the job runs: ``python -m pipelines.cli SUBCOMMAND FLAGS...``.
+    """The shell command the job runs: ``python -m thinkfast_pipelines.cli SUBCOMMAND FLAGS...``.
 
     ``python -m`` (not the ``thinkfast`` script) so the shipped working dir, which is the
     job's cwd, is what gets imported even where the package is installed differently."""
@@ -127,7 +127,7 @@ def build_entrypoint(command: Sequence[str], python: str = "python") -> str:
         raise JobSubmissionError("a job cannot run `submit` itself")
     if command[0] not in names:
         raise JobSubmissionError(f"unknown subcommand {command[0]!r}; expected one of: {', '.join(names)}")
-    return f"{python} -m pipelines.cli {shlex.join(global_flags + command)}"
+    return f"{python} -m thinkfast_pipelines.cli {shlex.join(global_flags + command)}"
 
 
 def parse_env(pairs: Sequence[str], flag: str = "--env") -> dict[str, str]:
@@ -163,7 +163,7 @@ def build_runtime_env(
     """The job's runtime env: shipped checkout, extra pip packages, forwarded + given env vars.
 
     ``working_dir=None`` ships nothing (the cluster image already has the code)."""
-    from pipelines.ray_utils import worker_env
+    from thinkfast_pipelines.ray_utils import worker_env
 
     runtime_env: dict[str, Any] = {}
     if working_dir is not None:

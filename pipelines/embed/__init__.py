@@ -42,6 +42,7 @@ import logging
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from thinkfast.utils.paths import user_paths
 from thinkfast.errors import ThinkfastError
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class EmbedConfig:
             raise EmbedError(f"--limit must be non-negative, got {self.limit}")
 
 
+@user_paths("corpus", "out", models=("fast", "slow"))
 def embed(
     corpus: str,
     out: str,
@@ -104,7 +106,7 @@ def embed(
     also writes ``texts/`` (needs ``fast``); ``media=False`` skips the images/videos (a
     texts-only run). Bad input (schema, flags, checkpoints) raises a ``ThinkfastError``
     before any Ray work or any deletion under ``out``."""
-    from pipelines.embed_run import run_embed
+    from thinkfast_pipelines.embed.run import run_embed
 
     config = config or EmbedConfig()
     config.validate()

@@ -1,6 +1,6 @@
 """The Serve application builder: ``ServeArgs`` -> the bound deployment graph.
 
-This is the ``import_path`` of ``cluster/serve.yaml`` (``pipelines.serve_app.app:build_app``)
+This is the ``import_path`` of ``cluster/serve.yaml`` (``thinkfast_pipelines.serve.app:build_app``)
 and what ``thinkfast serve`` calls, so ``serve run``, ``serve deploy``, a KubeRay
 RayService and the CLI build the same graph from the same validated arguments.
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from pipelines.serve_app.args import DeploymentSize, RerankerSize, ServeArgs
+from thinkfast_pipelines.serve.args import DeploymentSize, RerankerSize, ServeArgs
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def index_shard_count(args: ServeArgs) -> int:
 
 def build_app(args: ServeArgs) -> Application:
     """Bind Ingress -> TextEncoder, Retriever x shards, Reranker (autoscaled), Catalog."""
-    from pipelines.serve_app.deployments import Catalog, Reranker, Retriever, TextEncoder
-    from pipelines.serve_app.ingress import Ingress
+    from thinkfast_pipelines.serve.deployments import Catalog, Reranker, Retriever, TextEncoder
+    from thinkfast_pipelines.serve.ingress import Ingress
 
     if not isinstance(args, ServeArgs):  # called directly with a dict (e.g. from a notebook)
         args = ServeArgs.model_validate(args)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
-from pipelines.embed import MANIFEST, MANIFEST_FORMAT, OUTPUT_DIRS, EmbedConfig, EmbedError, _config_dict, _now
+from thinkfast_pipelines.embed import MANIFEST, MANIFEST_FORMAT, OUTPUT_DIRS, EmbedConfig, EmbedError, _config_dict, _now
 from thinkfast.utils import fs
 from thinkfast.utils.timer import StageTimer
 
@@ -162,8 +162,8 @@ def run_media_stream(corpus: CorpusInfo, models: ModelInfo, out: str, config: Em
     """read ─► decode (tasks) ─► EmbedActor (pool) ─► EmbeddingSink; returns the sink's counts."""
     import ray.data
 
-    from pipelines.embed_sink import EmbeddingSink
-    from pipelines.embed_stages import EmbedActor, decode_batch
+    from thinkfast_pipelines.embed.sink import EmbeddingSink
+    from thinkfast_pipelines.embed.stages import EmbedActor, decode_batch
 
     ds = _read(corpus, ["key", corpus.columns.media], config)
     ds = ds.map_batches(
@@ -201,8 +201,8 @@ def run_text_stream(corpus: CorpusInfo, fast_uri: str, out: str, config: EmbedCo
     """read captions ─► one row per caption ─► TextEmbedActor (pool) ─► texts/."""
     import ray.data
 
-    from pipelines.embed_sink import EmbeddingSink
-    from pipelines.embed_stages import TextEmbedActor, explode_captions
+    from thinkfast_pipelines.embed.sink import EmbeddingSink
+    from thinkfast_pipelines.embed.stages import TextEmbedActor, explode_captions
 
     caption_column = corpus.columns.captions
     ds = _read(corpus, ["key", caption_column], config)
@@ -239,8 +239,8 @@ def run_embed(
     config: EmbedConfig,
     address: str | None,
 ) -> dict[str, Any]:
-    """The whole job (see :func:`pipelines.embed.embed`, which validates the arguments)."""
-    from pipelines.ray_utils import init_ray
+    """The whole job (see :func:`thinkfast_pipelines.embed.embed`, which validates the arguments)."""
+    from thinkfast_pipelines.ray_utils import init_ray
     from thinkfast.data.reader import inspect_corpus
 
     timer = StageTimer(logger)

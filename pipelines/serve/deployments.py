@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from ray import serve
 
-from pipelines.serve_app.args import ServeArgs
+from thinkfast_pipelines.serve.args import ServeArgs
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class Catalog:
     """Captions and media bytes by key (see ``catalog.CorpusCatalog``)."""
 
     def __init__(self, args: ServeArgs) -> None:
-        from pipelines.serve_app.catalog import CorpusCatalog
+        from thinkfast_pipelines.serve.catalog import CorpusCatalog
 
         self.catalog = CorpusCatalog.open(args.corpus, s3_endpoint=args.s3_endpoint)
 
@@ -240,7 +240,7 @@ class Catalog:
     def media(self, key: str) -> MediaReply:
         """The key's media, or a 404 reply for keys the corpus lacks and rows whose media
         cannot be read (the reason is told, the service stays up)."""
-        from pipelines.serve_app.catalog import UnknownMediaKey
+        from thinkfast_pipelines.serve.catalog import UnknownMediaKey
         from thinkfast.errors import DecodeError
 
         try:

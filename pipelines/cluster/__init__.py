@@ -1,0 +1,1 @@
+"""Running thinkfast on a Ray cluster: ``thinkfast submit`` (Ray Jobs API)."""
