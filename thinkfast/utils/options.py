@@ -1,4 +1,5 @@
-"""The one config convention: a frozen dataclass whose fields carry their help text, and
+"""The one config convention (library-side, so configs in ``thinkfast/`` can use it; argparse
+is the standard library): a frozen dataclass whose fields carry their help text, and
 command-line flags generated from those fields.
 
     @dataclass(frozen=True)
