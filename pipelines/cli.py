@@ -1,8 +1,13 @@
-"""The ``thinkfast`` command. Each subcommand lives in its own module under ``pipelines/``
-and exposes ``add_arguments(parser)`` and ``run(args) -> int``; the same module exposes a
-plain Python function (e.g. ``thinkfast_pipelines.embed.embed(...)``) that ``run`` calls, so the
-CLI and the Python API are one code path. Modules are imported only when their
-subcommand runs, so ``thinkfast --help`` is instant and nothing heavy loads at import.
+"""thinkfast: type a sentence, get the images (or videos) it describes.
+
+A fast dual encoder narrows a large collection to K candidates through a FAISS index, and
+a slow cross-attention model re-ranks them ("Thinking Fast and Slow", Miech et al., CVPR
+2021), on Ray: Ray Data embeds, Ray Train trains and distils, Ray Serve answers queries.
+
+Start with `thinkfast demo` (the whole pipeline on generated data, on this machine), then
+bring your own corpus (an img2dataset-style Parquet: key, caption(s), jpg/mp4/url) through
+`train-slow`, `train-fast`, `distill`, `embed`, `index`, `eval`, `serve` and `search`.
+Every subcommand takes --help. Paths may be local or s3://.
 """
 
 from __future__ import annotations
@@ -10,10 +15,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from thinkfast.errors import ThinkfastError
+from thinkfast_pipelines import console
 
+logger = logging.getLogger(__name__)
+
+# Each subcommand's module exposes add_arguments(parser) (or add_arguments_for(name, parser))
+# and run(args) -> int, plus the plain Python function that run() calls; modules load only
+# when their subcommand runs, so `thinkfast --help` is instant.
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("thinkfast_pipelines.synth", "write a generated compositional corpus (images or videos) as Parquet"),
@@ -36,8 +48,13 @@ def _load(name: str):
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="thinkfast", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog="thinkfast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's and the libraries' logs (and tracebacks) on the terminal")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="where those logs go otherwise (default: DEMO_WORKDIR/thinkfast.log for demo, "
+                             "~/.local/state/thinkfast/logs/COMMAND-TIME.log for other long commands)")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -59,29 +76,53 @@ def _command_of(argv: list[str]) -> str | None:
     return None
 
 
+# commands that run long enough to start Ray or heavy libraries: they log to a file
+LONG_RUNNING = {"embed", "train-slow", "train-fast", "distill", "index", "eval", "serve", "demo", "submit"}
+
+
+def _log_path(args: argparse.Namespace) -> str | None:
+    if args.log_file:
+        return os.path.abspath(args.log_file)
+    if args.command == "demo":
+        return os.path.join(os.path.abspath(args.workdir), "thinkfast.log")
+    if args.command in LONG_RUNNING:
+        return console.default_log_file(args.command)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_of(argv)
     parser = build_parser(command)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     if not args.command:
         parser.print_help()
         return 2
+    log_path = _log_path(args)
+    console.setup(args.verbose, log_path)
+    if log_path and not args.verbose:
+        print(f"thinkfast {args.command}: logs in {log_path} (-v shows them here)", file=sys.stderr, flush=True)
+    logger.info("thinkfast %s", " ".join(argv))
     module = _load(args.command)
+    where = f" (log: {log_path})" if log_path else ""
     try:
         if hasattr(module, "run_for"):
             return int(module.run_for(args.command, args) or 0)
         return int(module.run(args) or 0)
     except ThinkfastError as exc:
-        print(f"thinkfast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        logger.error("thinkfast %s failed", args.command, exc_info=True)
+        code = getattr(exc, "exit_code", 2)
+        print(f"thinkfast {args.command}: error: {exc}" + (where if code != 2 else ""), file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(f"thinkfast {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - anything else: one line here, the traceback in the log
+        logger.error("thinkfast %s failed", args.command, exc_info=True)
+        if args.verbose:
+            raise
+        print(f"thinkfast {args.command}: error: {console.failure_reason(exc)}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -69,8 +69,15 @@ class StageRecord:
     detail: str  # one line on what it produced
 
 
+class StageFailed(ThinkfastError):
+    """A demo stage failed: names the stage and its root cause in one line."""
+
+    exit_code = 1  # not bad input: the CLI exits 1 and names the log
+
+
 class _Progress:
-    """Runs the stages in order, printing ``[i/n] stage ...`` and their outcome."""
+    """Runs the stages in order, printing ``[i/n] stage ...`` and their outcome; a failure
+    becomes one :class:`StageFailed` line (the traceback goes to the log)."""
 
     def __init__(self, names: list[str], echo: Callable[[str], None]) -> None:
         self.names, self.echo, self.records = names, echo, []  # type: ignore[var-annotated]
@@ -79,7 +86,15 @@ class _Progress:
         i = self.names.index(name) + 1
         self.echo(f"[{i}/{len(self.names)}] {name} ...")
         start = time.perf_counter()
-        value, detail = fn()
+        try:
+            value, detail = fn()
+        except (KeyboardInterrupt, StageFailed):
+            raise
+        except Exception as exc:
+            from thinkfast_pipelines.console import failure_reason
+
+            logger.error("stage %d/%d (%s) failed", i, len(self.names), name, exc_info=True)
+            raise StageFailed(f"stage {i}/{len(self.names)} ({name}) failed: {failure_reason(exc)}") from exc
         record = StageRecord(name, time.perf_counter() - start, detail)
         self.records.append(record)
         self.echo(f"[{i}/{len(self.names)}] {name}: {detail} ({record.seconds:.1f} s)")

@@ -30,6 +30,12 @@ FORWARDED_ENV = (
 )
 
 
+# the auth mode of a private local Ray that thinkfast starts (an explicit choice: Ray's
+# default writes ~/.ray/auth_token, which then turns token auth on for every later
+# `ray start` on the machine)
+LOCAL_AUTH_MODE = "disabled"
+
+
 def worker_env() -> dict[str, str]:
     """The forwarded variables present here, minus those a Ray job's runtime env already
     sets: inside a job driver Ray refuses to merge a ray.init runtime env whose env_vars
@@ -46,9 +52,18 @@ def worker_env() -> dict[str, str]:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
-    """Start or join Ray unless already connected (tests and ``demo`` connect once)."""
+    """Start or join Ray unless already connected (tests and ``demo`` connect once).
+
+    A local Ray started here chooses its auth mode explicitly (``RAY_AUTH_MODE``, default
+    ``disabled`` for this private, single-machine cluster), so that it neither writes
+    ``~/.ray/auth_token`` nor changes how later ``ray start`` / ``ray job submit`` behave on
+    the machine; it advertises 127.0.0.1. Worker output reaches this terminal only with
+    ``-v`` (it is always in Ray's session logs)."""
+    from thinkfast_pipelines import console
+
     import ray
 
+    console.quiet_libraries()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -57,10 +72,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
     if env_vars:
         runtime_env = {**runtime_env, "env_vars": env_vars}
     include_dashboard = kwargs.pop("include_dashboard", False)  # popped before kwargs are forwarded
-    init_kwargs: dict[str, Any] = {"runtime_env": runtime_env or None, "log_to_driver": True, **kwargs}
+    init_kwargs: dict[str, Any] = {"runtime_env": runtime_env or None, "log_to_driver": console.is_verbose(), **kwargs}
     if address:
         logger.info("joining Ray cluster at %s", address)
         ray.init(address=address, **init_kwargs)
     else:
-        logger.info("starting local Ray (num_cpus=%s)", num_cpus)
+        if "RAY_AUTH_MODE" not in os.environ:
+            os.environ["RAY_AUTH_MODE"] = LOCAL_AUTH_MODE
+        logger.info("starting local Ray (num_cpus=%s, auth mode %s)", num_cpus, os.environ["RAY_AUTH_MODE"])
+        init_kwargs.setdefault("_node_ip_address", "127.0.0.1")
         ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, **init_kwargs)
+    console.quiet_libraries()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import socket
 
 import pytest
@@ -18,6 +19,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CLI calls in tests log to a temporary state dir, never into the real home
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="thinkfast-state-")
 
 
 def free_port() -> int:

@@ -174,10 +174,30 @@ def build_runtime_env(
             )
         runtime_env["working_dir"] = path
         runtime_env["excludes"] = list(excludes)
+        runtime_env["py_modules"] = [_stage_pipelines_package(path)]
     if pip:
         runtime_env["pip"] = list(pip)
     runtime_env["env_vars"] = {**worker_env(), **_MERGE_RUNTIME_ENV, **(env or {})}
     return runtime_env
+
+
+def _stage_pipelines_package(checkout: str) -> str:
+    """A copy of ``CHECKOUT/pipelines`` named ``thinkfast_pipelines``, for ``py_modules``.
+
+    The folder installs under that import name (pyproject's package-dir); a shipped
+    checkout is not installed on the cluster, so the job would find ``thinkfast`` (the
+    cwd) but not ``thinkfast_pipelines``. Ray uploads the copy at submission; it is removed
+    when this process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    staging = tempfile.mkdtemp(prefix="thinkfast-submit-")
+    atexit.register(shutil.rmtree, staging, True)
+    target = os.path.join(staging, "thinkfast_pipelines")
+    shutil.copytree(os.path.join(checkout, "pipelines"), target,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
 
 
 def _client(address: str):

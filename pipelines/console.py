@@ -1,0 +1,181 @@
+"""What a person sees on the terminal, and where everything else goes.
+
+A long command shows its own lines (stages, one live progress bar, tables, results). Ray's,
+Ray Train's, Ray Serve's and the libraries' log output (controller reports, checkpoint
+paths, ``faiss.loader`` lines, worker output) goes to one log file whose path is printed
+once; ``-v`` shows it on the terminal instead. A failure is one line naming its cause and
+the log, with the traceback in the log (and on the terminal only with ``-v``).
+
+The mode is kept in the ``THINKFAST_VERBOSE`` environment variable so that code which
+starts Ray later (``init_ray``) and Ray jobs submitted from here see the same choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator, TextIO
+
+VERBOSE_ENV = "THINKFAST_VERBOSE"
+LOG_FILE_ENV = "THINKFAST_LOG_FILE"
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# loggers that Ray and the libraries attach their own terminal handlers to
+_NOISY = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "faiss", "faiss.loader", "filelock", "urllib3",
+          "botocore", "s3fs", "werkzeug", "transformers", "httpx")
+
+
+def is_verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def log_file() -> str | None:
+    return os.environ.get(LOG_FILE_ENV) or None
+
+
+def default_log_file(command: str) -> str:
+    """``$XDG_STATE_HOME/thinkfast/logs/COMMAND-YYYYmmdd-HHMMSS.log`` (``~/.local/state`` by
+    default: where the XDG convention keeps logs)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join(base, "thinkfast", "logs", f"{command}-{stamp}.log")
+
+
+def setup(verbose: bool, path: str | None) -> None:
+    """Route logging: to ``path`` always (when given), to the terminal only if ``verbose``."""
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # ours from an earlier call only (pytest keeps its own)
+        if getattr(handler, "_thinkfast", False):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if path:
+        path = os.path.abspath(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        file_handler = logging.FileHandler(path, encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter(_FORMAT))
+        file_handler._thinkfast = True  # type: ignore[attr-defined]
+        root.addHandler(file_handler)
+        os.environ[LOG_FILE_ENV] = path
+    if not verbose:
+        _quiet_ray_data(path)
+    if verbose or not path:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter(_FORMAT))
+        stream.setLevel(logging.DEBUG if verbose else logging.WARNING)
+        stream._thinkfast = True  # type: ignore[attr-defined]
+        root.addHandler(stream)
+    quiet_libraries()
+
+
+# Ray Data configures its loggers from a YAML file named by this variable (its documented
+# switch); quiet mode names one without Ray Data's terminal handler
+RAY_DATA_LOGGING_CONFIG = "RAY_DATA_LOGGING_CONFIG"
+_RAY_DATA_QUIET = """version: 1
+disable_existing_loggers: false
+formatters:
+  ray: {format: "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+handlers:
+  file: {class: ray.data._internal.logging.SessionFileHandler, formatter: ray, filename: ray-data.log}
+loggers:
+  ray.data: {level: INFO, handlers: [file], propagate: true}
+"""
+
+
+def _quiet_ray_data(log_path: str | None) -> None:
+    if RAY_DATA_LOGGING_CONFIG in os.environ:
+        return  # the user's own choice
+    import tempfile
+
+    folder = os.path.dirname(log_path) if log_path else tempfile.gettempdir()
+    config = os.path.join(folder, "ray-data-logging.yaml")
+    with open(config, "w", encoding="utf-8") as f:
+        f.write(_RAY_DATA_QUIET)
+    os.environ[RAY_DATA_LOGGING_CONFIG] = config
+
+
+def quiet_libraries() -> None:
+    """Send the loggers Ray and the libraries configured themselves to the root handlers
+    (the log file) instead of their own terminal handlers. Called again after ``import
+    ray``, which installs handlers on the ``ray`` logger at import time."""
+    if is_verbose():
+        return
+    for name in _NOISY:
+        lg = logging.getLogger(name)
+        for handler in list(lg.handlers):
+            lg.removeHandler(handler)
+        lg.propagate = True
+    try:  # Ray Data's per-operator bars and "Progress bars disabled" lines
+        import sys as _sys
+
+        if "ray.data" in _sys.modules:
+            from ray.data import DataContext
+
+            ctx = DataContext.get_current()
+            ctx.enable_operator_progress_bars = False
+            ctx.enable_progress_bars = sys.stderr.isatty()
+            ctx.print_on_execution_start = False
+    except Exception:  # noqa: BLE001 - cosmetics only
+        pass
+
+
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Failure|Interrupt)): (.+)$")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The root cause of ``exc`` as one line.
+
+    A thinkfast error anywhere in the cause chain wins (it was written for a person). Ray
+    wraps a worker's exception in its own (``TrainingFailedError``, ``RayTaskError``) whose
+    text is the remote traceback: its last ``SomeError: message`` line is the cause."""
+    from thinkfast.errors import ThinkfastError
+
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ThinkfastError):
+            return str(cur).strip().splitlines()[0] if str(cur).strip() else type(cur).__name__
+        cur = cur.__cause__ or cur.__context__
+    text = str(exc)
+    found = [m for m in (_EXC_LINE.match(line.strip().lstrip("|").strip()) for line in text.splitlines()) if m]
+    if found:
+        name, message = found[-1].groups()
+        short = name.rsplit(".", 1)[-1]
+        return message if short in ("ThinkfastError", "CheckpointError", "CorpusSchemaError") else f"{short}: {message}"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+@contextmanager
+def progress(total: int | None, desc: str, unit: str = "it", out: TextIO | None = None) -> Iterator["Bar"]:
+    """One live progress line (items done / total, rate, ETA) on a terminal; nothing when
+    the output is not a terminal (logs and CI keep only the stage lines)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, file=out or sys.stderr, disable=None, leave=False,
+               dynamic_ncols=True, mininterval=0.5)
+    try:
+        yield Bar(bar)
+    finally:
+        bar.close()
+
+
+class Bar:
+    """What code holding a progress bar may do with it."""
+
+    def __init__(self, bar) -> None:  # tqdm instance
+        self._bar = bar
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def set(self, done: int, total: int | None = None) -> None:
+        if total is not None and total != self._bar.total:
+            self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
