@@ -164,7 +164,7 @@ def test_store_on_s3(s3_bucket):
 
 
 def test_token_store_many_shards_bounded_open_files(tmp_path, monkeypatch):
-    import thinkfast.store as store_module
+    import thinkfast.store.tokens as store_module
 
     monkeypatch.setattr(store_module, "MAX_OPEN_SHARDS", 3)
     uri = str(tmp_path / "tokens")

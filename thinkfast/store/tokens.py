@@ -1,24 +1,18 @@
-"""Artifact I/O shared by ``embed``, ``index``, ``eval`` and ``serve``.
+"""Slow tokens: ``<emb>/tokens/``, the slow model's visual tokens ``φ(x)`` as float16,
+too big for Parquet cells to be read by key quickly.
 
-Two artifacts live under an embeddings directory ``<emb>`` (local path or ``s3://``):
-
-* ``<emb>/fast/*.parquet``: one row per item, ``key`` string and ``embedding``
-  fixed_size_list<float32>[d]. Read whole (:func:`read_embeddings`) for small corpora,
-  or streamed (:func:`iter_embeddings`) when the index build must not hold it all.
-* ``<emb>/tokens/``: the slow model's visual tokens ``φ(x)`` as float16, too big for
-  Parquet cells to be read by key quickly. Each writer (one per Ray Data batch) writes
-  its own shard: ``shard-<id>.f16`` (fixed-size records of ``T*D`` float16, row-major)
-  and ``shard-<id>.keys.parquet`` (key -> row, plus the shape in the schema metadata),
-  key table last so that its presence marks a complete shard. The shard id is a hash of
-  the keys, so a retried batch overwrites its own files instead of adding a copy.
-  :func:`finalize_token_store` (driver, after the writers) writes ``keys.parquet`` (key,
-  shard, row, deduplicated) and ``manifest.json``; :class:`TokenStore` reads them and
-  fetches any K keys with one memmap gather locally or one ``cat_ranges`` call on S3.
+Each writer (one per Ray Data write call) writes its own shard: ``shard-<id>.f16``
+(fixed-size records of ``T*D`` float16, row-major) and ``shard-<id>.keys.parquet`` (key ->
+row, plus the shape in the schema metadata), key table last so that its presence marks a
+complete shard. The shard id is a hash of the keys, so a retried batch overwrites its own
+files instead of adding a copy. :func:`finalize_token_store` (driver, after the writers)
+writes ``keys.parquet`` (key, shard, row, deduplicated) and ``manifest.json``;
+:class:`TokenStore` reads them and fetches any K keys with one memmap gather locally or
+one ``cat_ranges`` call on S3.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -26,19 +20,22 @@ import posixpath
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from thinkfast.errors import ThinkfastError
+from thinkfast.store.embeddings import keys_digest as _keys_digest
+from thinkfast.store.errors import StoreError, UnknownKeyError
+from thinkfast.store.layout import TOKENS_DIR, resolve_artifact_dir
 from thinkfast.utils import fs
+
+if TYPE_CHECKING:
+    import fsspec
 
 logger = logging.getLogger(__name__)
 
-FAST_DIR = "fast"
-TOKENS_DIR = "tokens"
 TOKEN_MANIFEST = "manifest.json"
 TOKEN_KEY_TABLE = "keys.parquet"
 TOKEN_FORMAT = "thinkfast-token-store"
@@ -47,192 +44,6 @@ MAX_OPEN_SHARDS = 256  # memory-mapped token shards kept open per TokenStore (LR
 _SHARD_DATA_SUFFIX = ".f16"
 _SHARD_KEYS_SUFFIX = ".keys.parquet"
 
-
-class StoreError(ThinkfastError):
-    """An embeddings or token artifact is missing, has the wrong schema, or is damaged."""
-
-
-class UnknownKeyError(StoreError, KeyError):
-    """Keys asked of a :class:`TokenStore` that it does not hold (``.missing`` lists them)."""
-
-    def __init__(self, missing: Sequence[str]) -> None:
-        self.missing = list(missing)
-        shown = ", ".join(repr(k) for k in self.missing[:5])
-        more = f" (and {len(self.missing) - 5} more)" if len(self.missing) > 5 else ""
-        super().__init__(f"{len(self.missing)} key(s) not in the token store: {shown}{more}")
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return self.args[0]
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def resolve_artifact_dir(uri: str, sub: str, s3_endpoint: str | None) -> str:
-    """``<emb>`` or ``<emb>/<sub>`` both name the artifact: prefer the sub-directory if present."""
-    candidate = fs.join(uri, sub)
-    filesystem = fs.fsspec_fs(uri, s3_endpoint)
-    if filesystem.isdir(fs.strip_scheme(candidate)):
-        return candidate
-    return str(uri)
-
-
-def _with_scheme(uri: str, path: str) -> str:
-    return "s3://" + path if fs.is_s3(uri) else path
-
-
-def list_parquet_files(uri: str, s3_endpoint: str | None = None) -> list[str]:
-    """Sorted ``.parquet`` files under ``uri`` (a file or a directory, recursively)."""
-    filesystem = fs.fsspec_fs(uri, s3_endpoint)
-    path = fs.strip_scheme(uri)
-    if not filesystem.exists(path):
-        raise StoreError(f"no such file or directory: {uri}")
-    if filesystem.isfile(path):
-        return [str(uri)]
-    found = sorted(p for p in filesystem.find(path) if p.endswith(".parquet"))
-    if not found:
-        raise StoreError(f"no .parquet files under {uri}")
-    return [_with_scheme(uri, p) for p in found]
-
-
-# --------------------------------------------------------------------------- fast embeddings
-
-
-def embeddings_schema(dim: int) -> pa.Schema:
-    """The fast-embedding Parquet schema for dimension ``dim``."""
-    return pa.schema([("key", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
-
-
-def embeddings_table(keys: Sequence[str], vectors: np.ndarray) -> pa.Table:
-    """Arrow table of ``keys`` and float32 ``vectors`` (N, d), validated."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2:
-        raise StoreError(f"embeddings must be 2-D (N, d), got shape {vectors.shape}")
-    if len(keys) != vectors.shape[0]:
-        raise StoreError(f"{len(keys)} keys but {vectors.shape[0]} embedding rows")
-    if not np.isfinite(vectors).all():
-        raise StoreError("embeddings contain NaN or inf")
-    n, d = vectors.shape
-    flat = pa.array(vectors.reshape(-1), type=pa.float32())
-    column = pa.FixedSizeListArray.from_arrays(flat, d)
-    return pa.Table.from_arrays([pa.array(list(keys), type=pa.string()), column], schema=embeddings_schema(d))
-
-
-def write_embeddings(
-    uri: str,
-    keys: Sequence[str],
-    vectors: np.ndarray,
-    *,
-    part: str | None = None,
-    s3_endpoint: str | None = None,
-) -> str:
-    """Write one Parquet part of fast embeddings into directory ``uri``; returns its URI.
-
-    ``part`` names the file (``<part>.parquet``); by default a hash of the keys, so writing
-    the same batch twice replaces the file rather than duplicating rows."""
-    table = embeddings_table(keys, vectors)
-    name = part or "part-" + _keys_digest(keys)
-    target = fs.join(uri, name if name.endswith(".parquet") else name + ".parquet")
-    filesystem, path = fs.arrow_fs(target, s3_endpoint)
-    if not fs.is_s3(target):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(table, path, filesystem=filesystem)
-    logger.debug("wrote %d embeddings to %s", table.num_rows, target)
-    return target
-
-
-def embedding_matrix(column: pa.ChunkedArray | pa.Array, source: str) -> np.ndarray:
-    """(N, d) float32 from a fixed-size / variable list column (or Ray's tensor extension)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if isinstance(column.type, pa.ExtensionType):  # Ray Data's ArrowTensorType and friends
-        column = column.storage
-    if column.null_count:
-        raise StoreError(f"{source}: {column.null_count} null embedding(s)")
-    n = len(column)
-    if pa.types.is_fixed_size_list(column.type):
-        d = column.type.list_size
-        values = column.flatten()
-    elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        lengths = np.asarray(column.value_lengths())
-        d = int(lengths[0]) if n else 0
-        if n and not (lengths == d).all():
-            raise StoreError(f"{source}: embeddings have different lengths ({lengths.min()}..{lengths.max()})")
-        values = column.flatten()
-    else:
-        raise StoreError(f"{source}: column 'embedding' has type {column.type}, expected a list of float32")
-    if values.null_count:
-        raise StoreError(f"{source}: null values inside embeddings")
-    matrix = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return matrix.reshape(n, d)
-
-
-def check_embedding_schema(schema: pa.Schema, source: str) -> None:
-    for name in ("key", "embedding"):
-        if name not in schema.names:
-            raise StoreError(f"{source}: missing column {name!r} (have {schema.names})")
-    key_type = schema.field("key").type
-    if not (pa.types.is_string(key_type) or pa.types.is_large_string(key_type)):
-        raise StoreError(f"{source}: column 'key' has type {key_type}, expected string")
-
-
-def iter_embeddings(
-    uri: str, batch_size: int = 65536, s3_endpoint: str | None = None
-) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Stream ``(keys, vectors (B, d) float32)`` batches from ``<emb>/fast`` or a Parquet dir/file.
-
-    Memory stays at one batch, so an index build over a corpus larger than RAM can add
-    shard by shard. Raises :class:`StoreError` on a wrong schema, nulls, or mixed dims."""
-    dim: int | None = None
-    for file_uri in list_parquet_files(resolve_artifact_dir(uri, FAST_DIR, s3_endpoint), s3_endpoint):
-        filesystem, path = fs.arrow_fs(file_uri, s3_endpoint)
-        try:
-            parquet = pq.ParquetFile(path, filesystem=filesystem)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise StoreError(f"{file_uri}: not a readable Parquet file ({exc})") from exc
-        check_embedding_schema(parquet.schema_arrow, file_uri)
-        for batch in parquet.iter_batches(batch_size=batch_size, columns=["key", "embedding"]):
-            keys_col = batch.column("key")
-            if keys_col.null_count:
-                raise StoreError(f"{file_uri}: {keys_col.null_count} null key(s)")
-            vectors = embedding_matrix(batch.column("embedding"), file_uri)
-            if dim is None:
-                dim = vectors.shape[1]
-            elif vectors.shape[1] != dim:
-                raise StoreError(f"{file_uri}: embedding dim {vectors.shape[1]} differs from {dim} in earlier files")
-            yield keys_col.to_pylist(), vectors
-
-
-def read_embeddings(uri: str, s3_endpoint: str | None = None) -> tuple[list[str], np.ndarray]:
-    """All fast embeddings: ``(keys, vectors (N, d) float32)``; duplicate keys are an error."""
-    keys: list[str] = []
-    parts: list[np.ndarray] = []
-    for batch_keys, vectors in iter_embeddings(uri, s3_endpoint=s3_endpoint):
-        keys.extend(batch_keys)
-        parts.append(vectors)
-    if not parts:
-        raise StoreError(f"{uri}: no embeddings (all Parquet files are empty)")
-    if len(set(keys)) != len(keys):
-        raise StoreError(f"{uri}: {len(keys) - len(set(keys))} duplicate key(s) in the embeddings")
-    return keys, np.concatenate(parts, axis=0)
-
-
-def embedding_dim(uri: str, s3_endpoint: str | None = None) -> int:
-    """The embedding dimension, from the first non-empty batch."""
-    for _, vectors in iter_embeddings(uri, batch_size=1, s3_endpoint=s3_endpoint):
-        return int(vectors.shape[1])
-    raise StoreError(f"{uri}: no embeddings")
-
-
-# --------------------------------------------------------------------------- slow-token store
-
-
-def _keys_digest(keys: Sequence[str]) -> str:
-    h = hashlib.sha1()
-    for k in keys:
-        h.update(k.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -292,7 +103,7 @@ class TokenStoreWriter:
         return shard
 
 
-def _atomic_put(filesystem: Any, path: str, data: bytes, local: bool) -> None:
+def _atomic_put(filesystem: "fsspec.AbstractFileSystem", path: str, data: bytes, local: bool) -> None:
     """Whole-object write: S3 PUTs are atomic; locally write a temp file and rename."""
     if not local:
         filesystem.pipe_file(path, data)
@@ -401,7 +212,7 @@ class TokenStore:
         self._position = {k: i for i, k in enumerate(keys)}
         self._keys = keys
         self._memmaps: OrderedDict[int, np.memmap] = OrderedDict()  # LRU: each mapping holds a file descriptor
-        self._fs: Any = None
+        self._fs: "fsspec.AbstractFileSystem | None" = None
 
     @classmethod
     def open(cls, uri: str, s3_endpoint: str | None = None) -> "TokenStore":
