@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from thinkfast.utils.paths import user_paths
 from thinkfast.data.synth import SynthConfig, SynthResult, write_synth
+from thinkfast.utils.options import add_config_arguments, config_from_args
+from thinkfast.utils.paths import absolute_uri, user_paths
 
 logger = logging.getLogger(__name__)
 
@@ -47,37 +48,20 @@ def synth(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
-    parser.add_argument("--images", type=int, default=1000, help="rows to write (images, or clips with --video)")
-    parser.add_argument("--captions-per-image", type=int, default=5, help="paraphrased captions per row")
-    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (even, >= 32)")
-    parser.add_argument("--video", action="store_true", help="write mp4 clips of moving shapes instead of images")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same corpus")
-    parser.add_argument("--frames", type=int, default=8, help="frames per clip (--video)")
-    parser.add_argument("--fps", type=float, default=8.0, help="clip frame rate (--video)")
-    parser.add_argument("--hard-fraction", type=float, default=0.4,
-                        help="share of rows in hard pairs (colour swap, relation/position flip, time reverse)")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of rows in the val split")
-    parser.add_argument("--test-fraction", type=float, default=0.1, help="share of rows in the test split")
-    parser.add_argument("--format", dest="image_format", choices=("jpeg", "png"), default="jpeg",
-                        help="image encoding stored in the jpg column")
-    parser.add_argument("--shard-size", type=int, default=2000, help="rows per Parquet file")
+    add_config_arguments(parser, SynthConfig)
     parser.add_argument("--workers", type=int, default=None, help="generator processes (default: CPU count)")
     parser.add_argument("--overwrite", action="store_true", help="replace Parquet files already in --out")
     parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = synth(
-        out=args.out, images=args.images, captions_per_image=args.captions_per_image,
-        image_size=args.image_size, video=args.video, seed=args.seed, frames=args.frames, fps=args.fps,
-        hard_fraction=args.hard_fraction, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        image_format=args.image_format, shard_size=args.shard_size, workers=args.workers,
-        overwrite=args.overwrite, s3_endpoint=args.s3_endpoint,
-    )
-    kind = "clips" if args.video else "images"
+    config = config_from_args(SynthConfig, args)
+    result = write_synth(absolute_uri(args.out), config, workers=args.workers, overwrite=args.overwrite,
+                         s3_endpoint=args.s3_endpoint)
+    kind = "clips" if config.video else "images"
     splits = ", ".join(f"{k} {v}" for k, v in result.splits.items())
     pairs = ", ".join(f"{k} {v}" for k, v in result.hard_pairs.items()) or "none"
-    print(f"wrote {result.num_rows} {kind} ({args.image_size}px) to {result.out} in {len(result.files)} "
+    print(f"wrote {result.num_rows} {kind} ({config.image_size}px) to {result.out} in {len(result.files)} "
           f"Parquet files, {result.seconds:.1f} s ({result.rows_per_s:.0f} {kind}/s)")
     print(f"  splits: {splits}; hard pairs: {pairs}")
     return 0

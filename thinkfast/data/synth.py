@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,7 @@ from thinkfast.data.synth_render import encode_clip, encode_image, render_frames
 from thinkfast.data.synth_scene import Scene, make_partner, sample_image_scene, sample_video_scene
 from thinkfast.errors import ThinkfastError
 from thinkfast.utils import fs as fsutil
+from thinkfast.utils.options import option
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +48,22 @@ _MAX_GROUP_TRIES = 1000  # scenes tried per group before the config is declared 
 class SynthConfig:
     """What to generate. Same config and seed -> byte-identical rows."""
 
-    num_images: int = 1000  # rows (images, or clips with video=True)
-    captions_per_image: int = 5  # captions per row (paraphrases; Flickr30K has 5)
-    image_size: int = 64  # side in px; >= 32 and even
-    video: bool = False  # mp4 clips of moving shapes instead of still images
-    num_frames: int = 8  # frames per clip (video only)
-    fps: float = 8.0  # clip frame rate (video only)
-    seed: int = 0  # everything follows from it
-    hard_pair_fraction: float = 0.4  # share of rows that belong to a hard pair
-    val_fraction: float = 0.1  # share of groups in the val split
-    test_fraction: float = 0.1  # share of groups in the test split
-    object_probs: tuple[float, ...] = (0.2, 0.5, 0.3)  # P(1, 2, 3 objects) per image (clips: 1, 2)
-    image_format: str = "jpeg"  # "jpeg" (quality 95, 4:4:4) or "png", stored in the jpg column
-    shard_size: int = 2000  # rows per Parquet file
-    key_prefix: str = ""  # keys are f"{prefix}{index:07d}"; default "img-" / "vid-"
+    num_images: int = option(1000, "rows to write (images, or clips with --video)", flag="--images")
+    captions_per_image: int = option(5, "paraphrased captions per row (Flickr30K has 5)")
+    image_size: int = option(64, "image side in pixels (even, >= 32)")
+    video: bool = option(False, "write mp4 clips of moving shapes instead of images")
+    num_frames: int = option(8, "frames per clip (--video)", flag="--frames")
+    fps: float = option(8.0, "clip frame rate (--video)")
+    seed: int = option(0, "same seed, same corpus")
+    hard_pair_fraction: float = option(
+        0.4, "share of rows in hard pairs (colour swap, relation/position flip, time reverse)", flag="--hard-fraction")
+    val_fraction: float = option(0.1, "share of groups in the val split")
+    test_fraction: float = option(0.1, "share of groups in the test split")
+    object_probs: tuple[float, ...] = option((0.2, 0.5, 0.3), "P(1, 2, 3 objects) per image (clips: 1, 2)", cli=False)
+    image_format: Literal["jpeg", "png"] = option(
+        "jpeg", "image encoding stored in the jpg column (jpeg: quality 95, 4:4:4)", flag="--format")
+    shard_size: int = option(2000, "rows per Parquet file")
+    key_prefix: str = option("", 'keys are f"{prefix}{index:07d}"; default "img-" / "vid-"', cli=False)
 
     def validate(self) -> None:
         if self.num_images < 1:
