@@ -28,6 +28,7 @@ from typing import Any, Callable
 from thinkfast.utils.paths import user_paths
 from thinkfast.errors import ThinkfastError
 from thinkfast.utils import fs
+from thinkfast.utils.options import add_config_arguments, config_from_args, option
 
 logger = logging.getLogger(__name__)
 
@@ -39,21 +40,21 @@ FREE_QUERIES = ("a red circle to the left of a blue square", "a small green tria
 class DemoConfig:
     """Sizes of one demo run."""
 
-    preset: str = "small"  # model preset (tiny | small | paper)
-    images: int = 2000  # generated images, all splits
-    captions_per_image: int = 3  # captions per image
-    image_size: int = 64  # generated image side (the preset's input size)
-    slow_epochs: int = 12  # epochs of L_CA (val R@1 plateaus after ~5 on this corpus)
-    fast_epochs: int = 12  # epochs of L_DE before distillation (val R@1 plateaus around 12-15)
-    distill_epochs: int = 2  # epochs of L_DE + alpha L_distill from the fast model (~35 s each: B^2 teacher scores)
-    batch_size: int = 64  # pairs per worker per step
-    workers: int = 1  # Ray Train workers (on 2 cores one 2-thread worker takes twice the steps per epoch)
-    embed_actors: int = 1  # model replicas in the embed actor pool
-    shards: int = 2  # FAISS index shards (one Retriever deployment each)
-    rerank: tuple[int, ...] = (5, 10, 20, 50)  # K values the evaluation reports
-    serve_rerank: int = 20  # K of the example queries sent to the service
-    max_eval_queries: int | None = None  # cap on evaluation queries (None: every test caption)
-    seed: int = 0  # corpus and training seed
+    preset: str = option("small", "model preset (tiny | small | paper)")
+    images: int = option(2000, "generated images, all splits")
+    captions_per_image: int = option(3, "captions per generated image")
+    image_size: int = option(64, "generated image side (the preset's input size)")
+    slow_epochs: int = option(12, "epochs of L_CA (val R@1 plateaus after ~5 on this corpus)")
+    fast_epochs: int = option(12, "epochs of L_DE before distillation (val R@1 plateaus around 12-15)")
+    distill_epochs: int = option(2, "epochs of L_DE + alpha L_distill from the fast model (B^2 teacher scores)")
+    batch_size: int = option(64, "pairs per worker per step")
+    workers: int = option(1, "Ray Train workers (on 2 cores one 2-thread worker takes twice the steps per epoch)")
+    embed_actors: int = option(1, "model replicas in the embed actor pool")
+    shards: int = option(2, "FAISS index shards (one Retriever deployment each)")
+    rerank: tuple[int, ...] = option((5, 10, 20, 50), "K values the evaluation reports")
+    serve_rerank: int = option(20, "K of the example queries sent to the service")
+    max_eval_queries: int | None = option(None, "cap on evaluation queries (default: every test caption)")
+    seed: int = option(0, "corpus and training seed")
 
 
 TINY = DemoConfig(preset="tiny", images=64, captions_per_image=2, image_size=32, slow_epochs=1, fast_epochs=1,
@@ -280,21 +281,19 @@ def _stop(url: str | None, owns_ray: bool) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny preset and corpus (CI): a few minutes")
-    parser.add_argument("--workdir", default="runs/demo", help="where the corpus, models, index and reports go")
+    parser.add_argument("--workdir", default="runs/demo", help="where the corpus, models, index, reports and log go")
     parser.add_argument("--keep-serving", action="store_true", help="keep the search service up and print its URL")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of the search service")
-    parser.add_argument("--images", type=int, help="override the number of generated images")
     parser.add_argument("--epochs", type=int, help="override the epochs of every training stage")
+    sizes = parser.add_argument_group("sizes (defaults: the full demo; --tiny starts from the CI sizes)")
+    add_config_arguments(sizes, DemoConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = TINY if args.tiny else DemoConfig()
-    if args.images:
-        cfg = replace(cfg, images=args.images)
+    cfg = config_from_args(DemoConfig, args, base=TINY if args.tiny else DemoConfig())
     if args.epochs:
         cfg = replace(cfg, slow_epochs=args.epochs, fast_epochs=args.epochs, distill_epochs=args.epochs)
-    if args.images is not None and args.images < 20:
+    if cfg.images < 20:
         raise ThinkfastError("--images must be at least 20 (each split needs a few images)")
     demo(args.workdir, tiny=args.tiny, keep_serving=args.keep_serving, port=args.port, config=cfg)
     return 0
-
