@@ -2,8 +2,8 @@
 
 Locally ``ray.init()`` starts a private cluster; with ``--address`` or ``RAY_ADDRESS`` the
 same code joins a real cluster (inside a Ray job, ``ray.init()`` connects to it). The AWS
-variables that point S3 clients at an endpoint and carry credentials are forwarded to
-workers through the runtime env, never logged.
+settings that point S3 clients at an endpoint travel to workers in the runtime env;
+credentials never do (Ray logs runtime envs verbatim).
 """
 
 from __future__ import annotations
@@ -15,25 +15,22 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# forwarded to every Ray worker so s3fs / pyarrow there see the same S3 as the driver
+# forwarded to Ray workers and jobs so s3fs / pyarrow there reach the same S3 endpoint as
+# the driver. Only settings, never credentials: Ray writes every runtime-env variable into
+# runtime_env_agent.log. A local Ray started here inherits this process's environment
+# (credentials included) through its raylet; on a real cluster each node uses its own
+# credentials (instance role, IRSA, a mounted credentials file).
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_EC2_METADATA_DISABLED",
     "HF_HUB_OFFLINE",
     "TRANSFORMERS_OFFLINE",
 )
-
-
-# the auth mode of a private local Ray that thinkfast starts (an explicit choice: Ray's
-# default writes ~/.ray/auth_token, which then turns token auth on for every later
-# `ray start` on the machine)
-LOCAL_AUTH_MODE = "disabled"
+# never put into a runtime env, whatever the caller passes by accident
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 
 
 def worker_env() -> dict[str, str]:
@@ -68,7 +65,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         return
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = kwargs.pop("runtime_env", None) or {}
-    env_vars = {**worker_env(), **runtime_env.get("env_vars", {})}
+    env_vars = {k: v for k, v in {**worker_env(), **runtime_env.get("env_vars", {})}.items() if k not in SECRET_ENV}
     if env_vars:
         runtime_env = {**runtime_env, "env_vars": env_vars}
     include_dashboard = kwargs.pop("include_dashboard", False)  # popped before kwargs are forwarded

@@ -23,6 +23,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="thinkfast-state-")
 
 
+# the session's S3 secret: distinctive, so a test can prove it never reaches a log
+SECRET_MARKER = "tf-secret-" + os.urandom(8).hex()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -43,7 +47,7 @@ def s3_server():
     url = f"http://127.0.0.1:{port}"
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SECRET_ACCESS_KEY": SECRET_MARKER,  # moto takes any; tests grep Ray's logs for it
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
         "AWS_ENDPOINT_URL": url,

@@ -3,6 +3,8 @@ how a finished job maps to an exit code, and clear errors for bad input."""
 
 from __future__ import annotations
 
+import os
+
 import zipfile
 from pathlib import Path
 
@@ -38,19 +40,24 @@ def test_parse_env_pairs_and_errors():
         sub.parse_env(["=v"])
 
 
-def test_runtime_env_ships_checkout_and_forwards_aws_env(monkeypatch):
+def test_runtime_env_ships_checkout_and_forwards_aws_settings_not_credentials(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1234")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    env = sub.build_runtime_env(str(ROOT), pip=["tqdm"], env={"AWS_ACCESS_KEY_ID": "override", "X": "1"})
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    env = sub.build_runtime_env(str(ROOT), pip=["tqdm"], env={"X": "1"})
     assert env["working_dir"] == str(ROOT)
     assert {".venv", ".git", "tests/data", "benchmarks/results"} <= set(env["excludes"])
     assert env["pip"] == ["tqdm"]
     assert env["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:1234"
-    assert env["env_vars"]["AWS_ACCESS_KEY_ID"] == "override"  # explicit --env wins
+    # Ray writes runtime envs verbatim into its logs: credentials never travel in one
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env["env_vars"])
     assert env["env_vars"]["X"] == "1"
     assert env["env_vars"]["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"
-    assert "AWS_SESSION_TOKEN" not in env["env_vars"]
+    # the shipped checkout is importable under the installed name on an uninstalled cluster
+    (staged,) = env["py_modules"]
+    assert os.path.basename(staged) == "thinkfast_pipelines" and os.path.isfile(os.path.join(staged, "cli.py"))
+    with pytest.raises(sub.JobSubmissionError, match="credentials"):
+        sub.build_runtime_env(None, env={"AWS_SECRET_ACCESS_KEY": "s"})
     assert "working_dir" not in sub.build_runtime_env(None)
 
 

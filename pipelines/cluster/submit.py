@@ -163,8 +163,14 @@ def build_runtime_env(
     """The job's runtime env: shipped checkout, extra pip packages, forwarded + given env vars.
 
     ``working_dir=None`` ships nothing (the cluster image already has the code)."""
-    from thinkfast_pipelines.ray_utils import worker_env
+    from thinkfast_pipelines.ray_utils import SECRET_ENV, worker_env
 
+    secrets = sorted(set(env or {}) & set(SECRET_ENV))
+    if secrets:
+        raise JobSubmissionError(
+            f"--env {secrets[0]}: credentials are not sent in a job's runtime env (Ray writes it into its logs); "
+            "give the cluster's nodes their own credentials (instance role, IRSA, a credentials file)"
+        )
     runtime_env: dict[str, Any] = {}
     if working_dir is not None:
         path = os.path.abspath(working_dir)
