@@ -298,7 +298,7 @@ def test_video_corpus_with_zero_frame_and_corrupt_clips(ray_session, models, tmp
 @pytest.fixture
 def no_ray(monkeypatch):
     """Fail the test if embed reaches Ray or clears the output directory."""
-    import thinkfast_pipelines.embed.run as embed_run
+    import thinkfast_pipelines.embed.job as embed_run
 
     def forbidden(*args, **kwargs):
         raise AssertionError("embed reached Ray / the clean-up before rejecting its input")
@@ -338,7 +338,8 @@ def test_cli_prints_one_line_and_exits_2(no_ray, models, tmp_path, capsys):
 
     corpus = _table_corpus(tmp_path, pa.table({"key": ["a"], "captions": [["x"]]}))
     rc = main(["embed", "--corpus", corpus, "--fast", models[0], "--out", str(tmp_path / "emb"), "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
+    # the CLI may first say where its log file is; the failure itself is one line
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if " logs in " not in line]
     assert rc == 2 and len(err) == 1
     assert err[0].startswith("thinkfast embed: error: ") and "corpus has no media column" in err[0]
 
@@ -364,14 +365,15 @@ def test_bad_flags_and_checkpoints_fail_before_any_work(no_ray, models, tmp_path
 
 
 def test_decode_batch_marks_bad_rows_and_keeps_good_pixels():
-    from thinkfast_pipelines.embed.stages import decode_batch
+    from thinkfast_pipelines.embed.stages import DECODED_SCHEMA, decode_batch
     from thinkfast.data.media import load_pixels
 
     table = pa.table({"key": ["ok", "bad", None], "captions": [["x"]] * 3,
                       "jpg": pa.array([_png(40), b"junk", _png(40)], pa.binary())})
     columns = validate_corpus_schema(table.schema)
     out = decode_batch(table, columns=columns, image_size=IMAGE_SIZE, num_frames=1)
-    rows = out.to_pylist()
+    rows = out.to_pylist()  # good rows first, then the rejected ones in input order
+    assert out.schema == DECODED_SCHEMA
     assert [(r["key"], r["stage"], r["reason"]) for r in rows] == [
         ("ok", None, None), ("bad", "decode", "corrupt"), (None, "read", "missing_key")]
     pixels = np.frombuffer(rows[0]["pixels"], np.float32).reshape(rows[0]["pixel_shape"])

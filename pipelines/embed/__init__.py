@@ -37,55 +37,19 @@ retried Ray task rewrites its own files.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import logging
-from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from thinkfast.store.layout import EMBED_FORMAT, EMBED_MANIFEST, EMBED_OUTPUT_DIRS
 from thinkfast.utils.paths import user_paths
-from thinkfast.errors import ThinkfastError
+from thinkfast_pipelines.embed.config import EmbedConfig, EmbedError, add_config_flags, config_from_args
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_DIRS = ("fast", "tokens", "rejected", "texts")
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "thinkfast-embeddings"
-
-
-class EmbedError(ThinkfastError):
-    """The embed job cannot run as asked (flags, model pair) or lost rows (counts differ)."""
-
-
-@dataclass(frozen=True)
-class EmbedConfig:
-    """How the embed job runs; none of this changes what is computed, only how fast."""
-
-    batch_size: int = 64  # rows per model call in an actor (and per map_batches batch)
-    actors: int = 1  # model replicas in the actor pool
-    device: str = "cpu"  # "cpu" or "cuda"; cuda reserves gpus_per_actor GPUs per actor
-    cpus_per_actor: float = 0.5  # logical CPUs Ray reserves per actor: fractional so read/decode always fit
-    gpus_per_actor: float = 1.0  # GPUs per actor when device == "cuda"
-    threads: int | None = None  # torch threads per actor; None = the node's cores // actors, at least 1
-    decode_batch_size: int = 32  # rows per decode task call
-    rows_per_write: int = 1024  # rows per output file / token shard (one write call)
-    num_frames: int | None = None  # frames sampled per video; None = 8 (capped by the slow model's max_frames)
-    max_pixels: int | None = None  # reject larger images; None = the data layer's default
-    limit: int | None = None  # embed only the first N rows (smoke runs)
-    progress: bool = True  # Ray Data progress bars
-    object_store_limit_mb: int | None = None  # cap on object store memory used by the stream
-    s3_endpoint: str | None = None  # S3 endpoint URL; default from AWS_ENDPOINT_URL
-
-    def validate(self) -> None:
-        if self.batch_size < 1 or self.decode_batch_size < 1 or self.rows_per_write < 1:
-            raise EmbedError("batch sizes and --rows-per-write must be positive")
-        if self.actors < 1:
-            raise EmbedError(f"--actors must be at least 1, got {self.actors}")
-        if self.device not in ("cpu", "cuda"):
-            raise EmbedError(f"--device must be cpu or cuda, got {self.device!r}")
-        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
-            raise EmbedError("--cpus-per-actor and --gpus-per-actor must be non-negative")
-        if self.limit is not None and self.limit < 0:
-            raise EmbedError(f"--limit must be non-negative, got {self.limit}")
+# old names of the layout constants (thinkfast.store.layout defines them)
+OUTPUT_DIRS = EMBED_OUTPUT_DIRS
+MANIFEST = EMBED_MANIFEST
+MANIFEST_FORMAT = EMBED_FORMAT
 
 
 @user_paths("corpus", "out", models=("fast", "slow"))
@@ -106,7 +70,9 @@ def embed(
     also writes ``texts/`` (needs ``fast``); ``media=False`` skips the images/videos (a
     texts-only run). Bad input (schema, flags, checkpoints) raises a ``ThinkfastError``
     before any Ray work or any deletion under ``out``."""
-    from thinkfast_pipelines.embed.run import run_embed
+    # the driver lives in job.py: a submodule named ``run`` would replace this package's
+    # ``run`` (the CLI entry point) as an attribute once imported
+    from thinkfast_pipelines.embed.job import run_embed
 
     config = config or EmbedConfig()
     config.validate()
@@ -123,34 +89,14 @@ def embed(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = EmbedConfig()
     parser.add_argument("--corpus", required=True, metavar="URI", help="corpus Parquet file or directory (local or s3://)")
     parser.add_argument("--out", required=True, metavar="URI", help="output directory (local or s3://)")
     parser.add_argument("--fast", metavar="DIR", help="fast model directory or URI (writes fast/)")
     parser.add_argument("--slow", metavar="DIR", help="slow model directory or URI (writes tokens/)")
     parser.add_argument("--texts", action="store_true", help="also embed every caption with g(y) into texts/")
     parser.add_argument("--no-media", dest="media", action="store_false", help="skip images/videos (with --texts)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per model call (default %(default)s)")
-    parser.add_argument("--actors", type=int, default=d.actors, help="model replicas (default %(default)s)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=d.device, help="model device (default %(default)s)")
-    parser.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor, help="logical CPUs per actor (default %(default)s)")
-    parser.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPUs per actor with --device cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per actor (default: cores // actors, at least 1)")
-    parser.add_argument("--decode-batch-size", type=int, default=d.decode_batch_size, help="rows per decode task call")
-    parser.add_argument("--rows-per-write", type=int, default=d.rows_per_write, help="rows per output file / token shard")
-    parser.add_argument("--frames", dest="num_frames", type=int, default=None, help="frames sampled per video (default 8, at most the slow model's max_frames)")
-    parser.add_argument("--max-pixels", type=int, default=None, help="reject images with more pixels than this")
-    parser.add_argument("--limit", type=int, default=None, help="embed only the first N rows")
-    parser.add_argument("--object-store-limit-mb", type=int, default=None, help="cap on object store memory the stream uses")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no Ray Data progress bars")
-    parser.add_argument("--s3-endpoint", default=None, metavar="URL", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    add_config_flags(parser)
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
-
-
-def config_from_args(args: argparse.Namespace) -> EmbedConfig:
-    """The ``EmbedConfig`` the flags describe."""
-    fields = set(EmbedConfig.__dataclass_fields__)
-    return replace(EmbedConfig(), **{k: v for k, v in vars(args).items() if k in fields})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -174,9 +120,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _config_dict(config: EmbedConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(config).items() if k != "s3_endpoint"}
+__all__ = ["EmbedConfig", "EmbedError", "add_arguments", "config_from_args", "embed", "run"]

@@ -8,8 +8,13 @@ format under an embeddings directory ``<emb>`` (local path or ``s3://``) defined
 * :mod:`thinkfast.store.tokens`: ``<emb>/tokens/``, the slow-token store
   (:class:`TokenStoreWriter` per worker, :func:`finalize_token_store` on the driver,
   :class:`TokenStore` to read K keys at once);
-* :mod:`thinkfast.store.tables`: the Arrow/Parquet tables embed's sink writes
-  (fixed-size-list columns, rejected rows, caption embeddings).
+* :mod:`thinkfast.store.stream`: the Arrow tables that carry rows through embed's Ray
+  stream (decoded pixels, model outputs, captions) and their split for the sink;
+* :mod:`thinkfast.store.outputs`: what one embed write bundle puts under ``<emb>``, and
+  clearing a previous run.
+
+The names below are the public surface; the submodules' other names are for
+``pipelines/embed``.
 """
 
 from __future__ import annotations

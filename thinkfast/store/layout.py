@@ -173,6 +173,31 @@ class EmbedCounts:
             return True
         return self.embedded + (self.rejected or 0) == self.rows_in
 
+    def problem(self, duplicates_dropped: int = 0) -> str | None:
+        """Why these counts make the run unusable (None: they are fine). A key kept once
+        from several token shards means the corpus repeats keys; keys must be unique."""
+        if duplicates_dropped:
+            return f"{duplicates_dropped} key(s) occur more than once in the corpus; keys must be unique"
+        if not self.adds_up():
+            return (f"counts do not add up: {self.rows_in} in, {self.embedded} embedded, "
+                    f"{self.rejected} rejected")
+        return None
+
+    @classmethod
+    def from_streams(cls, rows_in: int, media: Mapping[str, Any] | None = None,
+                     texts: Mapping[str, Any] | None = None) -> "EmbedCounts":
+        """Counts from the summed per-bundle counts of the media and caption sinks (see
+        :func:`thinkfast.store.outputs.write_media_bundle`); None = that stream did not run."""
+        out = cls(rows_in=int(rows_in))
+        if media is not None:
+            by_reason = sorted((k.split(":", 1)[1], int(v)) for k, v in media.items() if k.startswith("rejected:"))
+            out = dataclasses.replace(out, embedded=int(media.get("embedded", 0)),
+                                      rejected=int(media.get("rejected", 0)), rejected_by_reason=dict(by_reason))
+        if texts is not None:
+            out = dataclasses.replace(out, texts=int(texts.get("texts", 0)),
+                                      texts_skipped_blank=int(texts.get("texts_skipped_blank", 0)))
+        return out
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"in": self.rows_in}
         for f in dataclasses.fields(self)[1:]:

@@ -2,7 +2,7 @@
 
 Everything that can be wrong with the input (corpus schema, model directories, flags)
 is checked here before Ray starts and before anything under ``--out`` is deleted, so a
-typo costs one clear line, not a cleared output directory. See ``pipelines/embed.py``
+typo costs one clear line, not a cleared output directory. See ``pipelines/embed/__init__.py``
 for the layout, the memory bound and the re-run policy.
 """
 
@@ -13,18 +13,34 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
-from thinkfast_pipelines.embed import MANIFEST, MANIFEST_FORMAT, OUTPUT_DIRS, EmbedConfig, EmbedError, _config_dict, _now
+from thinkfast.store.layout import (
+    FAILED_EMBED_MANIFEST,
+    FAST_DIR,
+    REJECTED_DIR,
+    TEXTS_DIR,
+    TOKENS_DIR,
+    EmbedCounts,
+    EmbedManifest,
+    EmbedOutputs,
+    FastModelRecord,
+    SlowModelRecord,
+    tokens_dir,
+    write_embed_manifest,
+)
+from thinkfast.store.outputs import clear_embed_outputs, files_inside_outputs
 from thinkfast.utils import fs
 from thinkfast.utils.timer import StageTimer
+from thinkfast_pipelines.embed.config import EmbedConfig, EmbedError
 
 if TYPE_CHECKING:
+    import ray.data
+
     from thinkfast.data.reader import CorpusInfo
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_NUM_FRAMES = 8
-# written instead of manifest.json when the counts do not add up (cleared by the next run)
-FAILED_MANIFEST = "failed_manifest.json"
+FAILED_MANIFEST = FAILED_EMBED_MANIFEST  # old name
 
 
 @dataclass(frozen=True)
@@ -33,8 +49,8 @@ class ModelInfo:
 
     image_size: int  # input side both models share
     num_frames: int  # frames per video the decoder samples
-    fast: dict[str, Any] | None  # {"uri", "identity", "dim"}
-    slow: dict[str, Any] | None  # {"uri", "identity", "num_tokens", "dim"}
+    fast: FastModelRecord | None
+    slow: SlowModelRecord | None
 
 
 # --------------------------------------------------------------------------- checks
@@ -72,37 +88,23 @@ def probe_models(fast: str | None, slow: str | None, media: str, config: EmbedCo
     with torch.inference_mode():
         if fast_model is not None:
             dim = int(fast_model.encode_image(pixels).shape[-1])
-            info_fast = {"uri": str(fast), "identity": fast_model.identity, "dim": dim}
+            info_fast = FastModelRecord(uri=str(fast), identity=fast_model.identity, dim=dim)
         if slow_model is not None:
             _, t, d = slow_model.encode_visual(pixels).shape
-            info_slow = {"uri": str(slow), "identity": slow_model.identity, "num_tokens": int(t), "dim": int(d)}
+            info_slow = SlowModelRecord(uri=str(slow), identity=slow_model.identity, num_tokens=int(t), dim=int(d))
     return ModelInfo(image_size=image_size, num_frames=num_frames, fast=info_fast, slow=info_slow)
 
 
 def clear_outputs(out: str, s3_endpoint: str | None) -> list[str]:
-    """Delete the previous run's outputs: manifest first (so a half-cleared dir never
-    looks finished), then fast/ tokens/ rejected/ texts/. Returns what was removed."""
-    filesystem = fs.fsspec_fs(out, s3_endpoint)
-    removed = []
-    for name in (MANIFEST, FAILED_MANIFEST) + OUTPUT_DIRS:
-        path = fs.strip_scheme(fs.join(out, name))
-        if filesystem.exists(path):
-            filesystem.rm(path, recursive=True)
-            removed.append(name)
-    if removed:
-        logger.info("removed previous outputs under %s: %s", out, ", ".join(removed))
-    if hasattr(filesystem, "invalidate_cache"):
-        filesystem.invalidate_cache()
-    return removed
+    """Delete the previous run's outputs (:func:`thinkfast.store.outputs.clear_embed_outputs`);
+    a module-level name so that tests can forbid it."""
+    return clear_embed_outputs(out, s3_endpoint)
 
 
 def _check_out_not_inside_corpus(corpus_files: tuple[str, ...], out: str) -> None:
     """Clearing --out must never delete corpus files."""
-    for name in OUTPUT_DIRS:
-        prefix = fs.strip_scheme(fs.join(out, name)).rstrip("/") + "/"
-        for f in corpus_files:
-            if fs.strip_scheme(f).startswith(prefix):
-                raise EmbedError(f"the corpus file {f} lies inside {fs.join(out, name)}, which embed replaces; choose another --out")
+    for f, directory in files_inside_outputs(corpus_files, out)[:1]:
+        raise EmbedError(f"the corpus file {f} lies inside {directory}, which embed replaces; choose another --out")
 
 
 # --------------------------------------------------------------------------- Ray Data
@@ -150,7 +152,7 @@ def _actor_resources(config: EmbedConfig) -> dict[str, float]:
     return resources
 
 
-def _read(corpus: CorpusInfo, columns: list[str], config: EmbedConfig):
+def _read(corpus: CorpusInfo, columns: list[str], config: EmbedConfig) -> "ray.data.Dataset":
     import ray.data
 
     filesystem, _ = fs.arrow_fs(corpus.files[0], config.s3_endpoint)
@@ -184,8 +186,8 @@ def run_media_stream(corpus: CorpusInfo, models: ModelInfo, out: str, config: Em
         batch_size=config.batch_size,
         compute=ray.data.ActorPoolStrategy(size=config.actors, max_tasks_in_flight_per_actor=2),
         fn_constructor_kwargs={
-            "fast_uri": models.fast["uri"] if models.fast else None,
-            "slow_uri": models.slow["uri"] if models.slow else None,
+            "fast_uri": models.fast.uri if models.fast else None,
+            "slow_uri": models.slow.uri if models.slow else None,
             "device": config.device,
             "threads": config.threads,
             "pool_size": config.actors,
@@ -239,7 +241,8 @@ def run_embed(
     config: EmbedConfig,
     address: str | None,
 ) -> dict[str, Any]:
-    """The whole job (see :func:`thinkfast_pipelines.embed.embed`, which validates the arguments)."""
+    """The whole job (see :func:`thinkfast_pipelines.embed.embed`, which validates the
+    arguments); returns the manifest as written (JSON)."""
     from thinkfast_pipelines.ray_utils import init_ray
     from thinkfast.data.reader import inspect_corpus
 
@@ -261,83 +264,69 @@ def run_embed(
                                                       media=media, texts=texts, expected=expected)
 
     manifest = _manifest(corpus, models, counts, config, media=media, texts=texts, has_tokens=token_manifest is not None)
-    manifest["replaced_previous"] = removed
-    manifest["media_steady_rows_per_s"] = None if steady is None else round(steady, 2)
+    manifest = manifest.replace(replaced_previous=tuple(removed),
+                                media_steady_rows_per_s=None if steady is None else round(steady, 2))
     _check_counts(manifest, token_manifest, out, endpoint, timer)
     with timer.stage("manifest"):
-        manifest["timings_s"] = timer.as_dict()
-        fs.write_json(fs.join(out, MANIFEST), manifest, endpoint)
-    logger.info("embed done: %s", counts)
-    return manifest
+        manifest = manifest.replace(timings_s=timer.as_dict())
+        write_embed_manifest(out, manifest, endpoint)
+    logger.info("embed done: %s", manifest.counts)
+    return manifest.to_json()
 
 
 def _run_streams(corpus: CorpusInfo, models: ModelInfo, out: str, config: EmbedConfig, timer: StageTimer, *,
-                 fast: str | None, media: bool, texts: bool, expected: int) -> tuple[dict[str, Any], dict | None, float | None]:
+                 fast: str | None, media: bool, texts: bool,
+                 expected: int) -> tuple[EmbedCounts, dict[str, Any] | None, float | None]:
     """The media stream, the token store's index, then the caption stream; their counts."""
-    counts: dict[str, Any] = {"in": expected}
+    media_result = text_result = None
     token_manifest = None
     steady = None
     if media:
         with timer.stage("embed_media"):
-            result = run_media_stream(corpus, models, out, config)
-        steady = result.get("steady_rows_per_s")
-        counts.update(
-            embedded=int(result.get("embedded", 0)),
-            rejected=int(result.get("rejected", 0)),
-            rejected_by_reason=dict(sorted((k.split(":", 1)[1], v) for k, v in result.items() if k.startswith("rejected:"))),
-        )
-        if models.slow and counts["embedded"]:
-            from thinkfast.store import finalize_token_store
+            media_result = run_media_stream(corpus, models, out, config)
+        steady = media_result.get("steady_rows_per_s")
+        if models.slow and media_result.get("embedded"):
+            from thinkfast.store.tokens import finalize_token_store
 
             with timer.stage("finalize_tokens"):
-                token_manifest = finalize_token_store(fs.join(out, "tokens"), config.s3_endpoint)
+                token_manifest = finalize_token_store(tokens_dir(out), config.s3_endpoint)
     if texts:
         with timer.stage("embed_texts"):
-            result = run_text_stream(corpus, fast, out, config)
-        counts.update(texts=int(result.get("texts", 0)), texts_skipped_blank=int(result.get("texts_skipped_blank", 0)))
-    return counts, token_manifest, steady
+            text_result = run_text_stream(corpus, fast, out, config)
+    return EmbedCounts.from_streams(expected, media_result, text_result), token_manifest, steady
 
 
-def _manifest(corpus: CorpusInfo, models: ModelInfo, counts: dict[str, Any], config: EmbedConfig, *,
-              media: bool, texts: bool, has_tokens: bool) -> dict[str, Any]:
+def _manifest(corpus: CorpusInfo, models: ModelInfo, counts: EmbedCounts, config: EmbedConfig, *,
+              media: bool, texts: bool, has_tokens: bool) -> EmbedManifest:
     """``manifest.json`` minus timings: what was read, with which models, what came out."""
     may_be_video = corpus.columns.media in ("mp4", "url")
-    return {
-        "format": MANIFEST_FORMAT,
-        "version": 1,
-        "created": _now(),
-        "corpus": str(corpus.uri),
-        "corpus_files": len(corpus.files),
-        "media_column": corpus.columns.media if media else None,
-        "image_size": models.image_size,
-        "num_frames": models.num_frames if may_be_video else None,
-        "models": {"fast": models.fast, "slow": models.slow},
-        "outputs": {
-            "fast": "fast" if media and models.fast else None,
-            "tokens": "tokens" if has_tokens else None,
-            "rejected": "rejected" if media and counts.get("rejected") else None,
-            "texts": "texts" if texts else None,
-        },
-        "counts": counts,
-        "config": _config_dict(config),
-    }
+    return EmbedManifest(
+        corpus=str(corpus.uri),
+        corpus_files=len(corpus.files),
+        media_column=corpus.columns.media if media else None,
+        image_size=models.image_size,
+        num_frames=models.num_frames if may_be_video else None,
+        fast=models.fast,
+        slow=models.slow,
+        outputs=EmbedOutputs(
+            fast=FAST_DIR if media and models.fast else None,
+            tokens=TOKENS_DIR if has_tokens else None,
+            rejected=REJECTED_DIR if media and counts.rejected else None,
+            texts=TEXTS_DIR if texts else None,
+        ),
+        counts=counts,
+        config=config.to_manifest(),
+    )
 
 
-def _check_counts(manifest: dict[str, Any], token_manifest: dict[str, Any] | None, out: str,
+def _check_counts(manifest: EmbedManifest, token_manifest: dict[str, Any] | None, out: str,
                   endpoint: str | None, timer: StageTimer) -> None:
     """Every input row must be in fast/ or rejected/ exactly once; if not, keep the
     evidence in ``failed_manifest.json`` (no ``manifest.json``: the run is unfinished)."""
-    counts = manifest["counts"]
-    problem = None
-    if token_manifest is not None and token_manifest.get("duplicates_dropped"):
-        problem = f"{token_manifest['duplicates_dropped']} key(s) occur more than once in the corpus; keys must be unique"
-    elif "embedded" in counts and counts["embedded"] + counts["rejected"] != counts["in"]:
-        problem = (
-            f"counts do not add up: {counts['in']} in, {counts['embedded']} embedded, {counts['rejected']} rejected"
-        )
+    duplicates = int((token_manifest or {}).get("duplicates_dropped") or 0)
+    problem = manifest.counts.problem(duplicates)
     if problem is None:
         return
-    manifest["error"] = problem
-    manifest["timings_s"] = timer.as_dict()
-    fs.write_json(fs.join(out, FAILED_MANIFEST), manifest, endpoint)
-    raise EmbedError(f"{problem}; see {fs.join(out, FAILED_MANIFEST)}")
+    failed = manifest.replace(error=problem, timings_s=timer.as_dict())
+    path = write_embed_manifest(out, failed, endpoint, name=FAILED_EMBED_MANIFEST)
+    raise EmbedError(f"{problem}; see {path}")
