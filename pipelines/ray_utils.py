@@ -54,8 +54,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
     A local Ray started here chooses its auth mode explicitly (``RAY_AUTH_MODE``, default
     ``disabled`` for this private, single-machine cluster), so that it neither writes
     ``~/.ray/auth_token`` nor changes how later ``ray start`` / ``ray job submit`` behave on
-    the machine; it advertises 127.0.0.1. Worker output reaches this terminal only with
-    ``-v`` (it is always in Ray's session logs)."""
+    the machine. (Ray 2.60's GCS, raylet and worker gRPC servers listen on every interface
+    whatever ``_node_ip_address`` says: measured, see docs/OPERATIONS.md.) Worker output
+    reaches this terminal only with ``-v`` (it is always in Ray's session logs)."""
     from thinkfast_pipelines import console
 
     import ray
@@ -77,6 +78,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         if "RAY_AUTH_MODE" not in os.environ:
             os.environ["RAY_AUTH_MODE"] = LOCAL_AUTH_MODE
         logger.info("starting local Ray (num_cpus=%s, auth mode %s)", num_cpus, os.environ["RAY_AUTH_MODE"])
-        init_kwargs.setdefault("_node_ip_address", "127.0.0.1")
         ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, **init_kwargs)
     console.quiet_libraries()
