@@ -10,18 +10,27 @@
 rank identically. Ties are broken by candidate order (i.e. by fast score), so results are
 deterministic. Candidates that are empty keys (an index returning fewer than K hits) are
 dropped; a key returned twice (overlapping shards) is kept once, at its first position.
+
+torch is imported only by the functions that run the slow model, so the service's ingress
+can build fast-only results (``fast_hits``) without loading it.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, TypeVar
 
 import numpy as np
-import torch
 
+from thinkfast.encode import text_vectors
 from thinkfast.errors import ThinkfastError
+
+if TYPE_CHECKING:
+    import torch
+
+    from thinkfast.models.fast import FastModel
+    from thinkfast.models.slow import SlowModel
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +40,12 @@ LOGIT_BUDGET = 1 << 25
 
 # keys -> cached slow tokens phi(x) of those keys, (K, T, D), any float dtype (fp16 in the store)
 TokenGetter = Callable[[Sequence[str]], np.ndarray]
+
+# a candidate key as indexes return it: str, or None / "" for a slot with no hit
+CandidateKey = str | None
+
+# scores combine elementwise in any of these (both arguments of one kind)
+Score = TypeVar("Score", float, np.ndarray, "torch.Tensor")
 
 
 class Retriever(Protocol):
@@ -48,11 +63,11 @@ class SearchHit:
     fast_score: float  # s_fast(x, y) = f(x)^T g(y)
     slow_score: float | None  # h(x, y) = h_fwd + h_bwd; None when not re-ranked
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, str | float | None]:
         return asdict(self)
 
 
-def combined_score(h: Any, s_fast: Any, beta: float) -> Any:
+def combined_score(h: Score, s_fast: Score, beta: float) -> Score:
     """``h + beta * s_fast`` (tensors, arrays or floats)."""
     return h + beta * s_fast
 
@@ -81,13 +96,13 @@ class ExactIndex:
         return self.keys[order], np.take_along_axis(scores, order, axis=1)
 
 
-def fast_hits(candidate_keys: Sequence[Any], fast_scores: Sequence[float], k: int) -> list[SearchHit]:
+def fast_hits(candidate_keys: Sequence[CandidateKey], fast_scores: Sequence[float], k: int) -> list[SearchHit]:
     """Results of stage 1 alone (``rerank=0``)."""
     keys, scores = _clean_candidates(candidate_keys, fast_scores)
     return [SearchHit(key=key, score=float(s), fast_score=float(s), slow_score=None) for key, s in zip(keys[:k], scores[:k])]
 
 
-def _clean_candidates(candidate_keys: Sequence[Any], fast_scores: Sequence[float]) -> tuple[list[str], np.ndarray]:
+def _clean_candidates(candidate_keys: Sequence[CandidateKey], fast_scores: Sequence[float]) -> tuple[list[str], np.ndarray]:
     """Drop empty keys and repeats (first occurrence wins); keep fast order."""
     if len(candidate_keys) != len(fast_scores):
         raise ThinkfastError(f"{len(candidate_keys)} candidate keys but {len(fast_scores)} fast scores")
@@ -108,6 +123,8 @@ def _clean_candidates(candidate_keys: Sequence[Any], fast_scores: Sequence[float
 
 def _query_row(query: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """One tokenized query -> its valid ids ``(n,)`` (padding dropped)."""
+    import torch
+
     ids = torch.as_tensor(query["input_ids"])
     mask = torch.as_tensor(query["attention_mask"])
     if ids.ndim == 2:
@@ -122,9 +139,8 @@ def _query_row(query: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     return ids[valid], torch.ones(int(valid.sum()), dtype=torch.long)
 
 
-@torch.inference_mode()
 def slow_scores_for_pairs(
-    slow_model: Any,
+    slow_model: SlowModel,
     visual_tokens: np.ndarray | torch.Tensor,
     query_index: Sequence[int],
     queries: Sequence[dict[str, torch.Tensor]],
@@ -135,6 +151,21 @@ def slow_scores_for_pairs(
     All pairs go through the decoders in one forward pass, unless their logits would exceed
     ``LOGIT_BUDGET`` floats (or ``max_pairs`` is given): then in passes of that many pairs.
     Queries of different lengths are right-padded, which changes nothing."""
+    import torch
+
+    with torch.inference_mode():
+        return _slow_scores_for_pairs(slow_model, visual_tokens, query_index, queries, max_pairs)
+
+
+def _slow_scores_for_pairs(
+    slow_model: SlowModel,
+    visual_tokens: np.ndarray | torch.Tensor,
+    query_index: Sequence[int],
+    queries: Sequence[dict[str, torch.Tensor]],
+    max_pairs: int | None,
+) -> np.ndarray:
+    import torch
+
     if getattr(slow_model, "training", False):
         logger.warning("re-ranking with a SlowModel in training mode: dropout makes scores random; call .eval()")
     rows = [_query_row(q) for q in queries]
@@ -157,10 +188,10 @@ def slow_scores_for_pairs(
 
 
 def rerank_many(
-    slow_model: Any,
+    slow_model: SlowModel,
     token_getter: TokenGetter,
     queries: Sequence[dict[str, torch.Tensor]],
-    candidate_keys: Sequence[Sequence[Any]],
+    candidate_keys: Sequence[Sequence[CandidateKey]],
     fast_scores: Sequence[Sequence[float]],
     k: int,
     beta: float = 0.0,
@@ -198,10 +229,10 @@ def rerank_many(
 
 
 def rerank(
-    slow_model: Any,
+    slow_model: SlowModel,
     token_getter: TokenGetter,
     query: dict[str, torch.Tensor],
-    candidate_keys: Sequence[Any],
+    candidate_keys: Sequence[CandidateKey],
     fast_scores: Sequence[float],
     k: int,
     beta: float = 0.0,
@@ -211,11 +242,10 @@ def rerank(
     return rerank_many(slow_model, token_getter, [query], [candidate_keys], [fast_scores], k, beta, max_pairs)[0]
 
 
-@torch.inference_mode()
 def two_stage_search(
     texts: Sequence[str],
-    fast_model: Any,
-    slow_model: Any,
+    fast_model: FastModel,
+    slow_model: SlowModel,
     retriever: Retriever,
     token_getter: TokenGetter,
     k: int = 10,
@@ -230,8 +260,7 @@ def two_stage_search(
         return []
     if rerank_k and rerank_k < k:
         raise ThinkfastError(f"rerank K={rerank_k} must be >= k={k} (or 0 for fast only)")
-    tokens = fast_model.tokenize(list(texts))
-    query_vectors = fast_model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float().cpu().numpy()
+    query_vectors = text_vectors(fast_model, list(texts))  # (n, d)
     cand_keys, cand_scores = retriever.search(query_vectors, rerank_k or k)
     if not rerank_k:
         return [fast_hits(list(keys), list(scores), k) for keys, scores in zip(cand_keys, cand_scores)]

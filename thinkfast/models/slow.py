@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,11 @@ from torch import nn
 from thinkfast.errors import ThinkfastError
 from thinkfast.models.config import DecoderConfig, SlowConfig, slow_preset
 from thinkfast.models.io import PretrainedMixin
+from thinkfast.models.outputs import CaptionLikelihood, TokenLogProbs
 from thinkfast.models.vision import FineGrainedTokens, ResNetBackbone, check_pixels, feature_map_side
+
+if TYPE_CHECKING:
+    from thinkfast.data.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +132,7 @@ class SlowModel(PretrainedMixin, nn.Module):
     model_kind = "slow"
     config_class = SlowConfig
 
-    def __init__(self, config: SlowConfig, tokenizer: Any, load_pretrained: bool = True) -> None:
+    def __init__(self, config: SlowConfig, tokenizer: "Tokenizer", load_pretrained: bool = True) -> None:
         super().__init__()
         if config.vocab_size <= 0:
             raise ThinkfastError("SlowConfig.vocab_size must be > 0 (build the model with its tokenizer)")
@@ -145,7 +149,7 @@ class SlowModel(PretrainedMixin, nn.Module):
         return slow_preset(name)
 
     @classmethod
-    def _default_tokenizer(cls, config: SlowConfig) -> Any:
+    def _default_tokenizer(cls, config: SlowConfig) -> "Tokenizer":
         if config.hf_tokenizer:  # the paper preset: a BERT-style vocabulary
             from thinkfast.data.tokenizer import HFTokenizer
 
@@ -153,11 +157,11 @@ class SlowModel(PretrainedMixin, nn.Module):
         return super()._default_tokenizer(config)
 
     @classmethod
-    def _with_vocab(cls, config: SlowConfig, tokenizer: Any) -> SlowConfig:
+    def _with_vocab(cls, config: SlowConfig, tokenizer: "Tokenizer") -> SlowConfig:
         return dataclasses.replace(config, vocab_size=int(tokenizer.vocab_size))
 
     @classmethod
-    def _build(cls, config: SlowConfig, tokenizer: Any, load_pretrained: bool, directory: str | None) -> "SlowModel":
+    def _build(cls, config: SlowConfig, tokenizer: "Tokenizer", load_pretrained: bool, directory: str | None) -> "SlowModel":
         return cls(config, tokenizer, load_pretrained=load_pretrained)
 
     # ------------------------------------------------------------ visual side
@@ -176,7 +180,7 @@ class SlowModel(PretrainedMixin, nn.Module):
     # ------------------------------------------------------------ text side
     def token_log_probs(
         self, visual_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> TokenLogProbs:
         """Per-token log-probabilities ``(lp_fwd (B, L), lp_bwd (B, L), valid (B, L))`` in the
         compacted order (valid tokens first; backward reversed); zero where not valid."""
         visual, input_ids, attention_mask = self._check_text_inputs(visual_tokens, input_ids, attention_mask)
@@ -184,19 +188,18 @@ class SlowModel(PretrainedMixin, nn.Module):
         zero = torch.zeros((), dtype=visual.dtype, device=visual.device)
         lp_fwd = torch.where(valid, self.forward_decoder.token_log_probs(visual, fwd_ids), zero)  # (B, L)
         lp_bwd = torch.where(valid, self.backward_decoder.token_log_probs(visual, bwd_ids), zero)  # (B, L)
-        return lp_fwd, lp_bwd, valid
+        return TokenLogProbs(lp_fwd, lp_bwd, valid)
 
     def log_likelihood(
         self, visual_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(h_fwd (B,), h_bwd (B,))``: sums of log p over the valid tokens of each caption."""
-        lp_fwd, lp_bwd, _ = self.token_log_probs(visual_tokens, input_ids, attention_mask)
-        return lp_fwd.sum(1), lp_bwd.sum(1)
+    ) -> CaptionLikelihood:
+        """``(h_fwd (B,), h_bwd (B,))``: sums of log p over the valid tokens of each caption
+        (unpackable by position; ``.score`` is their sum)."""
+        return self.token_log_probs(visual_tokens, input_ids, attention_mask).likelihood()
 
     def score(self, visual_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``h = h_fwd + h_bwd`` ``(B,)`` (<= 0) for pairs (visual_tokens[i], caption i)."""
-        h_fwd, h_bwd = self.log_likelihood(visual_tokens, input_ids, attention_mask)
-        return h_fwd + h_bwd
+        return self.log_likelihood(visual_tokens, input_ids, attention_mask).score
 
     def score_matrix(
         self, visual_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int = 256
@@ -215,8 +218,9 @@ class SlowModel(PretrainedMixin, nn.Module):
         return torch.cat(out).reshape(b, m)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training entry point (what DDP wraps): pixels + captions -> ``(h_fwd, h_bwd)``."""
-        return self.log_likelihood(self.encode_visual(pixel_values), input_ids, attention_mask)
+        """Training entry point (what DDP may wrap): pixels + captions -> ``(h_fwd (B,), h_bwd (B,))``,
+        a plain tuple because that is what every DDP code path knows how to flatten."""
+        return self.log_likelihood(self.encode_visual(pixel_values), input_ids, attention_mask).to_tuple()  # type: ignore[return-value]
 
     def _check_text_inputs(
         self, visual_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
