@@ -13,26 +13,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import re
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
-import numpy as np
-
-from thinkfast.utils.paths import user_paths
 from thinkfast.errors import ThinkfastError
 from thinkfast.index import build as B
-from thinkfast.index.manifest import MANIFEST_NAME, TRAINED_NAME, IndexManifest, ShardRecord, read_manifest
+from thinkfast.index.build import ShardMapper, identity_from_embeddings  # noqa: F401 - identity_from_embeddings: old home
+from thinkfast.index.manifest import IndexManifest, ShardRecord
 from thinkfast.utils import fs
-from thinkfast.utils.timer import StageTimer
+from thinkfast.utils.paths import user_paths
 
 logger = logging.getLogger(__name__)
-
-_SHARD_FILE = re.compile(r"^shard-\d{5}\.(faiss|keys\.parquet|vectors\.f32)$")
-
-# runs build_shard(plan, i, trained_bytes) for every shard; returns records in shard order
-ShardMapper = Callable[[B.BuildPlan, bytes], list[ShardRecord]]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,16 +82,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def identity_from_embeddings(embeddings: str, s3_endpoint: str | None = None) -> str | None:
-    """The fast model identity that ``thinkfast embed`` recorded in ``<emb>/manifest.json``."""
-    path = fs.join(embeddings, MANIFEST_NAME)
-    if not fs.exists(path, s3_endpoint):
-        return None
-    data = fs.read_json(path, s3_endpoint)
-    fast = (data.get("models") or {}).get("fast") or {}
-    return fast.get("identity") if isinstance(fast, dict) else None
-
-
 @user_paths("embeddings", "out")
 def build_index(
     embeddings: str,
@@ -119,43 +100,16 @@ def build_index(
     s3_endpoint: str | None = None,
     mapper: ShardMapper | None = None,
 ) -> IndexManifest:
-    """Build the index at ``out`` from the fast embeddings at ``embeddings``; returns the manifest."""
-    timer = StageTimer(logger)
-    with timer.stage("plan"):
-        plan = B.plan_build(embeddings, out, shards, factory, store_vectors, exact_below, s3_endpoint)
-    identity = model_identity or identity_from_embeddings(embeddings, s3_endpoint)
-    logger.info(
-        "index build: %d vectors of dim %d, %s, %d shard(s), model %s",
-        plan.count, plan.dim, plan.factory, len(plan.ranges), identity,
-    )
-    _forget_previous(out, s3_endpoint)
-    with timer.stage("train"):
-        trained, defaults, train_count = B.train_on_sample(plan, train_sample, seed)
+    """Build the index at ``out`` from the fast embeddings at ``embeddings``; returns the manifest.
+
+    The shards are Ray tasks (``use_ray``, the default) or local threads; everything else
+    is :func:`thinkfast.index.build.build_from_embeddings`."""
     if mapper is None:
-        mapper = _ray_mapper(address, cpus_per_task) if use_ray else _thread_mapper
-    with timer.stage("add"):
-        records = mapper(plan, B.serialize(trained))
-    with timer.stage("finalize"):
-        manifest = B.finalize_build(
-            out, plan.dim, plan.factory, records, defaults, train_count, identity, timer.as_dict(), s3_endpoint
-        )
-    _delete_stale_shards(out, manifest, s3_endpoint)
-    return manifest
-
-
-def _thread_mapper(plan: B.BuildPlan, trained: bytes) -> list[ShardRecord]:
-    from concurrent.futures import ThreadPoolExecutor
-
-    import faiss
-
-    index = B.deserialize(trained)
-    cpus = os.cpu_count() or 1
-    workers = max(1, min(cpus, len(plan.ranges)))
-    # OpenMP threads are per calling thread: split the cores, never oversubscribe them
-    with ThreadPoolExecutor(
-        max_workers=workers, initializer=faiss.omp_set_num_threads, initargs=(max(1, cpus // workers),)
-    ) as pool:
-        return list(pool.map(lambda i: B.build_shard(plan, i, index), range(len(plan.ranges))))
+        mapper = _ray_mapper(address, cpus_per_task) if use_ray else B.thread_mapper
+    return B.build_from_embeddings(
+        embeddings, out, shards=shards, factory=factory, train_sample=train_sample, model_identity=model_identity,
+        store_vectors=store_vectors, exact_below=exact_below, seed=seed, s3_endpoint=s3_endpoint, mapper=mapper,
+    )
 
 
 def _ray_mapper(address: str | None, cpus_per_task: float) -> ShardMapper:
@@ -192,45 +146,13 @@ def _ray_mapper(address: str | None, cpus_per_task: float) -> ShardMapper:
     return mapper
 
 
-def _forget_previous(out: str, s3_endpoint: str | None) -> None:
-    """Drop an old manifest first: until the new one is written the directory reads as
-    unfinished rather than as the old index with some shards already overwritten."""
-    path = fs.join(out, MANIFEST_NAME)
-    if fs.exists(path, s3_endpoint):
-        logger.info("replacing the index at %s", out)
-        fs.fsspec_fs(out, s3_endpoint).rm_file(fs.strip_scheme(path))
-
-
-def _delete_stale_shards(out: str, manifest: IndexManifest, s3_endpoint: str | None) -> None:
-    """Remove shard files a previous, larger build left behind (only our own file names)."""
-    keep = {TRAINED_NAME, MANIFEST_NAME}
-    for record in manifest.shards:
-        keep |= {record.index_file, record.keys_file, record.vectors_file}
-    filesystem = fs.fsspec_fs(out, s3_endpoint)
-    for path in filesystem.ls(fs.strip_scheme(out), detail=False):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if _SHARD_FILE.match(name) and name not in keep:
-            filesystem.rm_file(path)
-            logger.info("deleted stale %s", name)
-
-
 @user_paths("embeddings", "index_uri")
 def append_to_index(
     embeddings: str, index_uri: str, shard_size: int | None = None, s3_endpoint: str | None = None
 ) -> IndexManifest:
     """Add the embeddings at ``embeddings`` to the existing index as new shards of about
     ``shard_size`` vectors (default: the existing mean shard size); no retraining."""
-    from thinkfast.index.sharded import ShardedIndex
-    from thinkfast.store import read_embeddings
-
-    index = ShardedIndex.load(index_uri, s3_endpoint=s3_endpoint)
-    identity = identity_from_embeddings(embeddings, s3_endpoint)
-    index.check_compatible(model_identity=identity)
-    keys, vectors = read_embeddings(embeddings, s3_endpoint)
-    size = shard_size or max(1, int(np.ceil(index.manifest.count / max(1, index.num_shards))))
-    for start in range(0, len(keys), size):
-        index.add(keys[start : start + size], vectors[start : start + size])
-    return read_manifest(index_uri, s3_endpoint)
+    return B.append_embeddings(embeddings, index_uri, shard_size, s3_endpoint)
 
 
 @user_paths("index_uri")

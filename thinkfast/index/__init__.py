@@ -1,4 +1,6 @@
-"""FAISS index: factory choice and shard building (``build``), the sharded reader and
-searcher (``sharded.ShardedIndex``), the manifest, and per-call search parameters.
+"""FAISS index: factory choice and training (``factory``), the build from fast-embedding
+Parquet (``build``), the directory's files (``files``) and manifest (``manifest``), one
+loaded shard (``shard``), the sharded reader and searcher (``sharded.ShardedIndex``), and
+per-call search parameters (``params``).
 
-Nothing here imports Ray; the distributed build lives in ``pipelines/index.py``."""
+Nothing here imports Ray; ``pipelines/index.py`` only adds the Ray shard executor and the CLI."""

@@ -1,6 +1,7 @@
-"""Building index shards without Ray: factory choice, training, tuning, shard files.
+"""Building an index from fast-embedding Parquet without Ray: the plan, the training
+sample, one shard per row range, the commit.
 
-The build is split so that any executor can run it (threads here, Ray tasks in
+The build is split so that any executor can run the shards (threads here, Ray tasks in
 ``pipelines/index.py``):
 
 1. :func:`plan_build` sizes the corpus from Parquet metadata and cuts it into row ranges;
@@ -9,15 +10,18 @@ The build is split so that any executor can run it (threads here, Ray tasks in
 3. :func:`build_shard` (one per range, in parallel) reads its rows, adds them to a clone
    and writes ``shard-XXXXX.faiss`` + key table (+ raw vectors for exact re-scoring);
 4. :func:`finalize_build` checks keys are unique across shards and writes the manifest.
+
+:func:`build_from_embeddings` runs the four steps with a given shard executor
+(:data:`ShardMapper`; default :func:`thread_mapper`). Factory choice and training live in
+:mod:`thinkfast.index.factory`, the files in :mod:`thinkfast.index.files`; their names are
+re-exported here, where callers have always found them.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import math
 import os
-import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -27,264 +31,47 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from thinkfast.errors import IndexMismatchError, ThinkfastError
-from thinkfast.index.manifest import METRIC_IP, TRAINED_NAME, IndexManifest, ShardRecord, write_manifest
-from thinkfast.index.params import SearchSettings, has_hnsw_quantizer, index_kind, ivf_nlist, search_with
+from thinkfast.errors import ThinkfastError
+from thinkfast.index.factory import (  # noqa: F401 - re-exported
+    EXACT_BELOW,
+    MAX_FLAT_CODE_BYTES,
+    TUNE_SAMPLE,
+    TUNE_TARGET_RECALL,
+    choose_factory,
+    default_nlist,
+    default_train_size,
+    deserialize,
+    new_index,
+    pq_subquantizers,
+    prepare_vectors,
+    serialize,
+    train_index,
+    tune_search_defaults,
+)
+from thinkfast.index.files import (  # noqa: F401 - re-exported
+    delete_stale_shards,
+    forget_previous,
+    keys_table_bytes,
+    load_trained,
+    put_file,
+    save_trained,
+    shard_name,
+    write_shard,
+)
+from thinkfast.index.manifest import METRIC_IP, IndexManifest, ShardRecord, write_manifest
 from thinkfast.store import (
+    FAST_DIR,
     StoreError,
     check_embedding_schema,
     embedding_matrix,
+    find_embed_manifest,
     list_parquet_files,
     resolve_artifact_dir,
 )
 from thinkfast.utils import fs
+from thinkfast.utils.timer import StageTimer
 
 logger = logging.getLogger(__name__)
-
-EXACT_BELOW = 100_000  # below this many vectors the default is exact search (autofaiss: flat is fast enough)
-MAX_FLAT_CODE_BYTES = 8 << 30  # above this much raw float32, the default compresses with PQ
-TUNE_TARGET_RECALL = 0.95  # build-time tuning aims nprobe / efSearch at this recall@10
-TUNE_SAMPLE = 20_000  # vectors the tuning indexes and queries (independent of the training sample)
-
-
-# --------------------------------------------------------------------------- factory choice
-
-
-def default_nlist(n: int) -> int:
-    """IVF lists: the power of two nearest ``4 * sqrt(n)`` (autofaiss's rule), at most n / 39
-    so that k-means has the 39 points per centroid FAISS asks for."""
-    target = 4.0 * math.sqrt(max(n, 1))
-    nlist = 2 ** round(math.log2(target))
-    return int(max(1, min(nlist, n // 39 if n >= 39 else 1)))
-
-
-def pq_subquantizers(dim: int) -> int:
-    """Largest ``m`` dividing ``dim`` with ``dim / m >= 4`` and ``m <= 64`` (4..64 bytes a vector)."""
-    for m in range(min(64, dim // 4), 0, -1):
-        if dim % m == 0:
-            return m
-    return 1
-
-
-def choose_factory(n: int, dim: int, exact_below: int = EXACT_BELOW, max_flat_bytes: int = MAX_FLAT_CODE_BYTES) -> str:
-    """A ``faiss.index_factory`` string for ``n`` vectors of width ``dim``, as autofaiss picks:
-    exact (``Flat``) for small corpora, IVF with an HNSW coarse quantizer above, and
-    product-quantised lists once raw float32 vectors would exceed ``max_flat_bytes``."""
-    if n < exact_below:
-        return "Flat"
-    nlist = default_nlist(n)
-    if n * dim * 4 <= max_flat_bytes:
-        return f"IVF{nlist}_HNSW32,Flat"
-    return f"IVF{nlist},PQ{pq_subquantizers(dim)}x8"
-
-
-def new_index(factory: str, dim: int) -> faiss.Index:
-    try:
-        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise ThinkfastError(f"invalid FAISS factory string {factory!r} for dim {dim}: {exc}") from exc
-
-
-# --------------------------------------------------------------------------- vectors
-
-
-def prepare_vectors(vectors: np.ndarray, dim: int, normalize: bool = True) -> np.ndarray:
-    """float32 C-contiguous (N, dim), L2-normalised; rejects wrong dims, NaN and zero vectors."""
-    x = np.array(vectors, dtype=np.float32, copy=True, order="C")
-    if x.ndim != 2 or x.shape[1] != dim:
-        raise IndexMismatchError(f"vectors have shape {x.shape}, the index expects (N, {dim})")
-    if not np.isfinite(x).all():
-        raise ThinkfastError("vectors contain NaN or inf")
-    if normalize:
-        norms = np.linalg.norm(x, axis=1)
-        if (norms == 0).any():
-            raise ThinkfastError(f"{int((norms == 0).sum())} zero vector(s) cannot be normalised")
-        faiss.normalize_L2(x)
-    return x
-
-
-def serialize(index: faiss.Index) -> bytes:
-    return faiss.serialize_index(index).tobytes()
-
-
-def deserialize(data: bytes) -> faiss.Index:
-    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-
-
-# --------------------------------------------------------------------------- training and tuning
-
-
-def train_index(factory: str, dim: int, sample: np.ndarray, seed: int = 0) -> faiss.Index:
-    """An empty index with trained quantizers (``sample`` already prepared)."""
-    index = new_index(factory, dim)
-    if not index.is_trained:
-        ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None and len(sample) < ivf.nlist:
-            raise ThinkfastError(f"{factory} needs at least {ivf.nlist} training vectors, got {len(sample)}")
-        if ivf is not None:
-            ivf.cp.seed = seed
-        inner = faiss.downcast_index(ivf if ivf is not None else index)
-        if hasattr(inner, "do_polysemous_training"):
-            # polysemous codes only pay off with Hamming filtering, which we never use, and
-            # the annealing costs minutes on a small machine
-            inner.do_polysemous_training = False
-        logger.info("training %s on %d vectors", factory, len(sample))
-        index.train(sample)
-    return index
-
-
-def tune_search_defaults(
-    trained: faiss.Index, sample: np.ndarray, target: float = TUNE_TARGET_RECALL, k: int = 10, seed: int = 0
-) -> dict[str, Any]:
-    """Smallest nprobe / efSearch reaching ``target`` recall@k on held-out sample vectors.
-
-    A stand-in for autofaiss's tuning: index most of the sample, query with the rest,
-    compare with exact search. Recall depends on the fraction of lists probed more than
-    on corpus size, so the setting carries over to the full index. Lossy codes (PQ) may
-    never reach the target; then the best setting is kept and exact re-scoring is on."""
-    kind = index_kind(trained)
-    if isinstance(faiss.downcast_index(trained), faiss.IndexFlat):
-        return {}  # exact: nothing to tune
-    rng = np.random.default_rng(seed)
-    n = len(sample)
-    n_queries = min(200, max(1, n // 20))
-    order = rng.permutation(n)
-    base_n = min(n - n_queries, 50_000)
-    queries, base = sample[order[:n_queries]], sample[order[n_queries : n_queries + base_n]]
-    if base_n < k or n_queries < 1:
-        return {}
-    index = faiss.clone_index(trained)
-    index.add(base)
-    exact = faiss.IndexFlatIP(base.shape[1])
-    exact.add(base)
-    _, truth = exact.search(queries, k)
-
-    def recall(settings: SearchSettings) -> float:
-        _, found = search_with(index, queries, k, settings)
-        return float(np.mean([len(np.intersect1d(a, b)) for a, b in zip(found, truth)]) / k)
-
-    best: dict[str, Any] = {}
-    if kind == "ivf":
-        nlist = ivf_nlist(trained)
-        nprobe, score = 1, 0.0
-        while True:
-            previous, score = score, recall(SearchSettings(nprobe=nprobe))
-            # stop at the target, at exhaustive search, or when lossy codes plateau
-            if score >= target or nprobe >= nlist or (nprobe >= 16 and score - previous < 0.005):
-                break
-            nprobe *= 2
-        best["nprobe"] = int(min(nprobe, nlist))
-        if has_hnsw_quantizer(trained):
-            best["efSearch"] = int(max(64, 2 * best["nprobe"]))
-    elif kind == "hnsw":
-        ef, score = 16, 0.0
-        while True:
-            score = recall(SearchSettings(efSearch=ef))
-            if score >= target or ef >= 1024:
-                break
-            ef *= 2
-        # graph search gets harder as the graph grows: the full index needs more than the
-        # sample did (measured: ef 16 gave 0.969 on 20k, 0.93 on 100k), so keep one doubling spare
-        best["efSearch"] = ef * 2
-    else:
-        score = recall(SearchSettings())
-    best["tuned_recall"] = round(score, 4)
-    if score < target:
-        best["rescore"] = True
-        logger.warning("tuning reached recall@%d %.3f < %.2f; exact re-scoring is on by default", k, score, target)
-    logger.info("tuned search defaults: %s", best)
-    return best
-
-
-# --------------------------------------------------------------------------- shard files
-
-
-def put_file(uri: str, data: bytes, s3_endpoint: str | None) -> None:
-    """Whole-file write: temp + rename locally, one PUT on S3 (never a half-written shard)."""
-    if fs.is_s3(uri):
-        fs.write_bytes(uri, data, s3_endpoint)
-        return
-    path = fs.strip_scheme(uri)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def keys_table_bytes(keys: Sequence[str], removed: np.ndarray) -> bytes:
-    """Parquet bytes of a shard's key table: row i is FAISS id i."""
-    table = pa.table({"key": pa.array(list(keys), pa.string()), "removed": pa.array(removed, pa.bool_())})
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return sink.getvalue()
-
-
-def _stage_file(out_uri: str, name: str, write: Callable[[str], None], s3_endpoint: str | None) -> int:
-    """Write a (possibly large) file through a local temp path, never as bytes in memory:
-    renamed into place locally, uploaded in one piece to S3. Returns its size."""
-    target = fs.join(out_uri, name)
-    if fs.is_s3(out_uri):
-        with tempfile.TemporaryDirectory(prefix="thinkfast-shard-") as tmp_dir:
-            tmp = os.path.join(tmp_dir, name)
-            write(tmp)
-            size = os.path.getsize(tmp)
-            fs.fsspec_fs(out_uri, s3_endpoint).put_file(tmp, fs.strip_scheme(target))
-        return size
-    path = fs.strip_scheme(target)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        write(tmp)
-        size = os.path.getsize(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return size
-
-
-def write_shard(
-    out_uri: str,
-    name: str,
-    trained: faiss.Index,
-    keys: Sequence[str],
-    vectors: np.ndarray,
-    store_vectors: bool = True,
-    s3_endpoint: str | None = None,
-) -> ShardRecord:
-    """Add prepared ``vectors`` to a clone of ``trained`` and write the shard's files.
-
-    Files go to disk straight from FAISS / numpy: a 1M x 256 shard serialised to bytes
-    first measured 5 GB peak for a 1 GB index."""
-    if len(keys) != len(vectors):
-        raise ThinkfastError(f"{len(keys)} keys but {len(vectors)} vectors")
-    if len(set(keys)) != len(keys):
-        raise ThinkfastError(f"shard {name}: duplicate keys")
-    index = faiss.clone_index(trained)
-    index.add(vectors)
-    vectors_bytes = 0
-    if store_vectors:
-        data = np.ascontiguousarray(vectors, dtype=np.float32)
-        vectors_bytes = _stage_file(out_uri, name + ".vectors.f32", data.tofile, s3_endpoint)
-    index_bytes = _stage_file(out_uri, name + ".faiss", lambda path: faiss.write_index(index, path), s3_endpoint)
-    record = ShardRecord(
-        name=name, total=len(keys), removed=0, index_bytes=index_bytes, vectors_bytes=vectors_bytes
-    )
-    put_file(fs.join(out_uri, record.keys_file), keys_table_bytes(keys, np.zeros(len(keys), bool)), s3_endpoint)
-    logger.info("shard %s: %d vectors, %.1f MB index", name, len(keys), index_bytes / 1e6)
-    return record
-
-
-def save_trained(out_uri: str, trained: faiss.Index, s3_endpoint: str | None = None) -> None:
-    put_file(fs.join(out_uri, TRAINED_NAME), serialize(trained), s3_endpoint)
-
-
-def load_trained(out_uri: str, s3_endpoint: str | None = None) -> faiss.Index:
-    try:
-        return deserialize(fs.read_bytes(fs.join(out_uri, TRAINED_NAME), s3_endpoint))
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise IndexMismatchError(f"{out_uri}: {TRAINED_NAME} is missing or damaged ({exc})") from exc
 
 
 # --------------------------------------------------------------------------- builds from Parquet
@@ -328,7 +115,7 @@ def plan_build(
     """Size the corpus from Parquet footers (no data read) and cut it into shard ranges."""
     files: list[tuple[str, int]] = []
     dim: int | None = None
-    for file_uri in list_parquet_files(resolve_artifact_dir(embeddings_uri, "fast", s3_endpoint), s3_endpoint):
+    for file_uri in list_parquet_files(resolve_artifact_dir(embeddings_uri, FAST_DIR, s3_endpoint), s3_endpoint):
         filesystem, path = fs.arrow_fs(file_uri, s3_endpoint)
         try:
             meta = pq.ParquetFile(path, filesystem=filesystem)
@@ -415,15 +202,6 @@ def sample_rows(plan: BuildPlan, size: int, seed: int = 0) -> np.ndarray:
     return np.concatenate(out)
 
 
-def default_train_size(factory: str, dim: int, n: int) -> int:
-    """Training vectors: 64 per IVF list (FAISS wants 39..256), at least 10k for PQ codebooks."""
-    ivf = faiss.try_extract_index_ivf(new_index(factory, dim))
-    size = 64 * ivf.nlist if ivf is not None else 0
-    if "PQ" in factory or "SQ" in factory:
-        size = max(size, 10_000)
-    return int(min(n, max(size, 1)))
-
-
 def train_on_sample(plan: BuildPlan, train_sample: int | None = None, seed: int = 0) -> tuple[faiss.Index, dict, int]:
     """Train once on a sample; save ``trained.faiss``; return it, tuned defaults, sample size."""
     size = min(plan.count, train_sample or default_train_size(plan.factory, plan.dim, plan.count))
@@ -432,10 +210,6 @@ def train_on_sample(plan: BuildPlan, train_sample: int | None = None, seed: int 
     trained = train_index(plan.factory, plan.dim, sample[np.sort(order[:size])], seed)
     save_trained(plan.out_uri, trained, plan.s3_endpoint)
     return trained, tune_search_defaults(trained, sample, seed=seed), size
-
-
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}"
 
 
 def build_shard(plan: BuildPlan, i: int, trained: faiss.Index | bytes) -> ShardRecord:
@@ -492,3 +266,89 @@ def finalize_build(
     write_manifest(plan_out_uri, manifest, s3_endpoint)
     logger.info("index %s: %d vectors in %d shard(s), factory %s", plan_out_uri, manifest.count, len(records), factory)
     return manifest
+
+
+# --------------------------------------------------------------------------- the whole build
+
+# runs build_shard(plan, i, trained_bytes) for every shard; returns records in shard order
+ShardMapper = Callable[["BuildPlan", bytes], list[ShardRecord]]
+
+
+def thread_mapper(plan: BuildPlan, trained: bytes) -> list[ShardRecord]:
+    """Build every shard in local threads (FAISS releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    index = deserialize(trained)
+    cpus = os.cpu_count() or 1
+    workers = max(1, min(cpus, len(plan.ranges)))
+    # OpenMP threads are per calling thread: split the cores, never oversubscribe them
+    with ThreadPoolExecutor(
+        max_workers=workers, initializer=faiss.omp_set_num_threads, initargs=(max(1, cpus // workers),)
+    ) as pool:
+        return list(pool.map(lambda i: build_shard(plan, i, index), range(len(plan.ranges))))
+
+
+def identity_from_embeddings(embeddings: str, s3_endpoint: str | None = None) -> str | None:
+    """The fast model identity that ``embed`` recorded in ``<emb>/manifest.json`` (None for
+    plain Parquet embeddings without a manifest)."""
+    manifest = find_embed_manifest(embeddings, s3_endpoint)
+    return manifest.fast_identity if manifest is not None else None
+
+
+def build_from_embeddings(
+    embeddings: str,
+    out: str,
+    *,
+    shards: int = 1,
+    factory: str | None = None,
+    train_sample: int | None = None,
+    model_identity: str | None = None,
+    store_vectors: bool = True,
+    exact_below: int = EXACT_BELOW,
+    seed: int = 0,
+    s3_endpoint: str | None = None,
+    mapper: ShardMapper | None = None,
+) -> IndexManifest:
+    """Build the index at ``out`` from the fast embeddings at ``embeddings`` (an embed
+    output or a Parquet dir/file); ``mapper`` runs the shards (default: local threads).
+
+    The old manifest goes first and the new one is written last, so a directory with a
+    manifest is always a complete index; shard files a larger previous build left behind
+    are deleted afterwards."""
+    timer = StageTimer(logger)
+    with timer.stage("plan"):
+        plan = plan_build(embeddings, out, shards, factory, store_vectors, exact_below, s3_endpoint)
+    identity = model_identity or identity_from_embeddings(embeddings, s3_endpoint)
+    logger.info(
+        "index build: %d vectors of dim %d, %s, %d shard(s), model %s",
+        plan.count, plan.dim, plan.factory, len(plan.ranges), identity,
+    )
+    forget_previous(out, s3_endpoint)
+    with timer.stage("train"):
+        trained, defaults, train_count = train_on_sample(plan, train_sample, seed)
+    with timer.stage("add"):
+        records = (mapper or thread_mapper)(plan, serialize(trained))
+    with timer.stage("finalize"):
+        manifest = finalize_build(
+            out, plan.dim, plan.factory, records, defaults, train_count, identity, timer.as_dict(), s3_endpoint
+        )
+    delete_stale_shards(out, manifest, s3_endpoint)
+    return manifest
+
+
+def append_embeddings(embeddings: str, index_uri: str, shard_size: int | None = None,
+                      s3_endpoint: str | None = None) -> IndexManifest:
+    """Add the embeddings at ``embeddings`` to the existing index as new shards of about
+    ``shard_size`` vectors (default: the existing mean shard size); no retraining. The
+    embeddings' fast model must be the index's."""
+    from thinkfast.index.manifest import read_manifest
+    from thinkfast.index.sharded import ShardedIndex
+    from thinkfast.store import read_embeddings
+
+    index = ShardedIndex.load(index_uri, s3_endpoint=s3_endpoint)
+    index.check_compatible(model_identity=identity_from_embeddings(embeddings, s3_endpoint))
+    keys, vectors = read_embeddings(embeddings, s3_endpoint)
+    size = shard_size or max(1, int(np.ceil(index.manifest.count / max(1, index.num_shards))))
+    for start in range(0, len(keys), size):
+        index.add(keys[start : start + size], vectors[start : start + size])
+    return read_manifest(index_uri, s3_endpoint)

@@ -13,18 +13,14 @@ trained (empty) index, without retraining or rewriting existing shards.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import faiss
 import numpy as np
-import pyarrow.parquet as pq
 
 from thinkfast.errors import IndexMismatchError, ThinkfastError
 from thinkfast.index import build as B
@@ -35,93 +31,14 @@ from thinkfast.index.manifest import (
     read_manifest,
     write_manifest,
 )
-from thinkfast.index.params import SearchSettings, search_with
+from thinkfast.index.files import DEFAULT_CACHE, read_file, sync_from_s3  # noqa: F401 - DEFAULT_CACHE: old home
+from thinkfast.index.params import SearchSettings
+from thinkfast.index.shard import Shard, UnknownIndexKeys, read_local_shard
 from thinkfast.utils import fs
 from thinkfast.utils.timer import StageTimer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "thinkfast", "index")
-
-
-@dataclass
-class _Shard:
-    """A loaded shard: FAISS index, keys by FAISS id, tombstones, optional raw vectors."""
-
-    record: ShardRecord
-    index: faiss.Index
-    keys: np.ndarray  # (total,) object: key of FAISS id i
-    removed: np.ndarray  # (total,) bool
-    vectors: np.ndarray | None  # (total, d) float32 memmap, for exact re-scoring
-    selector: faiss.IDSelector | None = None  # hides removed ids; None when nothing is removed
-    bitmap: np.ndarray | None = None  # backing store of the selector (SWIG does not own it)
-    selector_ok: bool = True  # False once FAISS refused selectors for this index type (e.g. IndexPQ)
-
-    def search(self, x: np.ndarray, k: int, settings: SearchSettings) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of live vectors: (scores, local ids), -inf / -1 where fewer were found."""
-        if self.selector is None:
-            return search_with(self.index, x, k, settings)
-        if self.selector_ok:
-            try:
-                return search_with(self.index, x, k, settings, self.selector)
-            except IndexMismatchError:
-                logger.info("%s: FAISS index type rejects ID selectors; filtering removed ids after search", self.record.name)
-                self.selector_ok = False
-        # over-fetch by the number of removed vectors, so k live ones survive the filter
-        fetch = min(self.record.total, k + self.record.removed)
-        dist, local = search_with(self.index, x, fetch, settings)
-        dead = (local >= 0) & self.removed[np.maximum(local, 0)]
-        dist, local = np.where(dead, -np.inf, dist), np.where(dead, -1, local)
-        order = np.argsort(-dist, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(dist, order, 1), np.take_along_axis(local, order, 1)
-
-    def refresh_selector(self) -> None:
-        if not self.removed.any():
-            self.selector, self.bitmap = None, None
-            return
-        self.bitmap = np.packbits(~self.removed, bitorder="little")
-        self.selector = faiss.IDSelectorBitmap(len(self.removed), faiss.swig_ptr(self.bitmap))
-
-
-def _read_local_shard(directory: str, record: ShardRecord, dim: int, mmap: bool) -> _Shard:
-    """Load one shard from a local directory, checking sizes against the manifest first
-    (a truncated FAISS file can otherwise crash or half-load)."""
-    index_path = os.path.join(directory, record.index_file)
-    size = os.path.getsize(index_path) if os.path.exists(index_path) else -1
-    if size != record.index_bytes:
-        raise IndexMismatchError(
-            f"{index_path}: {size} bytes, the manifest says {record.index_bytes}; the shard is truncated or missing"
-        )
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    try:
-        index = faiss.read_index(index_path, flags)
-    except RuntimeError as exc:
-        raise IndexMismatchError(f"{index_path}: FAISS cannot read this shard ({exc})") from exc
-    if index.d != dim or index.ntotal != record.total:
-        raise IndexMismatchError(
-            f"{index_path}: holds {index.ntotal} vectors of dim {index.d}, manifest says {record.total} of dim {dim}"
-        )
-    keys_path = os.path.join(directory, record.keys_file)
-    try:
-        table = pq.read_table(keys_path)
-    except (OSError, ValueError) as exc:
-        raise IndexMismatchError(f"{keys_path}: key table is missing or damaged ({exc})") from exc
-    if table.num_rows != record.total:
-        raise IndexMismatchError(f"{keys_path}: {table.num_rows} keys for {record.total} vectors")
-    keys = table.column("key").to_numpy(zero_copy_only=False).astype(object)
-    removed = table.column("removed").to_numpy(zero_copy_only=False).astype(bool)
-    if int(removed.sum()) != record.removed:
-        raise IndexMismatchError(f"{keys_path}: {int(removed.sum())} removed keys, manifest says {record.removed}")
-    vectors = None
-    if record.vectors_bytes:
-        vec_path = os.path.join(directory, record.vectors_file)
-        vsize = os.path.getsize(vec_path) if os.path.exists(vec_path) else -1
-        if vsize != record.vectors_bytes or vsize != record.total * dim * 4:
-            raise IndexMismatchError(f"{vec_path}: {vsize} bytes, expected {record.vectors_bytes}; truncated")
-        vectors = np.memmap(vec_path, dtype=np.float32, mode="r", shape=(record.total, dim))
-    shard = _Shard(record=record, index=index, keys=keys, removed=removed, vectors=vectors)
-    shard.refresh_selector()
-    return shard
 
 
 class ShardedIndex:
@@ -133,7 +50,7 @@ class ShardedIndex:
         uri: str,
         local_dir: str,
         manifest: IndexManifest,
-        shards: list[_Shard],
+        shards: list[Shard],
         s3_endpoint: str | None = None,
         partial: bool = False,
     ) -> None:
@@ -278,10 +195,10 @@ class ShardedIndex:
         if bad:
             raise ThinkfastError(f"index {uri} has {manifest.num_shards} shard(s); no shard {bad[0]}")
         if fs.is_s3(uri):
-            local_dir = _sync_from_s3(uri, manifest, cache_dir, s3_endpoint, chosen)
+            local_dir = sync_from_s3(uri, manifest, cache_dir, s3_endpoint, chosen)
         else:
             local_dir = os.path.abspath(fs.strip_scheme(uri))
-        loaded = [_read_local_shard(local_dir, manifest.shards[i], manifest.dim, mmap) for i in chosen]
+        loaded = [read_local_shard(local_dir, manifest.shards[i], manifest.dim, mmap) for i in chosen]
         partial = chosen != list(range(manifest.num_shards))
         index = cls(uri, local_dir, manifest, loaded, s3_endpoint, partial=partial)
         index.check_compatible(dim=expected_dim, model_identity=expected_model_identity)
@@ -358,7 +275,7 @@ class ShardedIndex:
         return self._keys_of(shards, ids), scores
 
     def _search_ids(
-        self, shards: list[_Shard], x: np.ndarray, k: int, settings: SearchSettings
+        self, shards: list[Shard], x: np.ndarray, k: int, settings: SearchSettings
     ) -> tuple[np.ndarray, np.ndarray]:
         """Global ids and scores of the merged top-k (ids -1 where nothing was found)."""
         offsets = np.cumsum([0] + [s.record.total for s in shards])
@@ -391,12 +308,12 @@ class ShardedIndex:
             )
         return self._pool
 
-    def _locate(self, shards: list[_Shard], ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _locate(self, shards: list[Shard], ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         offsets = np.cumsum([0] + [s.record.total for s in shards])
         shard_of = np.searchsorted(offsets, ids, side="right") - 1
         return shard_of, ids - offsets[np.clip(shard_of, 0, len(shards) - 1)]
 
-    def _keys_of(self, shards: list[_Shard], ids: np.ndarray) -> np.ndarray:
+    def _keys_of(self, shards: list[Shard], ids: np.ndarray) -> np.ndarray:
         out = np.full(ids.shape, None, dtype=object)
         valid = ids >= 0
         shard_of, row = self._locate(shards, ids[valid])
@@ -408,7 +325,7 @@ class ShardedIndex:
         return out
 
     def _rescore(
-        self, shards: list[_Shard], x: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int
+        self, shards: list[Shard], x: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact inner products of the candidates with their stored float32 vectors."""
         valid = ids >= 0
@@ -440,14 +357,14 @@ class ShardedIndex:
             clash = [k for k in keys if k in live]
             if clash:
                 raise ThinkfastError(f"{len(clash)} key(s) already in the index (e.g. {clash[:3]}); remove them first")
-            trained = B.deserialize(_read_file(self.local_dir, TRAINED_NAME))
+            trained = B.deserialize(read_file(self.local_dir, TRAINED_NAME))
             name = self.manifest.next_shard_name()
             record = B.write_shard(self.local_dir, name, trained, keys, x, self.manifest.stores_vectors)
             if fs.is_s3(self.uri):
                 for file_name in (record.vectors_file, record.index_file, record.keys_file):
                     if os.path.exists(os.path.join(self.local_dir, file_name)):
-                        fs.write_bytes(fs.join(self.uri, file_name), _read_file(self.local_dir, file_name), self.s3_endpoint)
-            shard = _read_local_shard(self.local_dir, record, self.dim, mmap=True)
+                        fs.write_bytes(fs.join(self.uri, file_name), read_file(self.local_dir, file_name), self.s3_endpoint)
+            shard = read_local_shard(self.local_dir, record, self.dim, mmap=True)
             self._commit(self.manifest.replace(shards=self.manifest.shards + (record,)), self._shards + [shard])
         logger.info("added %d vectors to %s as %s", len(keys), self.uri, name)
         return record
@@ -460,7 +377,7 @@ class ShardedIndex:
             live = self._live_positions()
             missing = [k for k in keys if k not in live]
             if missing and not missing_ok:
-                raise _UnknownIndexKeys(missing)
+                raise UnknownIndexKeys(missing)
             touched: dict[int, list[int]] = {}
             for key in set(keys) - set(missing):
                 s, row = live[key]
@@ -478,7 +395,7 @@ class ShardedIndex:
                 B.put_file(os.path.join(self.local_dir, record.keys_file), data, None)
                 if fs.is_s3(self.uri):
                     fs.write_bytes(fs.join(self.uri, record.keys_file), data, self.s3_endpoint)
-                shard = _Shard(record=record, index=old.index, keys=old.keys, removed=removed, vectors=old.vectors)
+                shard = Shard(record=record, index=old.index, keys=old.keys, removed=removed, vectors=old.vectors)
                 shard.refresh_selector()
                 shards[s], records[s] = shard, record
             self._commit(self.manifest.replace(shards=tuple(records)), shards)
@@ -499,7 +416,7 @@ class ShardedIndex:
             }
         return self._positions
 
-    def _commit(self, manifest: IndexManifest, shards: list[_Shard]) -> None:
+    def _commit(self, manifest: IndexManifest, shards: list[Shard]) -> None:
         """Manifest last: locally (the cache or the index itself), then on S3."""
         write_manifest(self.local_dir, manifest)
         if fs.is_s3(self.uri):
@@ -515,17 +432,6 @@ class ShardedIndex:
         raise TypeError("ShardedIndex holds FAISS objects; pass its URI and ShardedIndex.load() it in the worker")
 
 
-class _UnknownIndexKeys(ThinkfastError, KeyError):
-    """Keys asked to be removed that the index does not hold."""
-
-    def __init__(self, missing: Sequence[str]) -> None:
-        self.missing = list(missing)
-        super().__init__(f"{len(self.missing)} key(s) not in the index: {self.missing[:5]}")
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
 def _pool_size() -> int:
     return max(1, os.cpu_count() or 1)
 
@@ -536,42 +442,6 @@ def _single_omp_thread() -> None:
     teams spin-wait against each other -- on a busy 2-core machine a single-query search
     measured 60 ms with OpenMP's 2 threads and 0.6 ms with one."""
     faiss.omp_set_num_threads(1)
-
-
-def _read_file(directory: str, name: str) -> bytes:
-    with open(os.path.join(directory, name), "rb") as f:
-        return f.read()
-
-
-def _sync_from_s3(
-    uri: str, manifest: IndexManifest, cache_dir: str | None, s3_endpoint: str | None, chosen: Sequence[int]
-) -> str:
-    """Copy the index files to a local cache dir (per URI), skipping ones already there with
-    the size the manifest expects; FAISS can only memory-map local files."""
-    root = cache_dir or os.environ.get("THINKFAST_INDEX_CACHE") or DEFAULT_CACHE
-    # shard files never change within a build, so (URI, build id) names a valid cache
-    local = os.path.join(root, hashlib.sha1(uri.encode()).hexdigest()[:16], manifest.build_id or "unversioned")
-    os.makedirs(local, exist_ok=True)
-    filesystem = fs.fsspec_fs(uri, s3_endpoint)
-    base = fs.strip_scheme(uri).rstrip("/")
-    wanted: list[tuple[str, int | None]] = [(TRAINED_NAME, None)]
-    for r in (manifest.shards[i] for i in chosen):
-        wanted += [(r.index_file, r.index_bytes), (r.keys_file, None)]
-        if r.vectors_bytes:
-            wanted.append((r.vectors_file, r.vectors_bytes))
-    for name, size in wanted:
-        target = os.path.join(local, name)
-        if size is not None and os.path.exists(target) and os.path.getsize(target) == size:
-            continue
-        tmp = f"{target}.part-{uuid.uuid4().hex}"  # replicas may fill one cache at once
-        try:
-            filesystem.get_file(f"{base}/{name}", tmp)
-        except FileNotFoundError as exc:
-            raise IndexMismatchError(f"{uri}/{name} is listed in the manifest but missing") from exc
-        os.replace(tmp, target)
-    write_manifest(local, manifest)
-    logger.info("index %s cached in %s", uri, local)
-    return local
 
 
 __all__ = ["ShardedIndex"]
