@@ -115,12 +115,14 @@ def make_assets(workdir: str, images: int, preset: str, image_size: int, seed: i
 
 
 def bare_loop(corpus: str, fast_dir: str, slow_dir: str, batch_size: int, threads: int) -> Row:
-    """Decode everything first (untimed), then time the models alone in this process."""
+    """Decode everything first (untimed), then time the models alone in this process,
+    through the same ``thinkfast.encode`` passes the embed actors run."""
     import torch
 
-    from thinkfast.data.media import load_pixels
+    from thinkfast.data.decode import decode_rows
     from thinkfast.data.reader import read_table
     from thinkfast.data.schema import validate_corpus_schema
+    from thinkfast.encode import image_vectors, visual_tokens
     from thinkfast.models.fast import FastModel
     from thinkfast.models.slow import SlowModel
 
@@ -130,14 +132,12 @@ def bare_loop(corpus: str, fast_dir: str, slow_dir: str, batch_size: int, thread
     table = read_table(corpus)
     columns = validate_corpus_schema(table.schema)
     size = fast.config.image_size
-    pixels = torch.stack([load_pixels(r, columns, size, 8) for r in table.select(["key", columns.media]).to_pylist()])
+    decoded = decode_rows(table.select(["key", columns.media]).to_pylist(), columns, size, 8)
+    pixels = torch.stack(decoded.pixels)  # (N, 3, S, S)
     with MemorySampler(children=False) as mem:
         start = time.perf_counter()
-        with torch.inference_mode():
-            for i in range(0, len(pixels), batch_size):
-                x = pixels[i : i + batch_size]  # (B, 3, S, S)
-                fast.encode_image(x).float().numpy()
-                slow.encode_visual(x).to(torch.float16).numpy()
+        image_vectors(fast, pixels, batch_size=batch_size)
+        visual_tokens(slow, pixels, batch_size=batch_size)
         seconds = time.perf_counter() - start
     n = len(pixels)
     return Row("bare torch loop", n, seconds, n / seconds, mem.peak / 2**20, f"1 process, {threads} threads, batch {batch_size}")

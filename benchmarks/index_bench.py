@@ -42,7 +42,7 @@ QUICK_SIZE = 20_000
 
 def factories(n: int, dim: int) -> dict[str, str]:
     """The four index types of the issue, sized for ``n`` vectors."""
-    from thinkfast.index.build import default_nlist, pq_subquantizers
+    from thinkfast.index.factory import default_nlist, pq_subquantizers
 
     nlist = default_nlist(n)
     m = min(32, pq_subquantizers(dim))  # 32 bytes a vector at d=256
@@ -86,7 +86,7 @@ def _run_config(job: dict[str, Any]) -> dict[str, Any]:
     import faiss
     from faiss.contrib.evaluation import knn_intersection_measure
 
-    from thinkfast.index.build import load_trained
+    from thinkfast.index.files import load_trained
     from thinkfast.index.sharded import ShardedIndex
 
     logging.basicConfig(level=logging.WARNING)
