@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from thinkfast_pipelines import evaluate as ev
+import thinkfast.evaluate as ev
 from thinkfast_pipelines.cli import main as cli_main
 
 METRIC_KEYS = {"method", "R@1", "R@5", "R@10", "median_rank", "slow_evals_per_query", "ms_per_query", "queries"}
@@ -132,7 +132,7 @@ def test_cli_prints_table_and_rejects_bad_input(artifacts, tmp_path, capsys):
 
 
 def test_video_corpus_fast_pools_frames_slow_sees_frame_tokens(tmp_path):
-    from thinkfast import FastModel, SlowModel
+    from thinkfast import FastModel, SlowModel, encode
     from thinkfast.data.reader import read_table
     from thinkfast.data.synth import SynthConfig, write_synth
     from thinkfast.data.tokenizer import WordTokenizer
@@ -148,7 +148,7 @@ def test_video_corpus_fast_pools_frames_slow_sees_frame_tokens(tmp_path):
     assert report["video"] and report["num_frames"] == 3
     assert [m["method"] for m in report["methods"]] == ["fast", "slow", "fast+slow rerank@2"]
     gallery = ev.load_gallery(corpus, "test", num_frames=3)
-    tokens = ev.slow_tokens(slow, gallery)
+    tokens = encode.visual_tokens(slow, gallery.pixels(slow.config.image_size))
     assert tokens.shape[:2] == (len(gallery.keys), slow.num_visual_tokens(num_frames=3))  # tokens of every frame
 
 

@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from thinkfast.data.schema import CorpusColumns, validate_corpus_schema
+from thinkfast.data.splits import check_split, splits_of
 from thinkfast.errors import CorpusSchemaError, ThinkfastError
 from thinkfast.utils import fs as fsutil
 
@@ -112,28 +113,44 @@ def iter_batches(
     batch_size: int = 256,
     s3_endpoint: str | None = None,
     filter_split: str | None = None,
+    key_column: str = "key",
 ) -> Iterator[pa.RecordBatch]:
     """Stream the corpus as record batches of at most ``batch_size`` rows.
 
-    ``filter_split`` keeps only rows whose ``split`` equals it (the column is read for the
-    filter even when ``columns`` leaves it out).
+    ``filter_split`` keeps only the rows of that split: those whose ``split`` column equals
+    it, or, in a file without a ``split`` column, those whose key hashes to it
+    (:func:`thinkfast.data.splits.split_of_key`, the split training holds out), so every
+    reader of a corpus agrees on its val / test rows. The column used for the filter is
+    read even when ``columns`` leaves it out, and dropped again.
     """
     wanted = list(columns) if columns is not None else None
-    read_cols = wanted
-    if filter_split is not None and wanted is not None and "split" not in wanted:
-        read_cols = wanted + ["split"]
     for file_uri in list_parquet_files(uri, s3_endpoint):
         pf = _open(file_uri, s3_endpoint)
         names = set(pf.schema_arrow.names)
+        by_column = "split" in names
+        filter_col = None if filter_split is None else ("split" if by_column else key_column)
+        if filter_split is not None and not by_column:
+            try:
+                check_split(filter_split)
+            except ValueError as exc:  # a typo would silently select nothing
+                raise ThinkfastError(f"{file_uri} has no 'split' column to filter on: {exc}") from exc
+        read_cols = wanted
+        if filter_col is not None and wanted is not None and filter_col not in wanted:
+            read_cols = wanted + [filter_col]
         missing = [c for c in (read_cols or []) if c not in names]
-        if filter_split is not None and "split" not in names:
-            missing.append("split")
+        if filter_col is not None and filter_col not in names:
+            missing.append(filter_col)
         if missing:
             raise CorpusSchemaError(f"{file_uri} has no column '{missing[0]}'")
         for batch in pf.iter_batches(batch_size=batch_size, columns=read_cols):
             if filter_split is not None:
-                batch = batch.filter(pc.equal(batch.column("split"), filter_split))
-                if wanted is not None and "split" not in wanted:
+                if by_column:
+                    mask = pc.equal(batch.column("split"), filter_split)
+                else:
+                    keys = batch.column(key_column).to_pylist()
+                    mask = pa.array([s == filter_split for s in splits_of(keys, None)], type=pa.bool_())
+                batch = batch.filter(mask)
+                if wanted is not None and filter_col not in wanted:
                     batch = batch.select(wanted)
             if batch.num_rows:
                 yield batch
@@ -144,9 +161,12 @@ def read_table(
     columns: Sequence[str] | None = None,
     filter_split: str | None = None,
     s3_endpoint: str | None = None,
+    key_column: str = "key",
 ) -> pa.Table:
-    """The whole (filtered) corpus as one table: for small corpora, tests and evaluation."""
-    batches = list(iter_batches(uri, columns, batch_size=4096, s3_endpoint=s3_endpoint, filter_split=filter_split))
+    """The whole (filtered) corpus as one table: for small corpora, tests and evaluation.
+    ``filter_split`` as in :func:`iter_batches` (the ``split`` column, else the key hash)."""
+    batches = list(iter_batches(uri, columns, batch_size=4096, s3_endpoint=s3_endpoint, filter_split=filter_split,
+                                key_column=key_column))
     if batches:
         return pa.Table.from_batches(batches)
     schema = read_schema(uri, s3_endpoint)
