@@ -12,9 +12,10 @@ unless the caller supplies where the answer would fall.
 from __future__ import annotations
 
 import logging
-from typing import Any, Hashable, Sequence
+from typing import Hashable, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from thinkfast.errors import ThinkfastError
 
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_KS = (1, 5, 10)
 
 
-def ranks_from_scores(scores: Any, targets: Sequence[int]) -> np.ndarray:
+def ranks_from_scores(scores: ArrayLike, targets: ArrayLike) -> np.ndarray:
     """``scores (Q, N)`` (higher is better) and ``targets (Q,)`` column indices -> ranks ``(Q,)``:
     ``1 + #{j != t : scores[q, j] >= scores[q, t]}``."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -65,7 +66,7 @@ def caption_targets(caption_image_ids: Sequence[Hashable], image_ids: Sequence[H
         raise ThinkfastError(f"caption refers to unknown image {exc.args[0]!r}") from exc
 
 
-def recall_at_k(ranks: Any, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+def recall_at_k(ranks: ArrayLike, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """``{"R@k": percent of queries with rank <= k}``."""
     ranks = np.asarray(ranks, dtype=np.float64)
     if ranks.size == 0:
@@ -73,7 +74,7 @@ def recall_at_k(ranks: Any, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     return {f"R@{k}": float(100.0 * (ranks <= k).mean()) for k in ks}
 
 
-def median_rank(ranks: Any) -> float:
+def median_rank(ranks: ArrayLike) -> float:
     """Median of the 1-based ranks (the mean of the two middle ones for an even count)."""
     ranks = np.asarray(ranks, dtype=np.float64)
     if ranks.size == 0:
@@ -81,7 +82,7 @@ def median_rank(ranks: Any) -> float:
     return float(np.median(ranks))
 
 
-def retrieval_metrics(ranks: Any, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+def retrieval_metrics(ranks: ArrayLike, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """R@k for each k, median rank and the number of queries, in one dict for reports."""
     ranks = np.asarray(ranks, dtype=np.float64)
     out = recall_at_k(ranks, ks)

@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 _D = EvalConfig()  # evaluate()'s defaults are the CLI's
 
 
-def _load_model(kind: str, model: Any) -> Any:
-    """A model instance, or a model directory / URI loaded (eval mode)."""
+def _load_model(kind: str, model: "str | FastModel | SlowModel | None") -> Any:
+    """A model instance, or a model directory / URI loaded (eval mode); ``Any`` because the
+    caller knows which of FastModel / SlowModel ``kind`` gives."""
     if model is None or not isinstance(model, str):
         return model.eval() if model is not None else None
     from thinkfast import FastModel, SlowModel
