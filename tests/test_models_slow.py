@@ -76,6 +76,28 @@ def test_score_is_sum_of_both_directions_and_nonpositive(model: SlowModel, batch
     assert (score <= 0).all() and (h_fwd < 0).all() and (h_bwd < 0).all()
 
 
+def test_outputs_are_typed_and_still_unpack_by_position(model: SlowModel, batch) -> None:
+    from thinkfast.models.outputs import CaptionLikelihood, TokenLogProbs
+
+    visual, tokens = batch
+    with torch.no_grad():
+        out = model.log_likelihood(visual, **tokens)
+        per_token = model.token_log_probs(visual, **tokens)
+        trained = model(torch.randn(len(CAPTIONS), 3, 32, 32), **tokens)
+    assert isinstance(out, CaptionLikelihood) and isinstance(per_token, TokenLogProbs)
+    h_fwd, h_bwd = out
+    assert h_fwd is out.h_fwd and out[1] is out.h_bwd and len(out) == 2 and out.to_tuple() == (h_fwd, h_bwd)
+    torch.testing.assert_close(out.score, model.score(visual, **tokens))
+    lp_fwd, lp_bwd, valid = per_token
+    assert valid is per_token.valid and valid.dtype == torch.bool
+    torch.testing.assert_close(per_token.likelihood().score, out.score)
+    assert lp_fwd.shape == lp_bwd.shape == tokens["input_ids"].shape
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.h_fwd = h_bwd  # type: ignore[misc]
+    # what DDP may wrap returns a plain tuple of (B,) tensors
+    assert type(trained) is tuple and len(trained) == 2 and trained[0].shape == (len(CAPTIONS),)
+
+
 def test_each_direction_equals_one_position_at_a_time(model: SlowModel, batch) -> None:
     """h_fwd = sum_l log p(y_l | y_<l); h_bwd = sum_l log p(y_l | y_>l), each term computed by
     running the decoder on exactly the context it is allowed to see."""
