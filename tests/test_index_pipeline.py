@@ -12,7 +12,7 @@ from thinkfast_pipelines.index import append_to_index, build_index, remove_keys
 from thinkfast.errors import IndexMismatchError, ThinkfastError
 from thinkfast.index.sharded import ShardedIndex
 from thinkfast.index.synthetic import clustered_vectors, noisy_queries
-from thinkfast.store import write_embeddings
+from thinkfast.store import EmbedCounts, EmbedManifest, FastModelRecord, fast_dir, write_embed_manifest, write_embeddings
 from thinkfast.utils import fs
 
 
@@ -21,9 +21,12 @@ def _write_corpus(emb: str, n: int, parts: int, identity: str | None = "fast-123
     keys = [f"k{seed}-{i:05d}" for i in range(n)]
     bounds = np.linspace(0, n, parts + 1).astype(int)
     for p, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        write_embeddings(fs.join(emb, "fast"), keys[a:b], x[a:b], part=f"part-{p}")
-    if identity:
-        fs.write_json(fs.join(emb, "manifest.json"), {"models": {"fast": {"identity": identity, "dim": 16}}})
+        write_embeddings(fast_dir(emb), keys[a:b], x[a:b], part=f"part-{p}")
+    if identity:  # what embed records: the fast model's identity is what the index checks
+        manifest = EmbedManifest(corpus="generated", corpus_files=parts, image_size=32,
+                                 counts=EmbedCounts(rows_in=n, embedded=n, rejected=0),
+                                 fast=FastModelRecord(uri="models/fast", identity=identity, dim=16))
+        write_embed_manifest(emb, manifest)
     return keys, x
 
 
@@ -71,7 +74,7 @@ def test_ray_build_on_s3_then_append_and_remove(ray_session, s3_bucket, tmp_path
 def test_duplicate_keys_across_parts_fail_the_build(ray_session, tmp_path):
     emb = str(tmp_path / "emb")
     keys, x = _write_corpus(emb, 40, parts=1)
-    write_embeddings(fs.join(emb, "fast"), keys[:3], x[:3], part="again")
+    write_embeddings(fast_dir(emb), keys[:3], x[:3], part="again")
     with pytest.raises(ThinkfastError, match="duplicate key"):
         build_index(emb, str(tmp_path / "idx"), shards=2)
     assert not (tmp_path / "idx" / "manifest.json").exists()
