@@ -27,6 +27,20 @@ from typing import Sequence
 
 import numpy as np
 
+from thinkfast.data.synth_geometry import (  # noqa: F401 - re-exported: captions use them from here
+    CONVERSE,
+    DIRECTIONS,
+    OPPOSITE,
+    RELATIONS,
+    Point,
+    apart,
+    cell,
+    inside,
+    relation,
+    segment_distance,
+    step_direction,
+)
+
 # closed vocabulary: palette colours (saturated, hues ~60 degrees apart, far from the
 # low-saturation backgrounds) and shapes with distinct silhouettes at 6 px radius
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -48,21 +62,13 @@ SIZE_RANGES = {"small": (0.075, 0.095), "large": (0.14, 0.17)}
 # (square: half side 0.8 r; triangle: apex r, base 0.75 r below centre; cross arms 0.35 r)
 _SHAPE_AREA = {"circle": math.pi, "square": 2.56, "triangle": 1.75, "diamond": 2.0, "cross": 2.31}
 SHAPE_EXTENT = {shape: math.sqrt(math.pi * 0.85 ** 2 / k) for shape, k in _SHAPE_AREA.items()}
-RELATIONS = ("left of", "right of", "above", "below")
-CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-DIRECTIONS = ("right", "left", "up", "down")
-OPPOSITE = {"right": "left", "left": "right", "up": "down", "down": "up"}
-ROWS = ("top", "middle", "bottom")
-COLS = ("left", "centre", "right")
 
 _MIN_RADIUS = 3.0  # px: below this a triangle is a blob
-_DOMINANCE = 2.0  # a relation needs |main-axis offset| >= 2 x |cross-axis offset|
 _COLOUR_JITTER = 12  # +- per channel, so a colour is a region of RGB space, not one value
 _MAX_TRIES = 200
 _UNIT = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # y grows down
 _TURN_PROB = 0.4  # share of clip movers that turn half-way (needs >= 4 frames)
 
-Point = tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -150,59 +156,6 @@ class Scene:
         return json.dumps(out, separators=(",", ":"))
 
 
-# ----------------------------------------------------------------------------- geometry
-def relation(a: Point, b: Point) -> str | None:
-    """Relation of the object at ``a`` to the one at ``b`` ("left of" = a is left of b)."""
-    dx, dy = b[0] - a[0], b[1] - a[1]
-    if abs(dx) > 0 and abs(dx) >= _DOMINANCE * abs(dy):
-        return "left of" if dx > 0 else "right of"
-    if abs(dy) > 0 and abs(dy) >= _DOMINANCE * abs(dx):
-        return "above" if dy > 0 else "below"  # y grows downwards
-    return None
-
-
-def step_direction(a: Point, b: Point) -> str | None:
-    """Axis direction of a move from ``a`` to ``b`` (2:1 dominance), None if still or diagonal."""
-    dx, dy = b[0] - a[0], b[1] - a[1]
-    if max(abs(dx), abs(dy)) < 1e-6:
-        return None
-    if abs(dx) >= _DOMINANCE * abs(dy):
-        return "right" if dx > 0 else "left"
-    if abs(dy) >= _DOMINANCE * abs(dx):
-        return "down" if dy > 0 else "up"
-    return None
-
-
-def cell(c: Point, size: int) -> tuple[str, str]:
-    """(row, column) of the 3x3 grid cell holding centre ``c``."""
-    col = COLS[min(int(3 * c[0] / size), 2)]
-    row = ROWS[min(int(3 * c[1] / size), 2)]
-    return row, col
-
-
-def _inside(c: Point, r: float, size: int) -> bool:
-    return r + 1 <= c[0] <= size - r - 1 and r + 1 <= c[1] <= size - r - 1
-
-
-def _apart(objs: Sequence[tuple[Point, float]], gap: float) -> bool:
-    """No two (centre, radius) circles closer than ``gap`` px (segments for moving ones are
-    checked by the video sampler)."""
-    for i in range(len(objs)):
-        for j in range(i + 1, len(objs)):
-            (ci, ri), (cj, rj) = objs[i], objs[j]
-            if math.dist(ci, cj) < ri + rj + gap:
-                return False
-    return True
-
-
-def _segment_distance(p: Point, a: Point, b: Point) -> float:
-    ax, ay, bx, by = a[0], a[1], b[0], b[1]
-    vx, vy = bx - ax, by - ay
-    t = ((p[0] - ax) * vx + (p[1] - ay) * vy) / max(vx * vx + vy * vy, 1e-12)
-    t = min(max(t, 0.0), 1.0)
-    return math.dist(p, (ax + t * vx, ay + t * vy))
-
-
 # ----------------------------------------------------------------------------- sampling
 def _choice(rng: np.random.Generator, seq: Sequence):
     return seq[int(rng.integers(len(seq)))]
@@ -287,7 +240,7 @@ def _place(rng: np.random.Generator, size: int, radii: list[float]) -> list[Poin
         off = _uniform(rng, -0.4, 0.4) * dist
         ux, uy = _UNIT[direction]
         b = (a[0] + ux * dist + uy * off, a[1] + uy * dist + ux * off)
-        if not _inside(b, rb, size) or not _apart([(a, ra), (b, rb)], gap) or relation(a, b) is None:
+        if not inside(b, rb, size) or not apart([(a, ra), (b, rb)], gap) or relation(a, b) is None:
             continue
         centres = [a, b]
         for r in radii[2:]:
@@ -306,7 +259,7 @@ def _place_related(rng: np.random.Generator, size: int, r: float, centres: list[
     for _ in range(_MAX_TRIES):
         c = (_uniform(rng, r + 1, size - r - 1), _uniform(rng, r + 1, size - r - 1))
         objs = list(zip(centres, radii)) + [(c, r)]
-        if _apart(objs, gap) and any(relation(c, o) is not None for o in centres):
+        if apart(objs, gap) and any(relation(c, o) is not None for o in centres):
             return c
     return None
 
@@ -349,7 +302,7 @@ def _mover_track(rng: np.random.Generator, size: int, r: float, num_frames: int)
         track = [(start[0] + (end[0] - start[0]) * t / (num_frames - 1),
                   start[1] + (end[1] - start[1]) * t / (num_frames - 1)) for t in range(num_frames)]
         points = (end,)
-    if not all(_inside(p, r, size) for p in points):
+    if not all(inside(p, r, size) for p in points):
         return None
     return tuple(track)
 
@@ -372,7 +325,7 @@ def sample_video_scene(rng: np.random.Generator, size: int, num_objects: int, nu
             placed = None
             for _ in range(_MAX_TRIES):
                 c = (_uniform(rng, lk[3] + 1, size - lk[3] - 1), _uniform(rng, lk[3] + 1, size - lk[3] - 1))
-                clear = all(_segment_distance(c, a, b) >= r + lk[3] + gap for a, b in zip(track, track[1:]))
+                clear = all(segment_distance(c, a, b) >= r + lk[3] + gap for a, b in zip(track, track[1:]))
                 if clear and all(math.dist(c, o.centre) >= o.radius + lk[3] + gap for o in objects[1:]):
                     placed = c
                     break
@@ -411,9 +364,9 @@ def make_partner(scene: Scene, kind: str, rng: np.random.Generator) -> Scene | N
             return None
         i, j = _choice(rng, pairs)
         objs[i], objs[j] = replace(objs[i], track=objs[j].track), replace(objs[j], track=objs[i].track)
-        if not all(_inside(o.centre, o.radius, scene.size) for o in objs):
+        if not all(inside(o.centre, o.radius, scene.size) for o in objs):
             return None
-        if not _apart([(o.centre, o.radius) for o in objs], _gap(scene.size)):
+        if not apart([(o.centre, o.radius) for o in objs], _gap(scene.size)):
             return None
     elif kind == "position_flip":
         if len(objs) != 1:
