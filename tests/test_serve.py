@@ -152,6 +152,36 @@ def test_rerank_zero_is_the_fast_ranking(service, artifacts, offline) -> None:
     assert sorted(r["key"] for r in everything) == sorted(artifacts.media)
 
 
+def test_typed_errors_cross_replicas_as_values(service) -> None:
+    """What the ingress relies on: a batch item's ``ServingError`` comes back through a
+    handle as itself (type, fields, message), next to the other items' results."""
+    from ray import serve as ray_serve
+
+    from thinkfast.serving.errors import MediaUnavailable, UnscorableQuery, raise_if_error
+
+    @ray_serve.deployment(ray_actor_options={"num_cpus": 0.1})
+    class Stage:
+        @ray_serve.batch(max_batch_size=4, batch_wait_timeout_s=0.2)
+        async def run(self, xs: list[int]) -> list:
+            return [UnscorableQuery("slow") if x < 0 else x * 10 for x in xs]
+
+        def media(self, reason: str) -> MediaUnavailable:
+            return MediaUnavailable(reason)
+
+    handle = ray_serve.run(Stage.bind(), name="thinkfast-errors", route_prefix=None)
+    try:
+        responses = [handle.run.remote(x) for x in (1, -1, 2)]
+        out = [r.result(timeout_s=60) for r in responses]
+        assert out[0] == 10 and out[2] == 20
+        assert type(out[1]) is UnscorableQuery and out[1].model == "slow"
+        with pytest.raises(UnscorableQuery, match="slow model can score"):
+            raise_if_error(out[1])
+        media = handle.media.remote("corrupt").result(timeout_s=60)
+        assert type(media) is MediaUnavailable and media.reason == "corrupt"
+    finally:
+        ray_serve.delete("thinkfast-errors")
+
+
 def _raw(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
          chunked: bool = False) -> tuple[int, dict]:
     """One request with exact bytes (no client-side normalisation of paths or bodies)."""

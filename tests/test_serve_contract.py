@@ -131,7 +131,7 @@ def test_check_inputs_names_the_missing_artifact(tmp_path) -> None:
 
 
 def test_merge_shard_results_is_a_global_top_k() -> None:
-    from thinkfast_pipelines.serve.deployments import merge_shard_results
+    from thinkfast.serving.merge import merge_shard_results
 
     shard_a = ([["a1", "a2", "a3"]], np.array([[0.9, 0.5, 0.1]], np.float32))
     shard_b = ([["b1", "b2", ""]], np.array([[0.7, 0.6, -np.inf]], np.float32))  # padded shard
@@ -140,6 +140,27 @@ def test_merge_shard_results_is_a_global_top_k() -> None:
     np.testing.assert_allclose(merged.fast_scores, [0.9, 0.7, 0.6, 0.5])
     (short,) = merge_shard_results([shard_b], 10)
     assert short.keys == ["b1", "b2"]  # padding dropped, never returned as a result
+
+
+def test_ingress_answers_serving_errors_as_4xx_json() -> None:
+    """The ingress raises the ``ServingError`` a stage handed back; its handler answers the
+    same status and ``detail`` the service always gave for these cases."""
+    import asyncio
+    import json
+
+    from thinkfast.serving.errors import MediaUnavailable, UnknownMediaKey, UnscorableQuery
+    from thinkfast_pipelines.serve.ingress import app
+
+    cases = [
+        (UnscorableQuery("fast"), 422, "the query has no tokens the fast model can encode"),
+        (UnscorableQuery("slow"), 422, "the query has no tokens the slow model can score"),
+        (UnknownMediaKey(), 404, "unknown media key"),
+        (MediaUnavailable("empty"), 404, "media of this key is unavailable (empty)"),
+    ]
+    for error, status, detail in cases:
+        handler = next(app.exception_handlers[c] for c in type(error).__mro__ if c in app.exception_handlers)  # FastAPI's lookup
+        response = asyncio.run(handler(None, error))
+        assert response.status_code == status and json.loads(response.body) == {"detail": detail}
 
 
 def test_search_client_prints_a_table() -> None:
@@ -181,7 +202,7 @@ def test_catalog_serves_only_corpus_keys(tmp_path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from thinkfast_pipelines.serve.catalog import CorpusCatalog, UnknownMediaKey
+    from thinkfast.serving.catalog import CorpusCatalog, MediaUnavailable, UnknownMediaKey
     from thinkfast.errors import DecodeError
 
     (tmp_path / "corpus").mkdir()
@@ -203,8 +224,9 @@ def test_catalog_serves_only_corpus_keys(tmp_path) -> None:
     for bad in ("../secret.txt", str(secret), "k9", "", "k0/../k1"):
         with pytest.raises(UnknownMediaKey):
             cat.media(bad)
-    with pytest.raises(DecodeError):
+    with pytest.raises(DecodeError) as info:
         cat.media("k2")  # empty bytes: a clear error, not a 500
+    assert isinstance(info.value, MediaUnavailable) and str(info.value) == f"media of this key is unavailable ({info.value.reason})"
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys) -> None:
@@ -214,8 +236,10 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys) -> None:
     missing = str(tmp_path / "missing")
     argv = ["serve", "--fast", missing, "--slow", missing, "--index", missing, "--embeddings", missing, "--corpus", missing]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("thinkfast serve: error: --fast:")
+    err = capsys.readouterr().err.strip().splitlines()  # a "logs in ..." notice, then the error
+    errors = [line for line in err if ": error: " in line]
+    assert len(errors) == 1 and err[-1] == errors[0] and errors[0].startswith("thinkfast serve: error: --fast:")
+    assert "Traceback" not in "\n".join(err)
     assert main(["search", "a red circle", "--url", f"http://127.0.0.1:{free_port()}"]) == 2  # nothing listens there
     assert "no search service reachable" in capsys.readouterr().err
 
@@ -224,7 +248,7 @@ def test_catalog_on_s3_video_corpus_serves_first_frames(s3_bucket) -> None:
     """Corpus on S3 (moto on loopback), media = mp4 clips: /media answers a PNG poster frame."""
     from PIL import Image
 
-    from thinkfast_pipelines.serve.catalog import CorpusCatalog
+    from thinkfast.serving.catalog import CorpusCatalog
     from thinkfast.data.synth import SynthConfig, write_synth
 
     corpus = f"{s3_bucket}/corpus"

@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from thinkfast.serving.errors import MediaUnavailable, ServingError, UnknownMediaKey
+
 MAX_BODY_BYTES = 16 * 1024  # request bodies above this are refused before parsing (413)
 MAX_QUERY_CHARS = 1000  # longest query accepted
 MAX_K = 100  # most results one response may carry
@@ -23,10 +25,14 @@ DEFAULT_RERANK = 50  # candidates re-ranked when the body does not say (raised t
 MAX_MEDIA_KEY_CHARS = 1024  # longer /media keys are refused without a lookup
 
 
+# a JSON ``detail``: a sentence, or pydantic's cleaned error list
+Detail = str | list[dict[str, Any]]
+
+
 class RequestError(Exception):
     """A client error: ``status`` (4xx) and a JSON-serialisable ``detail``."""
 
-    def __init__(self, status: int, detail: Any) -> None:
+    def __init__(self, status: int, detail: Detail) -> None:
         super().__init__(str(detail))
         self.status = status
         self.detail = detail
@@ -135,3 +141,10 @@ def check_media_key(key: str) -> str:
     if not key or len(key) > MAX_MEDIA_KEY_CHARS:
         raise RequestError(404, "unknown media key")
     return key
+
+
+def request_error_of(exc: ServingError) -> RequestError:
+    """The HTTP answer to an error a serving stage reported: 404 for media the corpus
+    lacks or cannot decode, 422 for a query the models cannot use."""
+    status = 404 if isinstance(exc, (UnknownMediaKey, MediaUnavailable)) else 422
+    return RequestError(status, str(exc))

@@ -1,10 +1,12 @@
 """The HTTP face of the service: a FastAPI app served by the ``Ingress`` deployment.
 
 ``POST /search`` runs the two stages by composing deployment handles: text encoder ->
-every retriever shard in parallel -> merged top-K -> re-ranker (with the captions of the K
-candidates fetched from the catalog at the same time). ``GET /media/{key}`` answers only
-keys the catalog's table holds. Every client error is a 4xx JSON ``{"detail": ...}``
-(see ``http_api``); the ingress itself holds no model, so it stays cheap to replicate.
+every retriever shard in parallel -> merged top-K (``thinkfast.serving.merge``) ->
+re-ranker (with the captions of the K candidates fetched from the catalog at the same
+time), or ``thinkfast.rerank.fast_hits`` when fast only. ``GET /media/{key}`` answers only
+keys the catalog's table holds. Every client error is a 4xx JSON ``{"detail": ...}``: a
+malformed request (``http_api.RequestError``) or a ``ServingError`` a stage handed back.
+The ingress itself holds no model (nor torch), so it stays cheap to replicate.
 
 No ``from __future__ import annotations``: FastAPI reads the route signatures at runtime
 (a string ``Request`` annotation through Serve's class wrapper becomes a query parameter).
@@ -20,8 +22,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from thinkfast.rerank import SearchHit, fast_hits
+from thinkfast.serving.errors import ServingError, raise_if_error
+from thinkfast.serving.merge import merge_query
+from thinkfast.serving.stages import RerankItem
 from thinkfast_pipelines.serve.args import ServeArgs
-from thinkfast_pipelines.serve.deployments import Candidates, RerankItem, merge_shard_results
 from thinkfast_pipelines.serve.http_api import (
     MAX_BODY_BYTES,
     RequestError,
@@ -30,6 +35,7 @@ from thinkfast_pipelines.serve.http_api import (
     SearchResult,
     check_media_key,
     parse_search_body,
+    request_error_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -43,6 +49,13 @@ app = FastAPI(
 @app.exception_handler(RequestError)
 async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content={"detail": exc.detail})
+
+
+@app.exception_handler(ServingError)
+async def _serving_error(_: Request, exc: ServingError) -> JSONResponse:
+    """A request the stages could not answer (a query without tokens, an unknown key)."""
+    error = request_error_of(exc)
+    return JSONResponse(status_code=error.status, content={"detail": error.detail})
 
 
 @app.exception_handler(Exception)
@@ -135,39 +148,26 @@ class Ingress:
         big_k = req.candidates()
 
         t = time.perf_counter()
-        vector = await self.encoder.encode.remote(req.query)  # (d,)
-        if vector is None:
-            raise RequestError(422, "the query has no tokens the fast model can encode")
+        vector = raise_if_error(await self.encoder.encode.remote(req.query))  # (d,)
         timings["encode"] = _ms(t)
 
         t = time.perf_counter()
-        shard_results = await asyncio.gather(*(r.search.remote((vector, big_k)) for r in self.retrievers))
-        cands: Candidates = merge_shard_results([([keys], scores[None, :]) for keys, scores in shard_results], big_k)[0]
+        replies = await asyncio.gather(*(r.search.remote((vector, big_k)) for r in self.retrievers))
+        cands = merge_query(replies, big_k)
         timings["retrieve"] = _ms(t)
 
         t = time.perf_counter()
         if req.fast_only or not cands.keys:
-            keys = cands.keys[: req.k]
-            fast = cands.fast_scores[: req.k]
-            captions = await self.catalog.captions.remote(keys)
-            results = [
-                SearchResult(key=key, score=float(s), fast_score=float(s), slow_score=None, caption=cap)
-                for key, s, cap in zip(keys, fast, captions)
-            ]
+            hits: list[SearchHit] = fast_hits(cands.keys, cands.fast_scores, req.k)
+            captions = await self.catalog.captions.remote([h.key for h in hits])
             timings["rerank"] = 0.0
         else:
             caption_call = self.catalog.captions.remote(cands.keys)  # overlaps with slow scoring
-            ranked = await self.reranker.rerank.remote(RerankItem(req.query, cands, req.k))
-            if isinstance(ranked, str):
-                raise RequestError(422, ranked)
+            hits = raise_if_error(await self.reranker.rerank.remote(RerankItem(req.query, cands, req.k)))
             timings["rerank"] = _ms(t)
             by_key = dict(zip(cands.keys, await caption_call))
-            results = [
-                SearchResult(
-                    key=key, score=float(s), fast_score=float(f), slow_score=float(h), caption=by_key.get(key, "")
-                )
-                for key, s, f, h in zip(ranked.keys, ranked.score, ranked.fast_score, ranked.slow_score)
-            ]
+            captions = [by_key.get(h.key, "") for h in hits]
+        results = [SearchResult(caption=caption, **h.to_dict()) for h, caption in zip(hits, captions)]
         timings["total"] = _ms(start)
         return SearchResponse(
             query=req.query,
@@ -180,9 +180,7 @@ class Ingress:
     @app.get("/media/{key:path}")
     async def media(self, key: str) -> Response:
         check_media_key(key)
-        reply = await self.catalog.media.remote(key)
-        if reply.status != 200:
-            raise RequestError(reply.status, reply.detail)
+        blob = raise_if_error(await self.catalog.media.remote(key))
         return Response(
-            content=reply.data, media_type=reply.content_type, headers={"Cache-Control": "public, max-age=3600"}
+            content=blob.data, media_type=blob.content_type, headers={"Cache-Control": "public, max-age=3600"}
         )

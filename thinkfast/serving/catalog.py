@@ -1,5 +1,5 @@
 """The corpus as the service sees it: a key table with captions and where each item's
-media lives. No Ray; the ``Catalog`` deployment wraps one of these.
+media lives. No Ray; the service's ``Catalog`` deployment wraps one of these.
 
 Why a table and not paths: ``GET /media/{key}`` must never let a request choose what is
 read. The key from the URL is only ever used as a dictionary lookup; the file, row group
@@ -22,10 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from thinkfast.errors import ThinkfastError
+from thinkfast.errors import DecodeError, ThinkfastError
+from thinkfast.serving.errors import MediaUnavailable, UnknownMediaKey
 from thinkfast.utils import fs
 
 if TYPE_CHECKING:
+    from PIL.Image import Image
+
     from thinkfast.data.schema import CorpusColumns
 
 logger = logging.getLogger(__name__)
@@ -39,15 +42,10 @@ _SNIFF: tuple[tuple[bytes, str], ...] = (
 )
 
 
-class UnknownMediaKey(ThinkfastError, KeyError):
-    """The key is not in the corpus (answered 404)."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0]) if self.args else "unknown key"
-
-
 @dataclass(frozen=True)
 class MediaBlob:
+    """An item's media as the browser gets it."""
+
     data: bytes  # encoded bytes, ready to send
     content_type: str  # e.g. image/png
 
@@ -62,7 +60,7 @@ def sniff_content_type(data: bytes) -> str | None:
     return None
 
 
-def _png_bytes(image) -> bytes:  # PIL.Image -> PNG bytes
+def _png_bytes(image: "Image") -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
@@ -174,12 +172,23 @@ class CorpusCatalog:
 
     def media(self, key: str) -> MediaBlob:
         """The item's image (videos: their first frame) as browser-ready bytes.
-        Raises :class:`UnknownMediaKey`, or ``DecodeError`` for a row whose media is unusable."""
-        from thinkfast.data.media import media_of
-
+        Raises :class:`UnknownMediaKey`, or :class:`MediaUnavailable` (a ``DecodeError``) for
+        a row whose media is unusable: both are answered 404, the service stays up."""
         pos = self._position.get(key)
         if pos is None:
             raise UnknownMediaKey("unknown media key")
+        try:
+            return self._blob(pos)
+        except MediaUnavailable:
+            raise
+        except DecodeError as exc:
+            logger.warning("media of %r unavailable: %s", key, exc)
+            raise MediaUnavailable(exc.reason, exc.detail) from exc
+
+    def _blob(self, pos: int) -> MediaBlob:
+        """Row ``pos``'s media, re-encoded only when a browser could not show it as stored."""
+        from thinkfast.data.media import media_of
+
         data, is_video = media_of({self.media_column: self._media_value(pos)}, self._columns,
                                   s3_endpoint=self._s3_endpoint)
         if is_video:
@@ -219,3 +228,6 @@ class CorpusCatalog:
 def _parquet_file(path: str, s3_endpoint: str | None) -> pq.ParquetFile:
     filesystem, plain = fs.arrow_fs(path, s3_endpoint)
     return pq.ParquetFile(filesystem.open_input_file(plain))
+
+
+__all__ = ["CorpusCatalog", "MediaBlob", "MediaUnavailable", "UnknownMediaKey", "sniff_content_type"]
