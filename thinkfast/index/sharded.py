@@ -35,7 +35,6 @@ from thinkfast.index.files import DEFAULT_CACHE, read_file, sync_from_s3  # noqa
 from thinkfast.index.params import SearchSettings
 from thinkfast.index.shard import Shard, UnknownIndexKeys, read_local_shard
 from thinkfast.utils import fs
-from thinkfast.utils.timer import StageTimer
 
 logger = logging.getLogger(__name__)
 
@@ -120,51 +119,11 @@ class ShardedIndex:
         index of the same ``factory``, e.g. another build's ``trained.faiss``), adds
         ``shards`` shards in threads. For corpora on disk use
         ``thinkfast_pipelines.index.build_index`` (streams, Ray tasks)."""
-        keys = [str(k) for k in keys]
-        if len(keys) != len(vectors):
-            raise ThinkfastError(f"{len(keys)} keys but {len(vectors)} vectors")
-        if len(set(keys)) != len(keys):
-            raise ThinkfastError(f"{len(keys) - len(set(keys))} duplicate key(s)")
-        if not keys:
-            raise ThinkfastError("cannot build an index from zero vectors")
-        vectors = np.asarray(vectors)
-        if vectors.ndim != 2:
-            raise ThinkfastError(f"vectors must be (N, d), got shape {vectors.shape}")
-        dim = int(vectors.shape[1])
-        if trained is not None and factory is None:
-            raise ThinkfastError("pass the factory string that made trained=")
-        timer = StageTimer(logger)
-        x = B.prepare_vectors(vectors, dim)
-        n = len(keys)
-        factory = factory or B.choose_factory(n, dim, exact_below=exact_below)
-        with timer.stage("train"):
-            size = min(n, train_sample or B.default_train_size(factory, dim, n))
-            rng = np.random.default_rng(seed)
-            picked = rng.permutation(n)[: max(size, min(n, B.TUNE_SAMPLE))]
-            sample = x[np.sort(picked[:size])]
-            if trained is None:
-                trained = B.train_index(factory, dim, sample, seed)
-            elif trained.d != dim or trained.ntotal != 0 or not trained.is_trained:
-                raise ThinkfastError("trained= must be an empty, trained index of the same dimension")
-            B.save_trained(out_uri, trained, s3_endpoint)
-            defaults = B.tune_search_defaults(trained, x[np.sort(picked)], seed=seed)
-        ranges = B.shard_ranges(n, shards)
-        workers = min(len(ranges), _pool_size())
-        with timer.stage("add"), ThreadPoolExecutor(
-            max_workers=workers, initializer=faiss.omp_set_num_threads, initargs=(max(1, _pool_size() // workers),)
-        ) as pool:
-            records = list(
-                pool.map(
-                    lambda i: B.write_shard(
-                        out_uri, B.shard_name(i), trained, keys[ranges[i][0] : ranges[i][1]],
-                        x[ranges[i][0] : ranges[i][1]], store_vectors, s3_endpoint,
-                    ),
-                    range(len(ranges)),
-                )
-            )
-        B.finalize_build(
-            out_uri, dim, factory, records, defaults, len(sample), model_identity, timer.as_dict(), s3_endpoint
-        )
+        from thinkfast.index.memory_build import build_in_memory
+
+        build_in_memory(keys, vectors, out_uri, shards=shards, factory=factory, train_sample=train_sample,
+                        model_identity=model_identity, store_vectors=store_vectors, exact_below=exact_below,
+                        seed=seed, s3_endpoint=s3_endpoint, trained=trained)
         return cls.load(out_uri, s3_endpoint=s3_endpoint)
 
     @staticmethod
