@@ -4,7 +4,9 @@
     python benchmarks/accuracy.py --quick    # tiny preset, a few minutes: the code path only
 
 Generates a corpus (``thinkfast.data.synth``), trains with the project's own training
-functions (``thinkfast_pipelines.train``: Ray Train), then evaluates with ``thinkfast_pipelines.evaluate``
+functions (``thinkfast_pipelines.train``: Ray Train; ``--trainer inprocess``: the library's
+``thinkfast.training.fit``, the same step and schedule in one process, for when Ray workers
+cannot start in time), then evaluates with ``thinkfast_pipelines.evaluate``
 (the ``thinkfast eval`` code path, which re-ranks through ``thinkfast.rerank`` like the
 service) on the test split, every caption a query:
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -32,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from anywhere
@@ -112,11 +115,17 @@ def _fresh_slow(corpus: str, out: str, cfg: ExperimentConfig, levels: tuple[int,
     return out
 
 
-def _train_slow_from(corpus: str, out: str, init: str, **overrides: Any) -> Any:
-    """``train_slow`` starting from ``init`` (the untrained architecture variant)."""
-    from thinkfast_pipelines.train import train_slow
+def _trainers(trainer: str) -> dict[str, Callable[..., Any]]:
+    """objective -> a function ``(corpus, out, **kwargs) -> TrainResult``: the Ray Train
+    functions, or the library's in-process trainer with the same keywords (same config,
+    objectives, schedule and data order; one process, no checkpoints)."""
+    if trainer == "ray":
+        from thinkfast_pipelines.train import distill, train_fast, train_slow
 
-    return train_slow(corpus, out, init=init, **overrides)
+        return {"slow": train_slow, "fast": train_fast, "distill": distill}
+    from thinkfast.training import fit
+
+    return {kind: functools.partial(fit, kind) for kind in ("slow", "fast", "distill")}
 
 
 def _finished(model_dir: str) -> dict[str, Any] | None:
@@ -128,39 +137,40 @@ def _finished(model_dir: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
-def train_models(corpus: str, workdir: str, cfg: ExperimentConfig, video: bool, reuse: bool = False) -> dict[str, Any]:
+def train_models(corpus: str, workdir: str, cfg: ExperimentConfig, video: bool, reuse: bool = False,
+                 trainer: str = "ray") -> dict[str, Any]:
     """Train slow (fine, and coarse for images), fast NCE and fast distilled; returns model
     dirs and each run's seconds and history. ``reuse`` keeps models a previous (interrupted)
-    run of the same workdir finished, so a long experiment can be resumed."""
-    from thinkfast_pipelines.train import distill, train_fast
-
+    run of the same workdir finished, so a long experiment can be resumed. ``trainer``:
+    ray (``thinkfast_pipelines.train``) or inprocess (``thinkfast.training.fit``)."""
+    train = _trainers(trainer)
     slow_epochs = cfg.video_epochs if video else cfg.slow_epochs
     fast_epochs = cfg.video_epochs if video else cfg.fast_epochs
     runs: dict[str, Any] = {}
 
-    def record(name: str, train: Any) -> None:
+    def record(name: str, run: Callable[[str], Any]) -> None:
         out = os.path.join(workdir, name)
         done = _finished(out) if reuse else None
         if done is None:
-            result = train(out)
+            result = run(out)
             done = {"out": result.out, "seconds": result.seconds, "steps": result.steps, "history": result.history}
         else:
             logger.info("reusing %s from a previous run", out)
         runs[name] = {"dir": done["out"], "seconds": round(done["seconds"], 1), "steps": done["steps"],
-                      "history": done["history"]}
+                      "history": done["history"], "trainer": trainer}
         logger.info("trained %s in %.1f s (%d steps)", name, done["seconds"], done["steps"])
 
     # the whole pyramid is the slow model (teacher, re-ranker); fine / coarse only: the token ablation (images)
     variants = [("slow_all", cfg.all_levels)] + ([] if video else [("slow_fine", cfg.fine_levels),
                                                                    ("slow_coarse", cfg.coarse_levels)])
     for name, levels in variants:
-        record(name, lambda out, name=name, levels=levels: _train_slow_from(
-            corpus, out, _fresh_slow(corpus, out + "-init", cfg, levels), **_train_kwargs(cfg, slow_epochs, video)))
-    record("fast_nce", lambda out: train_fast(corpus, out, **_train_kwargs(cfg, fast_epochs, video)))
+        record(name, lambda out, levels=levels: train["slow"](
+            corpus, out, init=_fresh_slow(corpus, out + "-init", cfg, levels), **_train_kwargs(cfg, slow_epochs, video)))
+    record("fast_nce", lambda out: train["fast"](corpus, out, **_train_kwargs(cfg, fast_epochs, video)))
     if video:  # the video claim is fast (mean-pooled frames) vs slow (frame tokens): no distillation run
         return runs
-    record("fast_distilled", lambda out: distill(corpus, out, teacher=runs["slow_all"]["dir"], alpha=cfg.alpha,
-                                                 **_train_kwargs(cfg, fast_epochs)))
+    record("fast_distilled", lambda out: train["distill"](corpus, out, teacher=runs["slow_all"]["dir"], alpha=cfg.alpha,
+                                                          **_train_kwargs(cfg, fast_epochs)))
     if cfg.hard_negatives:
         record("fast_distilled_hn", lambda out: _distill_hard_negatives(corpus, out, workdir, runs, cfg, fast_epochs))
     return runs
@@ -179,92 +189,6 @@ def _distill_hard_negatives(corpus: str, out: str, workdir: str, runs: dict[str,
     build_index(emb, index)
     return distill(corpus, out, teacher=runs["slow_all"]["dir"], alpha=cfg.alpha, hard_negatives=index,
                    embeddings=emb, group_size=cfg.group_size, **_train_kwargs(cfg, epochs))
-
-
-def train_models_inprocess(corpus: str, workdir: str, cfg: ExperimentConfig, video: bool) -> dict[str, Any]:
-    """FALLBACK trainer: the same four (or two, for video) models trained by a plain
-    single-process torch loop over ``thinkfast.losses`` instead of ``thinkfast_pipelines.train``.
-
-    Used (``--trainer inprocess``) when Ray cannot start its workers in time, as on the
-    saturated build machine where this table was measured; same objectives, AdamW, batch
-    and epochs, no warm-up/cosine schedule, no validation. ``thinkfast_pipelines.train`` is the
-    project's training path; this loop only exists so the experiment can still be measured."""
-    import random
-
-    import torch
-
-    from thinkfast_pipelines.evaluate import load_gallery
-    from thinkfast import FastModel, SlowModel
-    from thinkfast.data.tokenizer import WordTokenizer
-    from thinkfast.losses import caption_loss, fast_distill_loss, nce_loss
-
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    data = load_gallery(corpus, "train", cfg.num_frames, check_decode_size=cfg.image_size)
-    pixels = data.pixels(cfg.image_size)  # (N, 3, S, S) or (N, F, 3, S, S)
-    tokenizer = WordTokenizer.build([c for caps in data.captions for c in caps])
-    epochs = cfg.video_epochs if video else cfg.slow_epochs
-    runs: dict[str, Any] = {}
-
-    def fit(name: str, model: Any, loss_fn: Any) -> Any:
-        started = time.perf_counter()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-        model.train()
-        history, step = [], 0
-        for epoch in range(1, epochs + 1):
-            order = list(range(len(data.keys)))
-            rng.shuffle(order)
-            losses = []
-            batch = cfg.video_batch_size if video else cfg.batch_size
-            for i in range(0, len(order) - batch + 1, batch):
-                idx = order[i : i + batch]
-                texts = [rng.choice(data.captions[j]) for j in idx]  # one sampled caption per image
-                loss = loss_fn(model, pixels[idx], texts)
-                optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                step += 1
-            history.append({"epoch": epoch, "step": step, "train_loss": sum(losses) / max(1, len(losses))})
-            logger.info("%s epoch %d: %s", name, epoch, history[-1])
-        model.eval()
-        out = os.path.join(workdir, name)
-        model.save_pretrained(out)
-        runs[name] = {"dir": out, "seconds": round(time.perf_counter() - started, 1), "steps": step,
-                      "history": history, "trainer": "inprocess-fallback"}
-        return model
-
-    def slow_loss(model: Any, px: Any, texts: list[str]) -> Any:
-        tok = model.tokenize(texts)
-        h_fwd, h_bwd = model(px, tok["input_ids"], tok["attention_mask"])
-        return caption_loss(h_fwd, h_bwd, tok["attention_mask"])
-
-    def fast_loss(model: Any, px: Any, texts: list[str]) -> Any:
-        tok = model.tokenize(texts)
-        image, text = model(px, tok["input_ids"], tok["attention_mask"])
-        return nce_loss(image, text, temperature=0.05, gather=False)
-
-    variants = [("slow_all", cfg.all_levels)] + ([] if video else [("slow_fine", cfg.fine_levels),
-                                                                   ("slow_coarse", cfg.coarse_levels)])
-    teacher = None
-    for name, levels in variants:
-        model = fit(name, SlowModel.from_preset(cfg.preset, tokenizer=tokenizer, levels=tuple(levels)), slow_loss)
-        teacher = teacher or model
-    fit("fast_nce", FastModel.from_preset(cfg.preset, tokenizer=tokenizer), fast_loss)
-    if video:
-        return runs
-
-    def distill_loss(model: Any, px: Any, texts: list[str]) -> Any:
-        with torch.no_grad():  # the frozen teacher: h(x_j, y_i) over the batch's images, (B, B)
-            t_tok = teacher.tokenize(texts)
-            scores = teacher.score_matrix(teacher.encode_visual(px), t_tok["input_ids"], t_tok["attention_mask"])
-        tok = model.tokenize(texts)
-        image, text = model(px, tok["input_ids"], tok["attention_mask"])
-        return fast_distill_loss(image, text, scores, alpha=cfg.alpha, temperature=0.05, gather=False).total
-
-    fit("fast_distilled", FastModel.from_preset(cfg.preset, tokenizer=tokenizer), distill_loss)
-    return runs
 
 
 def tune_beta(corpus: str, runs: dict[str, Any], cfg: ExperimentConfig) -> tuple[float, list[dict[str, Any]]]:
@@ -543,9 +467,9 @@ def run_experiment(cfg: ExperimentConfig, workdir: str, video: bool = True, plot
         init_ray()
     corpus = os.path.join(workdir, "corpus")
     result["corpus"] = _corpus(corpus, cfg, False, reuse)
-    result["trainer"] = "thinkfast_pipelines.train (Ray Train)" if trainer == "ray" else "in-process fallback loop"
-    train = train_models if trainer == "ray" else (lambda c, w, cf, video, reuse: train_models_inprocess(c, w, cf, video))
-    runs = train(corpus, os.path.join(workdir, "models"), cfg, video=False, reuse=reuse)
+    result["trainer"] = ("thinkfast_pipelines.train (Ray Train)" if trainer == "ray"
+                         else "thinkfast.training.fit (in-process)")
+    runs = train_models(corpus, os.path.join(workdir, "models"), cfg, video=False, reuse=reuse, trainer=trainer)
     beta, trials = tune_beta(corpus, runs, cfg)
     rows, report = evaluate_images(corpus, runs, cfg, beta)
     result["images"] = {"rows": rows, "beta": beta, "beta_trials": trials, "gallery_size": report["gallery_size"],
@@ -559,7 +483,8 @@ def run_experiment(cfg: ExperimentConfig, workdir: str, video: bool = True, plot
     if video and cfg.video_clips > 0:
         vcorpus = os.path.join(workdir, "video_corpus")
         result["video_corpus"] = _corpus(vcorpus, cfg, True, reuse)
-        vruns = train(vcorpus, os.path.join(workdir, "video_models"), cfg, video=True, reuse=reuse)
+        vruns = train_models(vcorpus, os.path.join(workdir, "video_models"), cfg, video=True, reuse=reuse,
+                             trainer=trainer)
         vrows, vreport = evaluate_video(vcorpus, vruns, cfg, beta)
         result["video"] = {"rows": vrows, "beta": beta, "gallery_size": vreport["gallery_size"],
                            "num_queries": vreport["num_queries"], "rejected": vreport["rejected_count"],
@@ -612,12 +537,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="override the Ray Train workers")
     parser.add_argument("--reuse", action="store_true", help="resume: keep the corpora and finished models in --workdir")
     parser.add_argument("--trainer", choices=("ray", "inprocess"), default="ray",
-                        help="ray: thinkfast_pipelines.train (default); inprocess: the single-process fallback loop")
+                        help="ray: thinkfast_pipelines.train (default); inprocess: thinkfast.training.fit, the same "
+                             "training in one process (no Ray workers to start)")
     parser.add_argument("--hard-negatives", action="store_true",
                         help="also distil with B_i from the NCE model's index neighbours (Ray trainer only)")
     args = parser.parse_args(argv)
     if args.hard_negatives and args.trainer != "ray":
-        parser.error("--hard-negatives needs --trainer ray (the fallback loop has no index-neighbour batches)")
+        parser.error("--hard-negatives needs --trainer ray (the in-process trainer has no index-neighbour batches)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1")):
         os.environ.setdefault(name, value)

@@ -53,41 +53,30 @@ class Row:
 
 
 def bare_loop(corpus: str, preset: str, batch: int, steps: int, seed: int) -> Row:
-    """The ceiling: decoded tensors in memory, one process, no Ray, no data pipeline."""
-    import numpy as np
+    """The ceiling: decoded rows in memory, one process, no Ray, no data pipeline: the
+    library's own step (``thinkfast.training.loop.train_step``) over its data order."""
+    import itertools
+
     import torch
 
-    from thinkfast_pipelines.train.data import decode_rows, inspect_corpus, sample_captions
-    from thinkfast_pipelines.train.objectives import FastObjective
-    from thinkfast_pipelines.train.state import learning_rate
-    from thinkfast.data import reader
-    from thinkfast.data.tokenizer import WordTokenizer
-    from thinkfast.models.fast import FastModel
+    from thinkfast.training import build_config, train_step
+    from thinkfast.training.data import ShardRows, inspect_corpus, read_split, to_pairs
+    from thinkfast.training.loop import build_model, build_tokenizer, make_optimizer
+    from thinkfast.training.objectives import build_objective
 
     torch.set_num_threads(os.cpu_count() or 1)
+    config = build_config({"preset": preset, "batch_size": batch, "seed": seed, "lr": 1e-3, "warmup_steps": 2})
     info = inspect_corpus(corpus)
-    table = reader.read_table(corpus, columns=info.columns.read_columns())
-    torch.manual_seed(seed)
-    model = FastModel.from_preset(preset, tokenizer=WordTokenizer.build(info.train_captions))
-    rows = decode_rows(table, info.columns, "train", model.config.image_size, 1, explode_captions=False)
-    pixels = torch.as_tensor(np.asarray(rows["pixels"], dtype=np.float32))
-    keys, caps = list(rows["key"]), list(rows["captions"])
-    objective = FastObjective(model, temperature=0.05)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    n = len(keys)
-    rng = np.random.default_rng(seed)
+    model = build_model("fast", config, tokenizer=build_tokenizer(config, info, None))
+    rows = ShardRows(read_split(info, "train", model.config.image_size, 1))
+    objective = build_objective("fast", model, None, config)
+    optimizer = make_optimizer(model, config)
+    model.train()
+    # epoch after epoch of full batches, as many as the warm-up and the timed steps need
+    stream = (to_pairs(raw, seed, epoch) for epoch in itertools.count() for raw in rows.batches(epoch, batch, seed))
 
     def step(i: int) -> None:
-        idx = rng.choice(n, size=batch, replace=False)
-        captions = sample_captions([caps[j] for j in idx], [keys[j] for j in idx], seed, i)
-        enc = model.tokenize(captions)
-        for g in optimizer.param_groups:
-            g["lr"] = learning_rate(i, steps, 1e-3, 2)
-        loss, _ = objective(pixels[idx], enc["input_ids"], enc["attention_mask"], None)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        train_step(objective, optimizer, next(stream), step=i, total_steps=steps, config=config)
 
     for i in range(2):  # warm-up (allocator, threads)
         step(i)

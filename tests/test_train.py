@@ -41,13 +41,13 @@ def corpus(tmp_path_factory) -> str:
 
 def _val_set(corpus: str, kind: str, image_size: int, limit: int):
     """The val split decoded by the training pipeline's own UDF (same float16 pixels)."""
-    from thinkfast_pipelines.train.data import decode_rows
-    from thinkfast_pipelines.train.validate import ValidationSet
+    from thinkfast.training.data import decode_split
+    from thinkfast.training.validate import ValidationSet
     from thinkfast.data import reader
 
     info = reader.inspect_corpus(corpus)
     table = reader.read_table(corpus, columns=info.columns.read_columns())
-    rows = decode_rows(table, info.columns, "val", image_size, 1, explode_captions=False)
+    rows = decode_split(table, info.columns, "val", image_size, 1, explode_captions=False)
     pixels, queries, answers = [], [], []
     for caps, array, reject in zip(rows["captions"], rows["pixels"], rows["reject"]):
         assert not reject
@@ -124,8 +124,8 @@ def _train_teacher(corpus: str, out: str, epochs: int = 40) -> str:
     The Ray slow_run teacher (~14 steps) is near-uniform (softmax entropy 2.97 of ln 22 on the
     held-out images): KL to it only measures how flat a student is. This one, 40 epochs of L_CA
     over the train split, has held-out entropy ~0.8 (max p ~0.7)."""
-    from thinkfast_pipelines.train.data import inspect_corpus
-    from thinkfast_pipelines.train.objectives import SlowObjective
+    from thinkfast.training.data import inspect_corpus
+    from thinkfast.training.objectives import SlowObjective
     from thinkfast.data.tokenizer import WordTokenizer
     from thinkfast.models.slow import SlowModel
 
@@ -151,12 +151,12 @@ def _train_teacher(corpus: str, out: str, epochs: int = 40) -> str:
 
 
 def _split(corpus: str, split: str, image_size: int):
-    from thinkfast_pipelines.train.data import decode_rows
+    from thinkfast.training.data import decode_split
     from thinkfast.data import reader
 
     info = reader.inspect_corpus(corpus)
     table = reader.read_table(corpus, columns=info.columns.read_columns())
-    rows = decode_rows(table, info.columns, split, image_size, 1, explode_captions=False)
+    rows = decode_split(table, info.columns, split, image_size, 1, explode_captions=False)
     pixels = [np.asarray(a, dtype=np.float32) for a in rows["pixels"]]
     return torch.as_tensor(np.stack(pixels)), [json.loads(c) for c in rows["captions"]]
 
@@ -167,8 +167,8 @@ def test_distillation_moves_student_towards_teacher_on_held_out_images(corpus, r
     lower than the initial student's. Single-process runs of this setup, seeds 0/1/2:
     init 4.56/2.67/2.39, NCE-only 2.39/2.46/2.44, distilled 2.26/2.30/2.35."""
     from thinkfast_pipelines.train import distill, train_fast
-    from thinkfast_pipelines.train.data import inspect_corpus
-    from thinkfast_pipelines.train.objectives import student_teacher_kl, teacher_score_matrix
+    from thinkfast.training.data import inspect_corpus
+    from thinkfast.training.objectives import student_teacher_kl, teacher_score_matrix
     from thinkfast.data.tokenizer import WordTokenizer
     from thinkfast.models.fast import FastModel
     from thinkfast.models.slow import SlowModel

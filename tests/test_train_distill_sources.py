@@ -48,7 +48,7 @@ def test_neighbour_groups_are_index_clusters_and_keep_every_key(tmp_path):
 def setup(tmp_path_factory):
     """Corpus, an untrained tiny teacher and student, and an index of the student's image
     embeddings (what `embed` + `index` would produce)."""
-    from thinkfast_pipelines.train.data import decode_rows, inspect_corpus
+    from thinkfast.training.data import decode_split, inspect_corpus
     from thinkfast.data import reader
     from thinkfast.data.synth import SynthConfig, write_synth
     from thinkfast.data.tokenizer import WordTokenizer
@@ -68,7 +68,7 @@ def setup(tmp_path_factory):
     student = FastModel.from_preset("tiny", tokenizer=tokenizer).eval()
     student.save_pretrained(str(root / "student"))
     table = reader.read_table(corpus, columns=info.columns.read_columns())
-    rows = decode_rows(table, info.columns, "train", 32, 1, explode_captions=False)
+    rows = decode_split(table, info.columns, "train", 32, 1, explode_captions=False)
     with torch.no_grad():
         vectors = student.encode_image(torch.as_tensor(np.asarray(rows["pixels"], dtype=np.float32))).numpy()
     keys = [str(k) for k in rows["key"]]
@@ -85,7 +85,7 @@ TINY = {"preset": "tiny", "batch_size": 8, "workers": 2, "epochs": 2, "val_image
 def test_precomputed_teacher_scores_equal_online_scores_and_train(setup, ray_session):
     from thinkfast_pipelines.train.teacher_scores import precompute_teacher_scores
     from thinkfast_pipelines.train import distill
-    from thinkfast_pipelines.train.objectives import teacher_score_matrix
+    from thinkfast.training.objectives import teacher_score_matrix
     from thinkfast.data import reader
     from thinkfast.data.media import load_pixels
     from thinkfast.models.slow import SlowModel

@@ -12,7 +12,7 @@ from thinkfast.errors import ThinkfastError
 
 
 def test_config_priority_defaults_preset_file_flags(tmp_path):
-    from thinkfast_pipelines.train.config import build_config
+    from thinkfast.training.config import build_config
 
     path = tmp_path / "train.yaml"
     path.write_text("preset: tiny\nepochs: 7\nlr: 1\nbatch-size: 12\n")
@@ -25,7 +25,7 @@ def test_config_priority_defaults_preset_file_flags(tmp_path):
 
 
 def test_config_json_and_errors(tmp_path):
-    from thinkfast_pipelines.train.config import build_config
+    from thinkfast.training.config import build_config
 
     path = tmp_path / "train.json"
     path.write_text(json.dumps({"preset": "small", "alpha": 0.5}))
@@ -43,7 +43,7 @@ def test_config_json_and_errors(tmp_path):
 
 
 def test_learning_rate_warmup_then_cosine_floor():
-    from thinkfast_pipelines.train.state import learning_rate
+    from thinkfast.training.state import learning_rate
 
     lrs = [learning_rate(s, 100, 1.0, 10) for s in range(120)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
@@ -52,7 +52,7 @@ def test_learning_rate_warmup_then_cosine_floor():
 
 
 def test_to_pairs_skips_rejects_and_samples_reproducibly():
-    from thinkfast_pipelines.train.worker import to_pairs
+    from thinkfast.training.data import to_pairs
 
     batch = {
         "key": np.array(["a", "b", "c"], dtype=object),
@@ -71,7 +71,7 @@ def test_to_pairs_skips_rejects_and_samples_reproducibly():
 
 
 def test_to_pairs_all_rejected_still_steps_at_zero_weight():
-    from thinkfast_pipelines.train.worker import to_pairs
+    from thinkfast.training.data import to_pairs
 
     batch = {"key": np.array(["a"], dtype=object), "captions": np.array([json.dumps(["x"])], dtype=object),
              "pixels": np.zeros((1, 3, 4, 4), dtype=np.float16), "reject": np.array(["empty: 0 bytes"], dtype=object)}
@@ -80,7 +80,7 @@ def test_to_pairs_all_rejected_still_steps_at_zero_weight():
 
 
 def test_to_pairs_flattens_groups_and_subsets_teacher_scores():
-    from thinkfast_pipelines.train.worker import to_pairs
+    from thinkfast.training.data import to_pairs
 
     scores = np.arange(9, dtype=np.float32).reshape(3, 3)
     batch = {
@@ -97,7 +97,7 @@ def test_to_pairs_flattens_groups_and_subsets_teacher_scores():
 
 
 def test_loop_state_round_trip(tmp_path):
-    from thinkfast_pipelines.train.state import LoopState, load_optimizer_state, load_state, save_checkpoint
+    from thinkfast.training.state import LoopState, load_optimizer_state, load_state, save_checkpoint
 
     class Saver(torch.nn.Linear):
         def save_pretrained(self, directory: str) -> None:
@@ -120,7 +120,7 @@ def test_loop_state_round_trip(tmp_path):
 
 
 def test_split_of_key_is_stable_and_covers_all_splits():
-    from thinkfast_pipelines.train.data import split_of_key
+    from thinkfast.data.splits import split_of_key
 
     splits = [split_of_key(f"key-{i}") for i in range(2000)]
     assert splits == [split_of_key(f"key-{i}") for i in range(2000)]

@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from thinkfast.errors import ThinkfastError
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from thinkfast.training.config import TrainConfig
+    from thinkfast.training.data import CorpusInfo
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +99,12 @@ def _stack_group(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def grouped_dataset(info: Any, index_uri: str, embeddings_uri: str | None, config: Any,
-                    image_size: int) -> tuple[Any, int, int]:
+def grouped_dataset(info: "CorpusInfo", index_uri: str, embeddings_uri: str | None, config: "TrainConfig",
+                    image_size: int) -> tuple["ray.data.Dataset", int, int]:
     """The decoded train split as one row per neighbour group: (dataset, groups, G)."""
     from thinkfast.data import reader
-    from thinkfast_pipelines.train.data import decoded_dataset, split_of_key
+    from thinkfast.data.splits import table_splits
+    from thinkfast_pipelines.train.data import decoded_dataset
 
     if not embeddings_uri:
         raise ThinkfastError("--hard-negatives needs --embeddings (the embed output with the index's vectors)")
@@ -105,7 +112,7 @@ def grouped_dataset(info: Any, index_uri: str, embeddings_uri: str | None, confi
     wanted = [columns.key] + (["split"] if columns.has_split else [])
     table = reader.read_table(info.uri, columns=wanted)
     keys = [str(k) for k in table.column(columns.key).to_pylist()]
-    splits = table.column("split").to_pylist() if columns.has_split else [split_of_key(k) for k in keys]
+    splits = table_splits(table, columns.key)
     train_keys = [k for k, s in zip(keys, splits) if s == "train"]
     group_size = config.group_size
     groups = neighbour_groups(train_keys, index_uri, embeddings_uri, group_size, config.seed)

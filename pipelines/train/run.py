@@ -7,8 +7,9 @@
   batches are built from fast-index neighbours so B_i holds hard negatives), scored online
   or read from ``--teacher-scores`` (the precompute job, ``thinkfast_pipelines.train.teacher_scores``).
 
-The three share one driver (this module), one worker loop (``train_loop``) and one data
-path (``train_data``). Checkpoints (``save_pretrained`` model + optimizer + step state) go to
+The three share one driver (this module), one worker loop (``worker.train_loop_per_worker``,
+which runs the library's ``thinkfast.training.loop.run_epochs``: the in-process trainer
+``thinkfast.training.fit`` runs the same step) and one data path (``data``). Checkpoints (``save_pretrained`` model + optimizer + step state) go to
 ``--storage`` (local or s3://) every epoch and every ``--checkpoint-every-steps``; ``--resume``
 continues the newest run there; a crashed worker costs one restart (``--max-failures``).
 The final model directory ``--out`` (local or s3://) is what embed / index / eval / serve load.
@@ -21,38 +22,23 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from thinkfast.utils.paths import user_paths
-from thinkfast_pipelines.train.config import TrainConfig, build_config
 from thinkfast.errors import CheckpointError, ThinkfastError
+from thinkfast.training.config import DISTILL_FIELDS, PRESET_DEFAULTS, TrainConfig, build_config
+from thinkfast.training.fit import TRAINING_FILE, TrainResult, train_rows
+from thinkfast.training.loop import build_tokenizer, check_model_kinds, image_size_for, steps_per_epoch
 from thinkfast.utils import fs
+from thinkfast.utils.options import add_config_arguments, given
+from thinkfast.utils.paths import user_paths
+
+if TYPE_CHECKING:
+    from thinkfast.training.data import CorpusInfo
 
 logger = logging.getLogger(__name__)
 
 COMMAND_OBJECTIVE = {"train-slow": "slow", "train-fast": "fast", "distill": "distill"}
-TRAINING_FILE = "training.json"  # written next to the final model: config + per-epoch history
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What a training run returns (and what ``training.json`` in ``out`` holds)."""
-
-    objective: str  # slow | fast | distill
-    out: str  # the final model directory (what embed / index / eval / serve load)
-    run_dir: str  # the Ray Train run directory under --storage (checkpoints live here)
-    history: list[dict[str, Any]]  # one record per epoch: epoch, step, train_loss, val_r1, ...
-    steps: int  # optimizer steps done in total (across restarts)
-    starts: list[int]  # the step each attempt started at ([0] normally; [0, n] after one restart)
-    rejected: dict[str, str] = field(default_factory=dict)  # key -> reason of rows that failed to decode
-    seconds: float = 0.0  # wall time of the whole run (driver view)
-    config: dict[str, Any] = field(default_factory=dict)  # the merged TrainConfig
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"objective": self.objective, "out": self.out, "run_dir": self.run_dir, "history": self.history,
-                "steps": self.steps, "starts": self.starts, "rejected": self.rejected,
-                "seconds": round(self.seconds, 3), "config": self.config}
+__all__ = ["TRAINING_FILE", "TrainResult", "distill", "run_training", "train_fast", "train_slow"]
 
 
 # ---------------------------------------------------------------- public Python API
@@ -113,40 +99,20 @@ def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from thinkfast_pipelines.ray_utils import init_ray
-    from thinkfast_pipelines.train.data import inspect_corpus
+    from thinkfast.training.data import inspect_corpus
 
     started = time.perf_counter()
-    wanted_kind = {"slow": "slow", "fast": "fast", "distill": "fast"}[objective]
-    for name, uri, kind in (("--teacher", teacher, "slow"), ("--init", init, wanted_kind)):
-        if not uri:
-            continue
-        try:
-            saved_kind = fs.read_json(fs.join(uri, "config.json")).get("thinkfast_model")
-        except FileNotFoundError as exc:
-            raise CheckpointError(f"{name} {uri} is not a model directory (no config.json)") from exc
-        if saved_kind != kind:
-            raise CheckpointError(f"{name} {uri} is not a {kind} model (objective {objective})")
+    check_model_kinds(objective, init, teacher)
     _start_ray(config)
     info = inspect_corpus(corpus)
-    image_size = _image_size(objective, config, init)
-    tokenizer = _tokenizer(objective, config, info, init)
-    datasets, rows_per_step, images_per_row, steps_per_epoch = _datasets(objective, config, info, image_size, teacher_scores,
-                                                         hard_negatives, embeddings)
+    image_size = image_size_for(objective, config, init)
+    tokenizer = build_tokenizer(config, info, init)
+    datasets, layout = _datasets(objective, config, info, image_size, teacher_scores, hard_negatives, embeddings)
     storage = storage or f"{out.rstrip('/')}-checkpoints"
     name = _run_name(objective, storage, resume, run_name)
     storage_path, storage_fs = _storage(storage)
-    loop_config = {
-        "objective": objective,
-        "config": config.to_dict(),
-        "tokenizer": tokenizer,
-        "init": init,
-        "teacher": teacher,
-        "steps_per_epoch": steps_per_epoch,
-        "rows_per_step": rows_per_step,
-        "images_per_row": images_per_row,
-        "has_val": "val" in datasets,
-    }
+    loop_config = {"objective": objective, "config": config.to_dict(), "tokenizer": tokenizer, "init": init,
+                   "teacher": teacher, "has_val": "val" in datasets, **layout}
     trainer = TorchTrainer(
         _train_loop_entry,
         train_loop_config=loop_config,
@@ -164,8 +130,8 @@ def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, 
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    logger.info("%s: %d workers, %d epochs x %d steps, run %s under %s", objective, config.workers, config.epochs,
-                steps_per_epoch, name, storage)
+    logger.info("%s: %d workers, %d epochs x %d steps (%s order), run %s under %s", objective, config.workers,
+                config.epochs, layout["steps_per_epoch"], layout["data_order"], name, storage)
     result = trainer.fit()
     if result.checkpoint is None:
         raise ThinkfastError(f"training run {name} finished without a checkpoint")
@@ -181,6 +147,8 @@ def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, 
         rejected=dict(summary.get("rejected", state.get("rejected", {}))),
         seconds=time.perf_counter() - started,
         config=config.to_dict(),
+        losses=[float(x) for x in summary.get("losses", state.get("losses", []))],
+        trainer="ray",
     )
     fs.write_json(fs.join(out, TRAINING_FILE), train_result.to_dict())
     logger.info("%s: done in %.1f s, %d steps; model in %s", objective, train_result.seconds, train_result.steps, out)
@@ -210,36 +178,21 @@ def _train_loop_entry(loop_config: dict[str, Any]) -> dict[str, Any]:
     return train_loop_per_worker(loop_config)
 
 
-def _image_size(objective: str, config: TrainConfig, init: str | None) -> int:
-    if init:
-        return int(fs.read_json(fs.join(init, "config.json"))["config"]["image_size"])
-    from thinkfast.models.config import fast_preset, slow_preset
-
-    preset = slow_preset(config.preset) if objective == "slow" else fast_preset(config.preset)
-    return preset.image_size
-
-
-def _tokenizer(objective: str, config: TrainConfig, info: Any, init: str | None) -> Any:
-    """tiny / small: a word vocabulary from the train split's captions (built here on the
-    driver, shipped to every worker, saved with the model). paper: the model's HF tokenizer."""
-    if init or config.preset == "paper":
-        return None
-    from thinkfast.data.tokenizer import WordTokenizer
-
-    return WordTokenizer.build(info.train_captions, min_count=config.min_word_count)
-
-
-def _datasets(objective: str, config: TrainConfig, info: Any, image_size: int, teacher_scores: str | None,
-              hard_negatives: str | None, embeddings: str | None) -> tuple[dict[str, Any], int, int, int]:
-    """Train (split across workers) and val (whole, read by rank 0) datasets, the rows each
-    worker takes per step, the images per row (1, or G for groups / teacher-score blocks),
-    and the steps per epoch (equal on every rank: DDP needs it)."""
-    from thinkfast_pipelines.train.data import decoded_bytes_per_row, decoded_dataset, maybe_cache
+def _datasets(objective: str, config: TrainConfig, info: "CorpusInfo", image_size: int, teacher_scores: str | None,
+              hard_negatives: str | None, embeddings: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train (split across workers) and val (whole, read by rank 0) datasets, and the
+    layout the workers need: rows per step, images per row (1, or G for groups /
+    teacher-score blocks), steps per epoch (equal on every rank: DDP needs it) and the
+    data order (``permutation`` only for plain pair rows cached in the object store: a
+    rank then holds its shard; anything else streams)."""
+    from thinkfast.training.data import decoded_bytes_per_row
+    from thinkfast_pipelines.train.data import decoded_dataset, maybe_cache
 
     explode = config.caption_sampling == "all"
-    val_rows = config.val_pool if objective == "slow" else config.val_images
+    val_rows = config.val_rows_for(objective)
     row_bytes = decoded_bytes_per_row(info.is_video, image_size, config.num_frames)
     datasets: dict[str, Any] = {}
+    grouped = bool(teacher_scores or hard_negatives)
     if teacher_scores:
         from thinkfast_pipelines.train.teacher_scores import block_dataset
 
@@ -252,20 +205,23 @@ def _datasets(objective: str, config: TrainConfig, info: Any, image_size: int, t
         rows_per_step = max(1, config.batch_size // images_per_row)
     else:
         train = decoded_dataset(info, "train", image_size, config.num_frames, explode, config.decode_batch_size)
-        n_rows = len(info.train_captions) if explode else info.counts["train"]
+        n_rows = train_rows(info, config)
         images_per_row = 1
         rows_per_step = config.batch_size
-    datasets["train"] = maybe_cache(train, n_rows, row_bytes * images_per_row, config.cache_decoded, "train")
+    datasets["train"], cached = maybe_cache(train, n_rows, row_bytes * images_per_row, config.cache_decoded, "train")
+    data_order = config.data_order
+    if data_order == "permutation" and (grouped or not cached):
+        why = "grouped rows (teacher-score blocks / hard negatives)" if grouped else "the decoded split is not cached"
+        logger.info("data order: streaming through the local shuffle buffer (%s)", why)
+        data_order = "stream"
     if val_rows and info.counts.get("val", 0):
         val = decoded_dataset(info, "val", image_size, config.num_frames, False, config.decode_batch_size)
-        datasets["val"] = maybe_cache(val.limit(val_rows), val_rows, row_bytes, config.cache_decoded, "val")
+        datasets["val"], _ = maybe_cache(val.limit(val_rows), val_rows, row_bytes, config.cache_decoded, "val")
     elif val_rows:
         logger.warning("corpus has no val rows: validation R@1 is skipped")
-    steps_per_epoch = (n_rows // config.workers) // rows_per_step
-    if steps_per_epoch < 1:
-        raise ThinkfastError(f"train split has {n_rows} rows: too few for {config.workers} workers x "
-                             f"{rows_per_step} rows per step; lower --batch-size or --workers")
-    return datasets, rows_per_step, images_per_row, steps_per_epoch
+    layout = {"rows_per_step": rows_per_step, "images_per_row": images_per_row, "data_order": data_order,
+              "steps_per_epoch": steps_per_epoch(n_rows, config.workers, rows_per_step)}
+    return datasets, layout
 
 
 def _run_name(objective: str, storage: str, resume: bool, run_name: str | None) -> str:
@@ -303,7 +259,7 @@ def _storage(storage: str) -> tuple[str, Any]:
 
 def _export(checkpoint: Any, out: str) -> dict[str, Any]:
     """Copy the newest checkpoint's model directory to ``out``; return its state.json."""
-    from thinkfast_pipelines.train.state import MODEL_DIR, STATE_FILE
+    from thinkfast.training.state import MODEL_DIR, STATE_FILE
 
     with checkpoint.as_directory() as local:
         model_dir = os.path.join(local, MODEL_DIR)
@@ -321,57 +277,38 @@ def _export(checkpoint: Any, out: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- command line
 
-_TRAIN_FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("preset", str, "model preset: tiny | small | paper"),
-    ("epochs", int, "passes over the train split"),
-    ("batch-size", int, "pairs per worker per step"),
-    ("lr", float, "AdamW peak learning rate"),
-    ("weight-decay", float, "AdamW weight decay"),
-    ("warmup-steps", int, "linear warm-up steps"),
-    ("temperature", float, "tau, the fast-score temperature"),
-    ("workers", int, "Ray Train workers (DDP ranks)"),
-    ("cpus-per-worker", float, "Ray CPUs reserved per worker"),
-    ("checkpoint-every-steps", int, "also checkpoint every N steps (0: epoch ends only)"),
-    ("keep-checkpoints", int, "newest checkpoints kept in --storage"),
-    ("max-failures", int, "worker-group restarts from the newest checkpoint before giving up"),
-    ("val-images", int, "fast: val images for R@1 (0: none)"),
-    ("val-pool", int, "slow: val images re-ranked exhaustively for R@1 (0: none)"),
-    ("caption-sampling", str, "sample (one caption per image per epoch) | all (every caption a row)"),
-    ("seed", int, "random seed"),
-)
-_DISTILL_FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("alpha", float, "weight of L_distill"),
-    ("teacher-temperature", float, "T, the teacher softmax temperature"),
-)
+
+def _excluded(name: str) -> tuple[str, ...]:
+    """TrainConfig fields that are not flags of this subcommand (distill-only ones)."""
+    return () if name == "distill" else DISTILL_FIELDS
 
 
 def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
+    """The subcommand's URIs, then one flag per TrainConfig field (``thinkfast.utils.options``:
+    left None unless given, so defaults < preset < --config file < flags holds)."""
     parser.add_argument("--corpus", required=True, help="corpus Parquet (file, directory or s3:// prefix)")
     parser.add_argument("--out", required=True, help="final model directory (local or s3://)")
     parser.add_argument("--storage", help="checkpoint storage (local or s3://; default: OUT-checkpoints)")
     parser.add_argument("--resume", action="store_true", help="continue the newest run in --storage")
     parser.add_argument("--run-name", help="explicit run name under --storage (resumes it if it exists)")
     parser.add_argument("--config", dest="config_file", help="YAML/JSON file of training config fields")
-    parser.add_argument("--gpu", dest="use_gpu", action="store_const", const=True, default=None,
-                        help="one GPU per worker (nccl)")
-    for flag, typ, help_text in _TRAIN_FLAGS + (_DISTILL_FLAGS if name == "distill" else ()):
-        parser.add_argument(f"--{flag}", type=typ, default=None, help=help_text)
     kind = "slow" if name == "train-slow" else "fast"
     parser.add_argument("--init", help=f"start from this {kind} model dir instead of a fresh preset")
     if name == "distill":
         parser.add_argument("--teacher", help="frozen slow teacher model dir (local or s3://)")
-        parser.add_argument("--teacher-scores", help="precomputed teacher scores (thinkfast.thinkfast_pipelines.train.teacher_scores)")
+        parser.add_argument("--teacher-scores", help="precomputed teacher scores (thinkfast_pipelines.train.teacher_scores)")
         parser.add_argument("--hard-negatives", help="fast index URI: build batches from index neighbours")
         parser.add_argument("--embeddings", help="embed output holding the index's vectors (with --hard-negatives)")
-        parser.add_argument("--group-size", type=int, default=None,
-                            help="images per neighbour group with --hard-negatives (default 4)")
+    presets = "; ".join(f"{p}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for p, d in PRESET_DEFAULTS.items())
+    group = parser.add_argument_group(
+        "training config", f"TrainConfig fields, also the keys of --config. The defaults shown are the dataclass's; "
+                           f"each preset overrides some ({presets})")
+    add_config_arguments(group, TrainConfig, exclude=_excluded(name))
 
 
 def run_for(name: str, args: argparse.Namespace) -> int:
     objective = COMMAND_OBJECTIVE[name]
-    overrides = {f.replace("-", "_"): getattr(args, f.replace("-", "_"))
-                 for f, _, _ in _TRAIN_FLAGS + (_DISTILL_FLAGS if name == "distill" else ())}
-    overrides["use_gpu"] = args.use_gpu
+    overrides = given(TrainConfig, args, exclude=_excluded(name))
     common = {"storage": args.storage, "resume": args.resume, "config_file": args.config_file,
               "run_name": args.run_name}
     if objective == "slow":
@@ -379,7 +316,6 @@ def run_for(name: str, args: argparse.Namespace) -> int:
     elif objective == "fast":
         result = train_fast(args.corpus, args.out, init=args.init, **common, **overrides)
     else:
-        overrides["group_size"] = args.group_size
         result = distill(args.corpus, args.out, args.teacher, teacher_scores=args.teacher_scores,
                          hard_negatives=args.hard_negatives, embeddings=args.embeddings, init=args.init,
                          **common, **overrides)

@@ -61,13 +61,9 @@ class TeacherScoresResult:
 
 
 def _select_split(batch: pa.Table, columns: Any, split: str) -> pa.Table:
-    from thinkfast_pipelines.train.data import split_of_key
+    from thinkfast.data.splits import select_split
 
-    if columns.has_split:
-        keep = [s == split for s in batch.column("split").to_pylist()]
-    else:
-        keep = [split_of_key(str(k)) == split for k in batch.column(columns.key).to_pylist()]
-    return batch.filter(pa.array(keep, type=pa.bool_()))
+    return select_split(batch, split, columns.key)
 
 
 class TeacherBlockScorer:
@@ -77,7 +73,7 @@ class TeacherBlockScorer:
                  torch_threads: int) -> None:
         import torch
 
-        from thinkfast_pipelines.train.worker import load_teacher
+        from thinkfast.training.loop import load_teacher
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -90,7 +86,7 @@ class TeacherBlockScorer:
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         import torch
 
-        from thinkfast_pipelines.train.objectives import teacher_score_matrix
+        from thinkfast.training.objectives import teacher_score_matrix
         from thinkfast.data.media import captions_of, load_pixels
 
         cols = self.columns
@@ -147,7 +143,7 @@ def precompute_teacher_scores(corpus: str, teacher: str, out: str, *, block_size
     import ray.data
 
     from thinkfast_pipelines.ray_utils import init_ray
-    from thinkfast_pipelines.train.data import inspect_corpus
+    from thinkfast.training.data import inspect_corpus
     from thinkfast.models.slow import SlowModel
 
     if block_size < 2 or rounds < 1 or actors < 1:
@@ -230,7 +226,7 @@ def read_manifest(uri: str) -> dict[str, Any]:
 
 def _decode_blocks(batch: pa.Table, columns: Any, image_size: int, num_frames: int) -> dict[str, np.ndarray]:
     """Block rows -> the grouped row format of the train loop (pixels (G, ...), scores (G, G))."""
-    from thinkfast_pipelines.train.data import PIXEL_DTYPE
+    from thinkfast.training.data import PIXEL_DTYPE
     from thinkfast.data.media import load_pixels
 
     out: dict[str, list[Any]] = {"key": [], "captions": [], "reject": [], "pixels": [], "scores": [], "group_size": []}

@@ -5,6 +5,8 @@ Sources, lowest priority first: the dataclass defaults, the per-preset defaults 
 a ``--config`` YAML/JSON file, then the flags given explicitly on the command line (or the
 keyword arguments of the Python functions). The merged config is saved with every
 checkpoint and with the final model (``training.json``), so a run is reproducible from it.
+The command-line flags are generated from the fields (``thinkfast.utils.options``), so a
+field added here is a flag, a keyword argument and a config-file key at once.
 """
 
 from __future__ import annotations
@@ -17,45 +19,58 @@ from typing import Any, Literal
 
 from thinkfast.errors import ThinkfastError
 from thinkfast.utils import fs
+from thinkfast.utils.options import option
 
 logger = logging.getLogger(__name__)
 
 Objective = Literal["slow", "fast", "distill"]
+OBJECTIVES: tuple[str, ...] = ("slow", "fast", "distill")
+# fields that only the distill command takes (train-slow / train-fast have no such flags)
+DISTILL_FIELDS: tuple[str, ...] = ("alpha", "teacher_temperature", "group_size")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs besides the URIs (corpus, out, storage, teacher)."""
 
-    preset: str = "small"  # model preset: tiny | small | paper
-    epochs: int = 4  # passes over the train split
-    batch_size: int = 64  # pairs per worker per step (the NCE / B_i batch of each worker)
-    lr: float = 1e-3  # AdamW peak learning rate (linear warm-up, cosine decay)
-    weight_decay: float = 0.01  # AdamW decoupled weight decay
-    warmup_steps: int = 20  # linear warm-up steps before cosine decay
-    grad_clip: float = 1.0  # max global gradient norm (0 disables clipping)
-    temperature: float = 0.05  # tau: fast-score temperature in NCE and in the student softmax
-    alpha: float = 1.0  # distill: weight of L_distill in L_DE + alpha * L_distill
-    teacher_temperature: float = 1.0  # distill: T, the teacher softmax temperature on h(x, y)
-    group_size: int = 4  # distill --hard-negatives: images per index-neighbour group (each has G-1 hard negatives)
-    workers: int = 2  # Ray Train workers (DDP ranks)
-    cpus_per_worker: float = 1.0  # Ray CPUs reserved per worker (fractional is fine on small machines)
-    use_gpu: bool = False  # one GPU per worker, nccl instead of gloo
-    torch_threads: int = 0  # intra-op threads per worker (0 = cores / workers, at least 1)
-    checkpoint_every_steps: int = 0  # also checkpoint every N steps (0 = only at epoch ends)
-    keep_checkpoints: int = 2  # newest checkpoints kept in --storage (the rest are deleted)
-    max_failures: int = 2  # worker-group restarts (from the newest checkpoint) before giving up
-    val_images: int = 512  # fast: val images embedded for R@1 (0 = no validation)
-    val_pool: int = 32  # slow: val images re-ranked exhaustively for R@1 (0 = no validation)
-    min_word_count: int = 1  # word vocabulary: drop words seen fewer times in the train split
-    num_frames: int = 8  # frames sampled per video (videos only; = embed and eval defaults, so serving sees what training saw)
-    caption_sampling: Literal["sample", "all"] = "sample"  # one random caption per image per epoch, or every caption
-    decode_batch_size: int = 64  # rows per Ray Data decode task
-    cache_decoded: bool = True  # decode each split once and keep it in the object store (if it fits in a third)
-    shuffle_buffer: int = 256  # local shuffle buffer (rows) of each worker's shard
-    seed: int = 0  # model init, caption sampling and shuffling
-    fail_at_step: int = 0  # TEST HOOK: rank 0 raises once when it reaches this step (0 = never)
-    fail_marker: str = ""  # TEST HOOK: file created before that raise, so it happens only once
+    preset: str = option("small", "model preset: tiny | small | paper")
+    epochs: int = option(4, "passes over the train split")
+    batch_size: int = option(64, "pairs per worker per step (the NCE / B_i batch of each worker)")
+    lr: float = option(1e-3, "AdamW peak learning rate (linear warm-up, cosine decay)")
+    weight_decay: float = option(0.01, "AdamW decoupled weight decay")
+    warmup_steps: int = option(20, "linear warm-up steps before cosine decay")
+    grad_clip: float = option(1.0, "max global gradient norm (0 disables clipping)")
+    temperature: float = option(0.05, "tau: fast-score temperature in NCE and in the student softmax")
+    alpha: float = option(1.0, "distill: weight of L_distill in L_DE + alpha * L_distill")
+    teacher_temperature: float = option(1.0, "distill: T, the teacher softmax temperature on h(x, y)")
+    group_size: int = option(4, "distill --hard-negatives: images per index-neighbour group "
+                                "(each has G-1 hard negatives)")
+    workers: int = option(2, "Ray Train workers (DDP ranks); the in-process trainer is always one process")
+    cpus_per_worker: float = option(1.0, "Ray CPUs reserved per worker (fractional is fine on small machines)")
+    use_gpu: bool = option(False, "one GPU per worker, nccl instead of gloo", flag="--gpu")
+    torch_threads: int = option(0, "intra-op threads per worker (0 = cores / workers, at least 1)")
+    checkpoint_every_steps: int = option(0, "also checkpoint every N steps (0 = only at epoch ends)")
+    keep_checkpoints: int = option(2, "newest checkpoints kept in --storage (the rest are deleted)")
+    max_failures: int = option(2, "worker-group restarts (from the newest checkpoint) before giving up")
+    val_images: int = option(512, "fast: val images embedded for R@1 (0 = no validation)")
+    val_pool: int = option(32, "slow: val images re-ranked exhaustively for R@1 (0 = no validation)")
+    min_word_count: int = option(1, "word vocabulary: drop words seen fewer times in the train split")
+    num_frames: int = option(8, "frames sampled per video (videos only; = embed and eval defaults, "
+                                "so serving sees what training saw)")
+    caption_sampling: Literal["sample", "all"] = option(
+        "sample", "sample: one random caption per image per epoch; all: every caption its own row")
+    data_order: Literal["permutation", "stream"] = option(
+        "permutation", "permutation: each rank holds its decoded shard and visits it, sorted by key, in a "
+                       "permutation drawn from (seed, epoch), the order the in-process trainer uses too; "
+                       "stream: Ray Data's local shuffle buffer (for shards too big to hold)")
+    decode_batch_size: int = option(64, "rows per Ray Data decode task")
+    cache_decoded: bool = option(True, "decode each split once and keep it in the object store "
+                                       "(if it fits in a third)")
+    shuffle_buffer: int = option(256, "data_order=stream: local shuffle buffer (images) of each worker's shard")
+    seed: int = option(0, "model init, caption sampling and data order")
+    # test hooks: not command-line options (a config file or keyword argument sets them)
+    fail_at_step: int = option(0, "TEST HOOK: rank 0 raises once when it reaches this step (0 = never)", cli=False)
+    fail_marker: str = option("", "TEST HOOK: file created before that raise, so it happens only once", cli=False)
 
     def __post_init__(self) -> None:
         checks = {
@@ -75,6 +90,7 @@ class TrainConfig:
             "val_pool": self.val_pool >= 0,
             "num_frames": self.num_frames >= 1,
             "caption_sampling": self.caption_sampling in ("sample", "all"),
+            "data_order": self.data_order in ("permutation", "stream"),
             "decode_batch_size": self.decode_batch_size >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
@@ -87,9 +103,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def val_rows_for(self, objective: str) -> int:
+        """Val images the objective's validation uses: the slow pool or the fast gallery."""
+        return self.val_pool if objective == "slow" else self.val_images
 
-# per preset and objective: what differs from the dataclass defaults
-_PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+
+# per preset: what differs from the dataclass defaults
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "val_images": 64, "val_pool": 16},
     "small": {"epochs": 12, "batch_size": 64, "lr": 1e-3, "warmup_steps": 20},  # 1 worker, 2000 images: 300 steps, val R@1 at its plateau
     "paper": {"epochs": 10, "batch_size": 128, "lr": 1e-4, "warmup_steps": 1000, "val_images": 1000,
@@ -130,10 +150,10 @@ def build_config(overrides: dict[str, Any] | None = None, config_file: str | Non
     unknown = sorted((set(from_file) | set(explicit)) - set(field_names()))
     if unknown:
         raise ThinkfastError(f"unknown training config fields {unknown}; known: {', '.join(field_names())}")
-    preset = explicit.get("preset", from_file.get("preset", TrainConfig.preset))
-    if preset not in _PRESET_DEFAULTS:
-        raise ThinkfastError(f"unknown preset {preset!r}; choose one of {', '.join(_PRESET_DEFAULTS)}")
-    merged = {**_PRESET_DEFAULTS[preset], **from_file, **explicit, "preset": preset}
+    preset = explicit.get("preset", from_file.get("preset", "small"))
+    if preset not in PRESET_DEFAULTS:
+        raise ThinkfastError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_DEFAULTS)}")
+    merged = {**PRESET_DEFAULTS[preset], **from_file, **explicit, "preset": preset}
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     try:
         config = TrainConfig(**{k: _coerce(v, types[k]) for k, v in merged.items()})

@@ -13,10 +13,15 @@ with the student.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from thinkfast.models.fast import FastModel
+    from thinkfast.models.slow import SlowModel
+    from thinkfast.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +29,7 @@ logger = logging.getLogger(__name__)
 class FastObjective(nn.Module):
     """L_DE: NCE over in-batch negatives (both directions) for the dual encoder."""
 
-    def __init__(self, model: nn.Module, temperature: float) -> None:
+    def __init__(self, model: "FastModel", temperature: float) -> None:
         super().__init__()
         self.model = model
         self.temperature = temperature
@@ -42,7 +47,7 @@ class FastObjective(nn.Module):
 class SlowObjective(nn.Module):
     """L_CA: negative captioning log-likelihood of both decoders, per token, teacher forced."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: "SlowModel") -> None:
         super().__init__()
         self.model = model
 
@@ -63,7 +68,7 @@ class DistillObjective(nn.Module):
     negatives when batches are built from index neighbours). Teacher scores come either
     from the frozen teacher here, or precomputed (``teacher_scores`` argument)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, temperature: float,
+    def __init__(self, student: "FastModel", teacher: "SlowModel | None", temperature: float,
                  teacher_temperature: float, alpha: float) -> None:
         super().__init__()
         self.model = student
@@ -73,7 +78,7 @@ class DistillObjective(nn.Module):
         self.alpha = alpha
 
     @property
-    def teacher(self) -> nn.Module | None:
+    def teacher(self) -> "SlowModel | None":
         return self._teacher[0]
 
     def teacher_matrix(self, pixels: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -94,7 +99,7 @@ class DistillObjective(nn.Module):
 
 
 @torch.no_grad()
-def teacher_score_matrix(teacher: nn.Module, pixels: torch.Tensor, captions: list[str]) -> torch.Tensor:
+def teacher_score_matrix(teacher: "SlowModel", pixels: torch.Tensor, captions: list[str]) -> torch.Tensor:
     """All B x B slow scores of a batch: h[i, j] = h(x_j, y_i) (B_text, B_image).
 
     Each image's visual tokens are computed once, then paired with every caption: the
@@ -105,7 +110,7 @@ def teacher_score_matrix(teacher: nn.Module, pixels: torch.Tensor, captions: lis
     return teacher.score_matrix(tokens, enc["input_ids"], enc["attention_mask"]).float()  # (B_text, B_image)
 
 
-def student_teacher_kl(student: nn.Module, teacher_scores: torch.Tensor, pixels: torch.Tensor,
+def student_teacher_kl(student: "FastModel", teacher_scores: torch.Tensor, pixels: torch.Tensor,
                        input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float,
                        teacher_temperature: float) -> float:
     """Mean over captions of KL(p_teacher(B_i) || q_student(B_i)): what distillation lowers."""
@@ -117,7 +122,9 @@ def student_teacher_kl(student: nn.Module, teacher_scores: torch.Tensor, pixels:
         return float((log_p.exp() * (log_p - log_q)).sum(dim=-1).mean())
 
 
-def build_objective(kind: str, model: nn.Module, teacher: nn.Module | None, config: Any) -> nn.Module:
+def build_objective(kind: str, model: nn.Module, teacher: "SlowModel | None", config: "TrainConfig") -> nn.Module:
+    """The objective module of ``kind`` (slow | fast | distill) around ``model``, with the
+    config's temperatures and alpha: the one place both trainers get their loss from."""
     if kind == "fast":
         return FastObjective(model, config.temperature)
     if kind == "slow":

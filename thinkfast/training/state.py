@@ -13,11 +13,15 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from thinkfast.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from thinkfast.models.fast import FastModel
+    from thinkfast.models.slow import SlowModel
 
 logger = logging.getLogger(__name__)
 
@@ -37,23 +41,26 @@ class LoopState:
     starts: list[int] = field(default_factory=list)  # the step each attempt started at (restarts show here)
     rejected: dict[str, str] = field(default_factory=dict)  # key -> reason of rows that failed to decode
     epoch_losses: list[float] = field(default_factory=list)  # losses of the epoch in progress (a resumed epoch's mean covers all its steps)
+    losses: list[float] = field(default_factory=list)  # rank 0's loss of every step of the run: the loss curve
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "history": self.history, "starts": self.starts, "rejected": self.rejected,
-                "epoch_losses": self.epoch_losses}
+                "epoch_losses": self.epoch_losses, "losses": self.losses}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoopState":
         return cls(step=int(data["step"]), epoch=int(data["epoch"]), step_in_epoch=int(data["step_in_epoch"]),
                    history=list(data.get("history", [])), starts=[int(s) for s in data.get("starts", [])],
                    rejected=dict(data.get("rejected", {})),
-                   epoch_losses=[float(x) for x in data.get("epoch_losses", [])])
+                   epoch_losses=[float(x) for x in data.get("epoch_losses", [])],
+                   losses=[float(x) for x in data.get("losses", [])])
 
 
-def save_checkpoint(directory: str, model: Any, optimizer: torch.optim.Optimizer, state: LoopState,
+def save_checkpoint(directory: str, model: "FastModel | SlowModel", optimizer: torch.optim.Optimizer, state: LoopState,
                     extra: dict[str, Any]) -> None:
-    """Write one checkpoint directory (local; Ray Train uploads it)."""
+    """Write one checkpoint directory (local; Ray Train uploads it, the in-process trainer
+    keeps it). Weights go through ``save_pretrained`` (safetensors), never pickle."""
     model.save_pretrained(os.path.join(directory, MODEL_DIR))
     torch.save({"optimizer": optimizer.state_dict()}, os.path.join(directory, OPTIMIZER_FILE))
     with open(os.path.join(directory, STATE_FILE), "w", encoding="utf-8") as f:
@@ -61,6 +68,7 @@ def save_checkpoint(directory: str, model: Any, optimizer: torch.optim.Optimizer
 
 
 def load_state(directory: str) -> tuple[LoopState, dict[str, Any]]:
+    """The loop counters of a checkpoint, and everything else its ``state.json`` holds."""
     path = os.path.join(directory, STATE_FILE)
     try:
         with open(path, encoding="utf-8") as f:

@@ -1,11 +1,14 @@
-"""Per-epoch validation R@K on rank 0, so every epoch's record says whether training helps.
+"""Per-epoch validation R@K (rank 0 of Ray Train, or the in-process trainer), so every
+epoch's record says whether training helps.
 
-* fast (and distill): exact retrieval over the val images with the model's embeddings;
-  every caption of every val image is a query, its image the answer.
+* fast (and distill): exact retrieval over the val images with the model's embeddings
+  (``thinkfast.encode``, the path indexing and evaluation use); every caption of every val
+  image is a query, its image the answer.
 * slow: exhaustive re-ranking of a small pool (``val_pool`` images, one caption each) by
   ``h(x, y)``: the slow model's own ranking, without any fast model in the way.
 
-The val split is read once (it is small and unsplit: only rank 0 iterates it) and cached.
+The val split is small: it is read once, from any stream of decoded batches (a Ray
+dataset shard, or :func:`thinkfast.training.data.read_split`), and kept.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from thinkfast.models.fast import FastModel
+    from thinkfast.models.slow import SlowModel
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +40,13 @@ class ValidationSet:
     answers: np.ndarray  # (Q,) index into pixels of each query's image
 
     @classmethod
-    def collect(cls, kind: str, config: Any, has_val: bool) -> "ValidationSet | None":
-        """Read the (already limited) val dataset of this rank; None when there is none."""
-        if not has_val:
-            return None
-        import ray.train
-
-        shard = ray.train.get_dataset_shard("val")
+    def from_batches(cls, kind: str, batches: Iterable[Mapping[str, np.ndarray]], limit: int) -> "ValidationSet | None":
+        """The first ``limit`` usable val images of decoded ``batches`` (rejects skipped);
+        None when fewer than 2 remain (no ranking to measure)."""
         pixels: list[np.ndarray] = []
         queries: list[str] = []
         answers: list[int] = []
-        limit = config.val_pool if kind == "slow" else config.val_images
-        for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+        for batch in batches:
             for caps_json, array, reject in zip(batch["captions"], batch["pixels"], batch["reject"]):
                 if reject or len(pixels) >= limit:
                     continue
@@ -60,22 +62,19 @@ class ValidationSet:
         return cls(kind=kind, pixels=torch.as_tensor(np.stack(pixels)), queries=queries,
                    answers=np.asarray(answers, dtype=np.int64))
 
-    @torch.no_grad()
-    def fast_ranks(self, model: Any, device: torch.device) -> tuple[np.ndarray, float]:
+    def fast_ranks(self, model: "FastModel", device: torch.device) -> tuple[np.ndarray, float]:
         """Exact retrieval over every val image with the dual encoder's embeddings."""
+        from thinkfast.encode import batches, image_vectors, text_vectors
         from thinkfast.metrics import ranks_from_scores
 
-        images = torch.cat([model.encode_image(self.pixels[i:i + EMBED_BATCH].to(device))
-                            for i in range(0, len(self.pixels), EMBED_BATCH)])  # (N, d)
-        texts = []
-        for i in range(0, len(self.queries), EMBED_BATCH):
-            enc = model.tokenize(self.queries[i:i + EMBED_BATCH])
-            texts.append(model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)))
-        scores = (torch.cat(texts) @ images.t()).float().cpu().numpy()  # (Q, N)
+        images = np.concatenate([image_vectors(model, self.pixels[s].to(device), EMBED_BATCH)
+                                 for s in batches(len(self.pixels), EMBED_BATCH)])  # (N, d)
+        texts = text_vectors(model, self.queries, batch_size=EMBED_BATCH, device=device)  # (Q, d)
+        scores = texts @ images.T  # (Q, N)
         return ranks_from_scores(scores, self.answers), float(scores.astype(np.float64).sum())
 
     @torch.no_grad()
-    def slow_ranks(self, model: Any, device: torch.device) -> tuple[np.ndarray, float]:
+    def slow_ranks(self, model: "SlowModel", device: torch.device) -> tuple[np.ndarray, float]:
         """Every query re-ranks the whole pool with ``thinkfast.rerank`` (beta = 0: h alone),
         the same code path eval and serve use, fed from tokens computed here."""
         from thinkfast.metrics import ranks_from_rankings
@@ -94,7 +93,7 @@ class ValidationSet:
         ranks = ranks_from_rankings([[h.key for h in row] for row in hits], [str(a) for a in self.answers])
         return ranks, float(sum(h.slow_score for row in hits for h in row))
 
-    def evaluate(self, model: Any, device: torch.device) -> dict[str, float]:
+    def evaluate(self, model: "FastModel | SlowModel", device: torch.device) -> dict[str, float]:
         """``val_r1``, ``val_r5``, ``val_r10``, ``val_median_rank`` (thinkfast.metrics), and
         ``val_score_sum``: the sum of every query-image score, a fingerprint that a reloaded
         checkpoint must reproduce (order-independent, so any row order gives it)."""
