@@ -33,6 +33,12 @@ FORWARDED_ENV = (
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 
 
+# the auth mode of a private local Ray that thinkfast starts (an explicit choice: Ray's
+# default writes ~/.ray/auth_token, which then turns token auth on for every later
+# `ray start` on the machine)
+LOCAL_AUTH_MODE = "disabled"
+
+
 def worker_env() -> dict[str, str]:
     """The forwarded variables present here, minus those a Ray job's runtime env already
     sets: inside a job driver Ray refuses to merge a ray.init runtime env whose env_vars

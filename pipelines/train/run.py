@@ -113,26 +113,33 @@ def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, 
     storage_path, storage_fs = _storage(storage)
     loop_config = {"objective": objective, "config": config.to_dict(), "tokenizer": tokenizer, "init": init,
                    "teacher": teacher, "has_val": "val" in datasets, **layout}
-    trainer = TorchTrainer(
-        _train_loop_entry,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.workers, use_gpu=config.use_gpu,
-            resources_per_worker=None if config.use_gpu else {"CPU": config.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
-        ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
+
+    def make_trainer(train_loop_config: dict[str, Any]) -> TorchTrainer:
+        return TorchTrainer(
+            _train_loop_entry,
+            train_loop_config=train_loop_config,
+            torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=config.workers, use_gpu=config.use_gpu,
+                resources_per_worker=None if config.use_gpu else {"CPU": config.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            ),
+            datasets=datasets,
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+
     logger.info("%s: %d workers, %d epochs x %d steps (%s order), run %s under %s", objective, config.workers,
                 config.epochs, layout["steps_per_epoch"], layout["data_order"], name, storage)
-    result = trainer.fit()
+    from thinkfast_pipelines.ray_progress import remote_progress
+
+    with remote_progress(f"{objective}: training", unit="step",
+                         total=layout["steps_per_epoch"] * config.epochs) as counter:
+        result = make_trainer({**loop_config, "progress": counter}).fit()
     if result.checkpoint is None:
         raise ThinkfastError(f"training run {name} finished without a checkpoint")
     summary = result.return_value or {}

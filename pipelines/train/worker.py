@@ -37,6 +37,8 @@ from thinkfast.training.loop import (
 from thinkfast.training.state import MODEL_DIR, LoopState, load_optimizer_state, load_state, save_checkpoint
 from thinkfast.training.validate import ValidationSet
 
+from thinkfast_pipelines.ray_progress import ProgressReporter
+
 logger = logging.getLogger(__name__)
 
 
@@ -75,8 +77,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     def report(state: LoopState, metrics: dict[str, Any]) -> None:
         _report(rank, model, optimizer, state, extra, metrics)
 
+    # rank 0 tells the driver's progress line how far training is (a no-op without one)
+    progress = ProgressReporter(loop_config.get("progress") if rank == 0 else None)
     run_epochs(objective, optimizer, config, state, steps_per_epoch=steps_per_epoch, device=device, rank=rank,
-               validation=validation, report=report, batches=_batch_source(config, loop_config))
+               validation=validation, report=report, batches=_batch_source(config, loop_config), on_step=progress)
     return {"history": state.history, "step": state.step, "starts": state.starts, "rejected": state.rejected,
             "losses": state.losses}
 

@@ -182,9 +182,11 @@ def maybe_fail(config: TrainConfig, step: int, rank: int) -> None:
 
 def run_epochs(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
                state: LoopState, *, steps_per_epoch: int, batches: BatchSource, device: torch.device | None = None,
-               rank: int = 0, validation: "ValidationSet | None" = None, report: Report | None = None) -> LoopState:
+               rank: int = 0, validation: "ValidationSet | None" = None, report: Report | None = None,
+               on_step: "Callable[[int, int], None] | None" = None) -> LoopState:
     """Train from ``state`` (fresh, or restored mid-epoch) to ``config.epochs``; appends one
-    record per epoch to ``state.history`` and every step's loss to ``state.losses``."""
+    record per epoch to ``state.history`` and every step's loss to ``state.losses``.
+    ``on_step(done, total)`` is told after every step (a progress line; must be cheap)."""
     model = getattr(objective, "module", objective).model
     device = device or torch.device("cpu")
     total_steps = steps_per_epoch * config.epochs
@@ -211,6 +213,8 @@ def run_epochs(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, con
                 parts.setdefault(name, []).append(value)
             state.step += 1
             state.step_in_epoch += 1
+            if on_step is not None:
+                on_step(state.step, total_steps)
             maybe_fail(config, state.step, rank)
             at_epoch_end = state.step_in_epoch >= steps_per_epoch
             if report and config.checkpoint_every_steps and state.step % config.checkpoint_every_steps == 0 \
