@@ -3,9 +3,10 @@
 The test starts its own head (127.0.0.3) and worker (127.0.0.2, with a ``worker_node``
 resource) with ``ray start --block`` in their own temp dir and process groups, so that
 stopping them never touches the session Ray other tests use: ``ray stop`` would kill
-every Ray process on the machine, so it is never called. The jobs reach S3 only through
-the moto server and the AWS variables that ``thinkfast submit`` forwards (the cluster
-processes themselves are started without them).
+every Ray process on the machine, so it is never called. The nodes hold their own S3
+credentials, as an instance role or a credentials file would on a real cluster; the S3
+endpoint reaches the jobs only through ``thinkfast submit``, which forwards settings but
+never credentials (Ray writes runtime envs into its logs).
 """
 
 from __future__ import annotations
@@ -52,9 +53,13 @@ class LocalCluster:
     processes: list[subprocess.Popen]
 
 
+# what a node of a real cluster has of its own: credentials and region, not the endpoint
+NODE_AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")
+
+
 def _cluster_env() -> dict[str, str]:
-    """The cluster's own environment: no AWS variables (jobs must get them from submit)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    """The cluster's own environment: node credentials, but no endpoint (jobs get it from submit)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") or k in NODE_AWS}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
     env.pop("RAY_ADDRESS", None)
     # jobs run `python -m thinkfast_pipelines.cli`: make that this venv's python even when the
@@ -191,8 +196,9 @@ def local_cluster(head_cpus: int = 2, worker_cpus: int = 2) -> Iterator[LocalClu
 
 
 @pytest.fixture(scope="module")
-def two_node_cluster():
-    """The module's cluster: 2 + 2 CPUs, the second node tagged ``worker_node``."""
+def two_node_cluster(s3_server):
+    """The module's cluster: 2 + 2 CPUs, the second node tagged ``worker_node``; started
+    after the S3 server so that its nodes hold the (test) credentials."""
     with local_cluster() as cluster:
         yield cluster
 
@@ -344,7 +350,8 @@ def test_plain_ray_job_submit_as_in_the_readme(two_node_cluster, s3_corpus, embe
     emb, _ = embed_job
     runtime_env = {
         "excludes": [".venv", ".git", "tests/data", "benchmarks/results"],
-        "env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")},
+        # settings only: the nodes hold their own credentials (Ray logs runtime envs)
+        "env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_") and k not in NODE_AWS[:2]},
     }
     proc = subprocess.run(
         [RAY_BIN, "job", "submit", "--address", two_node_cluster.dashboard_url, "--working-dir", str(ROOT),
