@@ -130,7 +130,8 @@ def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, 
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
             ),
             datasets=datasets,
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+            # permutation: every rank reads the whole split and takes its part of each global batch
+        dataset_config=ray.train.DataConfig(datasets_to_split=[] if layout["data_order"] == "permutation" else ["train"]),
         )
 
     logger.info("%s: %d workers, %d epochs x %d steps (%s order), run %s under %s", objective, config.workers,
@@ -217,10 +218,19 @@ def _datasets(objective: str, config: TrainConfig, info: "CorpusInfo", image_siz
         rows_per_step = config.batch_size
     datasets["train"], cached = maybe_cache(train, n_rows, row_bytes * images_per_row, config.cache_decoded, "train")
     data_order = config.data_order
-    if data_order == "permutation" and (grouped or not cached):
-        why = "grouped rows (teacher-score blocks / hard negatives)" if grouped else "the decoded split is not cached"
-        logger.info("data order: streaming through the local shuffle buffer (%s)", why)
-        data_order = "stream"
+    if data_order == "permutation":
+        import ray
+
+        # every rank holds a copy of the split: all of them together within a third of the object store
+        capacity = float(ray.available_resources().get("object_store_memory", 0.0))
+        held = config.workers * n_rows * row_bytes * images_per_row
+        why = ("grouped rows (teacher-score blocks / hard negatives)" if grouped else
+               "the decoded split is not cached" if not cached else
+               f"{config.workers} copies of the split (~{held / 2**20:.0f} MB) would not fit" if capacity and held > capacity / 3
+               else "")
+        if why:
+            logger.info("data order: streaming through the local shuffle buffer (%s)", why)
+            data_order = "stream"
     if val_rows and info.counts.get("val", 0):
         val = decoded_dataset(info, "val", image_size, config.num_frames, False, config.decode_batch_size)
         datasets["val"], _ = maybe_cache(val.limit(val_rows), val_rows, row_bytes, config.cache_decoded, "val")

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from thinkfast.utils.paths import user_paths
-from thinkfast.errors import CheckpointError, DecodeError, ThinkfastError
+from thinkfast.errors import CheckpointError, ThinkfastError
 from thinkfast.utils import fs
 
 logger = logging.getLogger(__name__)
@@ -86,23 +86,18 @@ class TeacherBlockScorer:
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         import torch
 
+        from thinkfast.data.decode import decode_rows
+        from thinkfast.data.media import captions_of
         from thinkfast.training.objectives import teacher_score_matrix
-        from thinkfast.data.media import captions_of, load_pixels
 
         cols = self.columns
+        decoded = decode_rows(batch.to_pylist(), cols, self.teacher.config.image_size, self.num_frames,
+                              key_column=cols.key, require_captions=True)
+        rejected = [[str(r.key), f"{r.reason}: {r.detail}"] for r in decoded.rejects]
         keys, captions, media, pixels = [], [], [], []
-        rejected: list[list[str]] = []
-        for row in batch.to_pylist():
+        for row, array in zip(decoded.rows, decoded.pixels):
             key = str(row[cols.key])
             caps = captions_of(row, cols)
-            if not caps:
-                rejected.append([key, "no_caption: row has no non-empty caption"])
-                continue
-            try:
-                array = load_pixels(row, cols, self.teacher.config.image_size, self.num_frames)
-            except DecodeError as exc:
-                rejected.append([key, f"{exc.reason}: {exc.detail}"])
-                continue
             rng = np.random.default_rng([self.seed, self.round, zlib.crc32(key.encode("utf-8"))])
             keys.append(key)
             captions.append([caps[int(rng.integers(len(caps)))]])
@@ -226,8 +221,8 @@ def read_manifest(uri: str) -> dict[str, Any]:
 
 def _decode_blocks(batch: pa.Table, columns: Any, image_size: int, num_frames: int) -> dict[str, np.ndarray]:
     """Block rows -> the grouped row format of the train loop (pixels (G, ...), scores (G, G))."""
+    from thinkfast.data.decode import decode_rows
     from thinkfast.training.data import PIXEL_DTYPE
-    from thinkfast.data.media import load_pixels
 
     out: dict[str, list[Any]] = {"key": [], "captions": [], "reject": [], "pixels": [], "scores": [], "group_size": []}
     for row in batch.to_pylist():
@@ -235,25 +230,18 @@ def _decode_blocks(batch: pa.Table, columns: Any, image_size: int, num_frames: i
         n = len(keys)
         if n == 0:
             continue  # a block whose every row was rejected: its rejects are in the manifest counts
-        rejects, arrays = [], []
-        shape = None
-        for key, media in zip(keys, row["media"]):
-            try:
-                array = load_pixels({columns.key: key, columns.media: media}, columns, image_size, num_frames)
-                array = array.numpy().astype(PIXEL_DTYPE)
-                shape = array.shape
-                rejects.append("")
-            except DecodeError as exc:
-                array = None
-                rejects.append(f"{exc.reason}: {exc.detail}")
-            arrays.append(array)
-        if shape is None:
+        members = [{columns.key: key, columns.media: media} for key, media in zip(keys, row["media"])]
+        decoded = decode_rows(members, columns, image_size, num_frames, key_column=columns.key)
+        if not decoded.rows:
             continue
-        arrays = [a if a is not None else np.zeros(shape, dtype=PIXEL_DTYPE) for a in arrays]
+        pixels = {str(m[columns.key]): np.ascontiguousarray(p.numpy(), dtype=PIXEL_DTYPE)
+                  for m, p in zip(decoded.rows, decoded.pixels)}
+        reasons = {str(r.key): f"{r.reason}: {r.detail}" for r in decoded.rejects}
+        shape = next(iter(pixels.values())).shape
         out["key"].append(json.dumps(keys))
         out["captions"].append(json.dumps(json.loads(row["captions"])))
-        out["reject"].append(json.dumps(rejects))
-        out["pixels"].append(np.stack(arrays))
+        out["reject"].append(json.dumps([reasons.get(str(k), "") for k in keys]))
+        out["pixels"].append(np.stack([pixels.get(str(k), np.zeros(shape, dtype=PIXEL_DTYPE)) for k in keys]))
         out["scores"].append(np.asarray(row["scores"], dtype=np.float32).reshape(n, n))
         out["group_size"].append(n)
     result = {k: np.array(v, dtype=object) for k, v in out.items() if k in ("key", "captions", "reject")}

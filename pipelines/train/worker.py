@@ -8,12 +8,14 @@ only when they come with a checkpoint). After a crash, Ray Train restarts the wo
 and ``get_checkpoint()`` hands back the newest checkpoint: the loop continues from its
 step, not from zero.
 
-Data order: with ``data_order="permutation"`` (and plain pair rows) the rank holds its
-shard sorted by key and visits it in the (seed, epoch) permutation, so one worker sees the
-in-process trainer's batches. With more workers, which rows land in which rank's shard is
-Ray Data's ``streaming_split`` (it can vary from run to run), so only each rank's order
-within its shard is fixed. Grouped rows (hard negatives, teacher-score blocks), and
-``stream``, go through Ray Data's local shuffle buffer.
+Data order: with ``data_order="permutation"`` (plain pair rows, a split cached in the object
+store) every rank reads the whole decoded train split once and holds it sorted by key;
+step ``s`` takes rows ``[s*W*B, (s+1)*W*B)`` of the (seed, epoch) permutation and rank
+``r`` its ``r``-th block of ``B``. One worker therefore sees the in-process trainer's
+batches, and with ``W`` workers which rank trains on which row is a function of
+(seed, epoch) too, not of Ray Data's scheduling; the price is one copy of the split per
+rank. Grouped rows (hard negatives, teacher-score blocks), and ``stream``, go through
+``streaming_split`` shards and Ray Data's local shuffle buffer (not reproducible).
 """
 
 from __future__ import annotations
@@ -94,10 +96,12 @@ def _batch_source(config: TrainConfig, loop_config: dict[str, Any]):
     rows_per_step = int(loop_config.get("rows_per_step", config.batch_size))
     images_per_row = int(loop_config.get("images_per_row", 1))
     if loop_config.get("data_order", config.data_order) == "permutation":
-        shard = ray.train.get_dataset_shard("train")
-        rows = ShardRows.concat(shard.iter_batches(batch_size=1024, batch_format="numpy"))
-        logger.info("holding %d train rows of this rank's shard (permutation order)", len(rows))
-        return lambda epoch, start: rows.batches(epoch, rows_per_step, config.seed, start)
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        whole = ray.train.get_dataset_shard("train")  # not split: every rank gets the whole split
+        rows = ShardRows.concat(whole.iter_batches(batch_size=1024, batch_format="numpy"))
+        logger.info("rank %d/%d: holding the %d train rows (permutation order)", rank, world, len(rows))
+        return lambda epoch, start: rows.batches(epoch, rows_per_step, config.seed, start, rank, world)
     return lambda epoch, start: shard_batches(config, rows_per_step, images_per_row, epoch, start)
 
 

@@ -160,7 +160,8 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
 
 class ShardRows:
     """Decoded rows held in memory, sorted by (key, captions), visited per epoch in
-    :func:`epoch_permutation` order: the ``permutation`` data order of both trainers."""
+    :func:`epoch_permutation` order: the ``permutation`` data order of both trainers (each
+    Ray rank holds the whole split and takes its part of every global batch)."""
 
     def __init__(self, rows: Mapping[str, np.ndarray]) -> None:
         keys = [str(k) for k in rows["key"]]
@@ -179,12 +180,17 @@ class ShardRows:
     def __len__(self) -> int:
         return len(self.rows["key"])
 
-    def batches(self, epoch: int, rows_per_step: int, seed: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """The epoch's full batches of ``rows_per_step`` rows, from batch ``start`` on (a
-        resumed epoch skips the steps it already did)."""
+    def batches(self, epoch: int, rows_per_step: int, seed: int, start: int = 0, rank: int = 0,
+                world: int = 1) -> Iterator[dict[str, np.ndarray]]:
+        """This rank's batches of ``rows_per_step`` rows in ``epoch``, from step ``start`` on
+        (a resumed epoch skips the steps it already did). Step ``s`` of the ``world`` ranks
+        together takes the permutation's rows ``[s*W*B, (s+1)*W*B)``, rank ``r`` the ``r``-th
+        block of ``B`` of them: the global batch one process with batch ``W*B`` would take,
+        and which rank trains on which row is itself a function of (seed, epoch)."""
         perm = epoch_permutation(len(self), seed, epoch)
-        for begin in range(start * rows_per_step, len(perm) - rows_per_step + 1, rows_per_step):
-            idx = perm[begin:begin + rows_per_step]
+        span = rows_per_step * world
+        for begin in range(start * span, len(perm) - span + 1, span):
+            idx = perm[begin + rank * rows_per_step:begin + (rank + 1) * rows_per_step]
             yield {name: values[idx] for name, values in self.rows.items()}
 
 

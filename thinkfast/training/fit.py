@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,9 @@ from thinkfast.errors import ThinkfastError
 from thinkfast.training.config import TrainConfig, build_config
 from thinkfast.utils import fs
 from thinkfast.utils.paths import user_paths
+
+if TYPE_CHECKING:
+    from thinkfast.training.data import CorpusInfo
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ class TrainResult:
                 "trainer": self.trainer}
 
 
-def train_rows(info: Any, config: TrainConfig) -> int:
+def train_rows(info: "CorpusInfo", config: TrainConfig) -> int:
     """Rows of the train split as the data path yields them (one per caption with ``all``)."""
     return len(info.train_captions) if config.caption_sampling == "all" else info.counts["train"]
 
