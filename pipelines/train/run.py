@@ -131,7 +131,8 @@ def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, 
             ),
             datasets=datasets,
             # permutation: every rank reads the whole split and takes its part of each global batch
-        dataset_config=ray.train.DataConfig(datasets_to_split=[] if layout["data_order"] == "permutation" else ["train"]),
+            dataset_config=ray.train.DataConfig(
+                datasets_to_split=[] if layout["data_order"] == "permutation" else ["train"]),
         )
 
     logger.info("%s: %d workers, %d epochs x %d steps (%s order), run %s under %s", objective, config.workers,
