@@ -29,3 +29,9 @@ class CheckpointError(ThinkfastError):
 
 class IndexMismatchError(ThinkfastError):
     """An index does not match what queries it (dimension, model identity) or is damaged."""
+
+
+class StorageError(ThinkfastError):
+    """A storage location (local directory or ``s3://`` URI) cannot be read or written:
+    unreachable endpoint, missing bucket, denied access, a full disk. The message names
+    the URI (never credentials) and the cause in one line."""
