@@ -1,0 +1,120 @@
+"""CLIP / SigLIP checkpoints as the fast model, offline: tiny random configs saved to a temp
+dir with a small BERT word-piece tokenizer. The embeddings must equal the checkpoint's own
+``get_text_features`` / ``get_image_features`` (with its own normalisation), normalised."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from thinkfast.errors import CheckpointError
+from thinkfast.models.hf_dual import HFDualEncoder, is_hf_dual_checkpoint
+
+WORDS = ["a", "red", "green", "blue", "circle", "square", "photo", "of", "zebra", "apple", "cat", "dog"]
+TEXTS = ["a red circle", "a photo of a zebra", "green apple", "dog"]
+
+
+def _tokenizer(directory: str):
+    from transformers import BertTokenizerFast
+
+    os.makedirs(directory, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    path = os.path.join(directory, "vocab.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab_file=path)
+
+
+def _save_tiny(kind: str, directory: str, image_size: int = 64) -> None:
+    torch.manual_seed(0)
+    tok = _tokenizer(directory)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=16, pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=16)
+    if kind == "clip":
+        from transformers import CLIPConfig, CLIPModel
+
+        text["eos_token_id"] = tok.sep_token_id
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24))
+    else:
+        from transformers import SiglipConfig, SiglipModel
+
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    if kind == "siglip":  # SigLIP's own normalisation; CLIP's defaults are exercised without the file
+        with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
+            json.dump({"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"height": image_size, "width": image_size}}, f)
+
+
+def _imagenet_normalised(unit: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (unit - mean) / std
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_embeddings_equal_the_checkpoints_own_features(kind: str, tmp_path) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    _save_tiny(kind, str(tmp_path))
+    assert is_hf_dual_checkpoint(str(tmp_path))
+    fast = HFDualEncoder.from_pretrained(str(tmp_path))
+    reference = AutoModel.from_pretrained(str(tmp_path)).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert fast.config.model_type == kind and fast.config.image_size == 64
+
+    padding = "max_length" if kind == "siglip" else True
+    ref_tok = tok(TEXTS, padding=padding, max_length=16, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        want = reference.get_text_features(input_ids=ref_tok["input_ids"], attention_mask=ref_tok["attention_mask"])
+        want = F.normalize(getattr(want, "pooler_output", want), dim=-1)
+        ours = fast.tokenize(TEXTS)
+        got = fast.encode_text(ours["input_ids"], ours["attention_mask"])
+    assert ours["input_ids"].shape[1] == (16 if kind == "siglip" else ref_tok["input_ids"].shape[1])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(TEXTS)))
+
+    unit = torch.rand(3, 3, 64, 64)
+    mean, std = ((0.5,) * 3, (0.5,) * 3) if kind == "siglip" else (
+        (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    own = (unit - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want_img = reference.get_image_features(pixel_values=own)
+        want_img = F.normalize(getattr(want_img, "pooler_output", want_img), dim=-1)
+        got_img = fast.encode_image(_imagenet_normalised(unit))
+        video = fast.encode_image(_imagenet_normalised(unit)[:, None].repeat(1, 2, 1, 1, 1))
+    torch.testing.assert_close(got_img, want_img, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(video, got_img, atol=1e-5, rtol=1e-4)  # identical frames -> the image's embedding
+
+
+def test_save_round_trip_keeps_identity_and_outputs(tmp_path) -> None:
+    _save_tiny("clip", str(tmp_path / "src"))
+    fast = HFDualEncoder.from_pretrained(str(tmp_path / "src"))
+    fast.save_pretrained(str(tmp_path / "copy"))
+    again = HFDualEncoder.from_pretrained(str(tmp_path / "copy"))
+    assert again.identity == fast.identity and fast.identity.startswith("fast-")
+    tok = fast.tokenize(TEXTS)
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_text(**tok), fast.encode_text(**tok))
+    # a change of weights changes the identity
+    with torch.no_grad():
+        next(again.model.parameters()).add_(1.0)
+    assert again.identity != fast.identity
+
+
+def test_not_a_dual_encoder_is_refused(tmp_path) -> None:
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                         intermediate_size=8)).save_pretrained(str(tmp_path))
+    assert not is_hf_dual_checkpoint(str(tmp_path))
+    with pytest.raises(CheckpointError, match="not a dual encoder"):
+        HFDualEncoder.from_pretrained(str(tmp_path))
+    with pytest.raises(CheckpointError):
+        HFDualEncoder.from_pretrained(str(tmp_path / "missing"))
