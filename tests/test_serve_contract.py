@@ -163,6 +163,31 @@ def test_ingress_answers_serving_errors_as_4xx_json() -> None:
         assert response.status_code == status and json.loads(response.body) == {"detail": detail}
 
 
+def test_openapi_documents_every_status_the_routes_answer() -> None:
+    """The schemathesis run in tests/test_serve.py fails on an undocumented status, so the
+    spec lists each 4xx (and the 503 of an overloaded backend) on each route, with the
+    JSON ``{"detail"}`` body every error carries."""
+    from thinkfast_pipelines.serve.ingress import app
+
+    spec = app.openapi()
+    codes = {(path, method): set(op["responses"]) for path, ops in spec["paths"].items() for method, op in ops.items()}
+    assert codes[("/search", "post")] >= {"200", "400", "401", "405", "413", "415", "422", "503"}
+    assert codes[("/media/{key}", "get")] >= {"200", "401", "404", "405", "503"}
+    assert codes[("/", "get")] >= {"200", "401", "405"}
+    assert codes[("/login", "post")] >= {"303", "400", "401", "405", "413", "415"}
+    assert "401" not in codes[("/healthz", "get")]  # probes never need the token
+    error = spec["paths"]["/search"]["post"]["responses"]["413"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "detail" in spec["components"]["schemas"]["ErrorResponse"]["required"]
+
+
+def test_serve_args_carry_a_token_file_path_never_a_token(tmp_path) -> None:
+    assert ServeArgs(fast="f", slow="s", index="i", embeddings="e", corpus="c").api_token_file is None
+    args = ServeArgs(fast="f", slow="s", index="i", embeddings="e", corpus="c", api_token_file="/run/secrets/token")
+    assert args.api_token_file == "/run/secrets/token"
+    assert not any("token" in name and name != "api_token_file" for name in ServeArgs.model_fields)
+
+
 def test_search_client_prints_a_table() -> None:
     from thinkfast_pipelines.search import print_results
 

@@ -87,6 +87,12 @@ class SearchResult(BaseModel):
     caption: str  # the corpus' first caption of this item (display only)
 
 
+class ErrorResponse(BaseModel):
+    """The body of every error answer: a sentence, or pydantic's cleaned error list."""
+
+    detail: Detail
+
+
 class SearchResponse(BaseModel):
     query: str
     k: int  # results asked for
@@ -148,3 +154,83 @@ def request_error_of(exc: ServingError) -> RequestError:
     lacks or cannot decode, 422 for a query the models cannot use."""
     status = 404 if isinstance(exc, (UnknownMediaKey, MediaUnavailable)) else 422
     return RequestError(status, str(exc))
+
+
+# What each route answers besides its success, as the OpenAPI spec documents it (a fuzzer
+# such as schemathesis fails on any status missing here). 401 is listed everywhere but
+# /healthz whether or not a token is configured: the same spec fits both deployments.
+# 405 is what Starlette answers for another method on a known path.
+STATUS_DESCRIPTIONS: dict[int, str] = {
+    400: "the body is not UTF-8 or not JSON, or Content-Length is not a number",
+    401: "an access token is configured and the request lacks it (auth.py); WWW-Authenticate: Bearer",
+    404: "no such media key in the corpus, or its media cannot be decoded",
+    405: "another method than the one documented here",
+    413: f"the body is larger than {MAX_BODY_BYTES} bytes",
+    415: "the body's content type is not JSON (or, for /login, not a form)",
+    422: "the JSON is well-formed but not a valid request (field types, ranges, unknown fields)",
+    503: "a backend deployment is overloaded or not yet running: retry later",
+}
+DOCUMENTED_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("/search", "post"): (400, 401, 405, 413, 415, 422, 503),
+    ("/media/{key}", "get"): (401, 404, 405, 503),
+    ("/", "get"): (401, 405),
+    ("/healthz", "get"): (405,),
+    ("/login", "post"): (400, 401, 405, 413, 415),
+}
+# Success bodies FastAPI cannot infer from a route returning a plain Response.
+SUCCESS_CONTENT: dict[tuple[str, str], dict[str, Any]] = {
+    ("/media/{key}", "get"): {"image/*": {"schema": {"type": "string", "format": "binary"}}},
+}
+LOGIN_OPERATION: dict[str, Any] = {
+    "summary": "Sign a browser in: sets an HttpOnly, SameSite=Strict session cookie",
+    "operationId": "login",
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/x-www-form-urlencoded": {
+                "schema": {"type": "object", "properties": {"token": {"type": "string"}}, "required": ["token"]}
+            }
+        },
+    },
+    "responses": {
+        "303": {"description": "signed in (or no token configured): back to the page, with the cookie"},
+    },
+}
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+
+
+def document_errors(spec: dict[str, Any], protected: bool, open_paths: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Add ``DOCUMENTED_ERRORS`` (and ``POST /login``) to a FastAPI OpenAPI ``spec`` in place.
+
+    Done on the generated document rather than on each route decorator so the table of
+    statuses lives next to the code that returns them. ``protected``: a token is
+    configured, so the security schemes are declared on every path outside ``open_paths``."""
+    paths = spec.setdefault("paths", {})
+    paths.setdefault("/login", {})["post"] = json.loads(json.dumps(LOGIN_OPERATION))
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    schemas["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    for (path, method), codes in DOCUMENTED_ERRORS.items():
+        operation = paths.get(path, {}).get(method)
+        if operation is None:
+            continue
+        responses = operation.setdefault("responses", {})
+        if (path, method) in SUCCESS_CONTENT:
+            responses.setdefault("200", {"description": "OK"})["content"] = SUCCESS_CONTENT[(path, method)]
+        for code in codes:
+            content: dict[str, Any] = {"application/json": {"schema": _ERROR_REF}}
+            if code == 401 and path in ("/", "/login"):
+                content["text/html"] = {"schema": {"type": "string"}}  # the sign-in form
+            responses[str(code)] = {"description": STATUS_DESCRIPTIONS[code], "content": content}
+        if 422 not in codes:
+            responses.pop("422", None)  # FastAPI's default for path parameters: never answered
+    if protected:
+        spec["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }
+        for path, operations in paths.items():
+            if path in open_paths:
+                continue
+            for operation in operations.values():
+                operation["security"] = [{"bearer": []}, {"apiKey": []}]
+    return spec
