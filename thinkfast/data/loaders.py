@@ -58,6 +58,16 @@ class _Item:
     captions: list[str]
     candidates: tuple[str, ...]  # media locations to try, in order
     split: str | None
+    data: bytes | None = None  # media already in memory (e.g. composited); candidates name its source
+    extra: dict[str, Any] = field(default_factory=dict)  # values of ``extra_fields`` columns
+
+
+@dataclass(frozen=True)
+class _Rejected:
+    """A source row a loader refused before ``write_corpus`` (goes to the rejected table)."""
+
+    key: str
+    error: DecodeError
 
 
 def _read_json(uri: str) -> Any:
@@ -127,11 +137,16 @@ def _locate(item: _Item, s3_endpoint: str | None) -> str:
     raise DecodeError("missing_media", f"none of {', '.join(item.candidates)} exists")
 
 
-def write_corpus(items: Iterable[_Item], out: str, media: str, embed: bool = True, shard_size: int = 1000,
-                 s3_endpoint: str | None = None) -> LoadResult:
-    """Check each item's media and captions, write shards and the rejected table."""
+def write_corpus(items: "Iterable[_Item | _Rejected]", out: str, media: str, embed: bool = True, shard_size: int = 1000,
+                 s3_endpoint: str | None = None, extra_fields: Iterable[pa.Field] = ()) -> LoadResult:
+    """Check each item's media and captions, write shards and the rejected table.
+
+    An item may arrive as a rejection already (``DecodeError`` instead of ``_Item``), from a
+    loader that finds the problem while reading its source: it is counted like the others."""
     column = media if embed else "url"
     schema = corpus_schema(column)
+    for extra in extra_fields:
+        schema = schema.append(extra)
     fsutil.makedirs(out)
     rows: list[dict] = []
     rejected: list[dict] = []
@@ -150,16 +165,19 @@ def write_corpus(items: Iterable[_Item], out: str, media: str, embed: bool = Tru
             rows = []
 
     for item in items:
+        if isinstance(item, _Rejected):
+            rejected.append({"key": item.key, "reason": item.error.reason, "detail": item.error.detail})
+            continue
         if item.key in seen:
             raise ThinkfastError(f"duplicate key {item.key!r} in the annotations")
         seen.add(item.key)
         try:
             if not item.captions:
                 raise DecodeError("no_captions", "the annotation has no caption")
-            uri = _locate(item, s3_endpoint)
+            uri = item.candidates[0] if item.data is not None else _locate(item, s3_endpoint)
             width = height = None
             if embed:
-                data = fetch_bytes(uri, s3_endpoint=s3_endpoint)
+                data = item.data if item.data is not None else fetch_bytes(uri, s3_endpoint=s3_endpoint)
                 if media == "jpg":
                     width, height = decode_image(data).size
                 else:
@@ -172,7 +190,7 @@ def write_corpus(items: Iterable[_Item], out: str, media: str, embed: bool = Tru
             rejected.append({"key": item.key, "reason": exc.reason, "detail": exc.detail})
             continue
         rows.append({"key": item.key, "captions": item.captions, column: value, "split": item.split,
-                     "width": width, "height": height})
+                     "width": width, "height": height, **item.extra})
         splits[item.split or ""] = splits.get(item.split or "", 0) + 1
         total += 1
         if len(rows) >= shard_size:
