@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("thinkfast %s failed", args.command, exc_info=True)
         if args.verbose:
             raise
+        storage = console.storage_failure(exc)
+        if storage:  # unreachable / unwritable storage is the user's to fix: one line, exit 2
+            print(f"thinkfast {args.command}: error: {storage}", file=sys.stderr)
+            return 2
         print(f"thinkfast {args.command}: error: {console.failure_reason(exc)}{where}", file=sys.stderr)
         return 1
 

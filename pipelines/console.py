@@ -151,6 +151,93 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+def _wrapped(exc: BaseException) -> list[BaseException]:
+    """What ``exc`` wraps: Python's chain and Ray's own fields (``RayTaskError.cause``,
+    Ray Train's ``ControllerError.controller_failure`` and ``WorkerGroupError.worker_failures``)."""
+    inner: list[BaseException] = []
+    for attr in ("__cause__", "__context__", "cause", "controller_failure"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, BaseException):
+            inner.append(value)
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict):
+        inner.extend(v for v in failures.values() if isinstance(v, BaseException))
+    return inner
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        cur = todo.pop(0)
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        yield cur
+        todo.extend(_wrapped(cur))
+
+
+# exception names (last line of a remote traceback) that mean "the storage failed"
+_STORAGE_NAMES = {"OSError", "IOError", "FileNotFoundError", "PermissionError", "ConnectionError",
+                  "ConnectionRefusedError", "TimeoutError", "EndpointConnectionError", "ConnectTimeoutError",
+                  "ReadTimeoutError", "NoCredentialsError", "ClientError", "NoSuchBucket", "ArrowIOError",
+                  "ClientConnectorError", "ServerTimeoutError", "StorageError"}
+
+
+def _is_storage_exception(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return True
+    module = type(exc).__module__ or ""
+    return module.startswith(("botocore", "aiobotocore", "s3fs", "aiohttp"))
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """One line when ``exc`` is, or wraps (through Ray's wrappers too), a storage failure:
+    an S3 endpoint that cannot be reached or answers errors, a missing bucket, denied
+    access, a full disk. ``None`` otherwise, and when a thinkfast error that is not a
+    ``StorageError`` comes first in the chain (it was written for a person and wins).
+
+    The line names the cause (:func:`thinkfast.utils.fs.describe_storage_failure`) and the
+    original message, which carries the URI or path; never credentials (botocore, s3fs
+    and pyarrow do not put them in messages)."""
+    from thinkfast.errors import StorageError, ThinkfastError
+    from thinkfast.utils.fs import describe_storage_failure
+
+    for cur in _chain(exc):
+        if isinstance(cur, StorageError):
+            return _first_line(cur)
+        if isinstance(cur, ThinkfastError):
+            return None
+        if _is_storage_exception(cur) and not _is_ray_wrapper(cur):
+            cause = describe_storage_failure(cur)
+            original = _first_line(cur)
+            if cause and original and original not in cause:
+                return f"storage failure: {cause} ({type(cur).__name__}: {original[:300]})"
+            return f"storage failure: {cause or type(cur).__name__ + ': ' + original[:300]}"
+    # a remote traceback only as text (Ray's wrappers): its last "SomeError: message" line
+    found = [m for m in (_EXC_LINE.match(line.strip().lstrip("|").strip()) for line in str(exc).splitlines()) if m]
+    if found:
+        name, message = found[-1].groups()
+        short = name.rsplit(".", 1)[-1]
+        if short in _STORAGE_NAMES:
+            if short == "StorageError":
+                return message
+            cause = describe_storage_failure(OSError(message))
+            return f"storage failure: {cause} ({short}: {message[:300]})"
+    return None
+
+
+def _is_ray_wrapper(exc: BaseException) -> bool:
+    """Ray's ``RayTaskError(OSError)`` is an ``OSError`` subclass whose text is a whole
+    remote traceback: look inside it instead."""
+    return (type(exc).__module__ or "").startswith("ray.")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 @contextmanager
 def progress(total: int | None, desc: str, unit: str = "it", out: TextIO | None = None) -> Iterator["Bar"]:
     """One live progress line (items done / total, rate, ETA) on a terminal; nothing when

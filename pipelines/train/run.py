@@ -103,12 +103,17 @@ def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, 
 
     started = time.perf_counter()
     check_model_kinds(objective, init, teacher)
+    storage = storage or f"{out.rstrip('/')}-checkpoints"
+    # before Ray starts: a corpus that cannot be read or an --out / --storage that cannot be
+    # written fails here in seconds with one line, not inside Ray Train's controller
+    fs.check_readable(corpus)
+    fs.check_writable(out)
+    fs.check_writable(storage)
     _start_ray(config)
     info = inspect_corpus(corpus)
     image_size = image_size_for(objective, config, init)
     tokenizer = build_tokenizer(config, info, init)
     datasets, layout = _datasets(objective, config, info, image_size, teacher_scores, hard_negatives, embeddings)
-    storage = storage or f"{out.rstrip('/')}-checkpoints"
     name = _run_name(objective, storage, resume, run_name)
     storage_path, storage_fs = _storage(storage)
     loop_config = {"objective": objective, "config": config.to_dict(), "tokenizer": tokenizer, "init": init,

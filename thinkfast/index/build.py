@@ -315,6 +315,8 @@ def build_from_embeddings(
     The old manifest goes first and the new one is written last, so a directory with a
     manifest is always a complete index; shard files a larger previous build left behind
     are deleted afterwards."""
+    # before any reading or training: an unwritable --out fails here in seconds, in one line
+    fs.check_writable(out, s3_endpoint)
     timer = StageTimer(logger)
     with timer.stage("plan"):
         plan = plan_build(embeddings, out, shards, factory, store_vectors, exact_below, s3_endpoint)
@@ -345,6 +347,7 @@ def append_embeddings(embeddings: str, index_uri: str, shard_size: int | None = 
     from thinkfast.index.sharded import ShardedIndex
     from thinkfast.store import read_embeddings
 
+    fs.check_writable(index_uri, s3_endpoint)
     index = ShardedIndex.load(index_uri, s3_endpoint=s3_endpoint)
     index.check_compatible(model_identity=identity_from_embeddings(embeddings, s3_endpoint))
     keys, vectors = read_embeddings(embeddings, s3_endpoint)

@@ -208,14 +208,14 @@ _PROBE_PREFIX = ".thinkfast-write-probe-"
 def _safe_endpoint(endpoint: str | None) -> str:
     """The endpoint as it may be printed: without any ``user:password@`` part."""
     if not endpoint:
-        return "the default AWS S3 endpoint"
+        return "the S3 endpoint"
     parsed = urlparse(endpoint)
     if parsed.username or parsed.password:
         netloc = parsed.hostname or ""
         if parsed.port:
             netloc += f":{parsed.port}"
-        return parsed._replace(netloc=netloc).geturl()
-    return endpoint
+        return "S3 endpoint " + parsed._replace(netloc=netloc).geturl()
+    return "S3 endpoint " + endpoint
 
 
 def _bucket_key(uri: str) -> tuple[str, str]:
@@ -250,9 +250,9 @@ def describe_storage_failure(exc: BaseException, endpoint: str | None = None) ->
         if isinstance(exc, bce.NoCredentialsError):
             return "no AWS credentials found (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile or a role)"
         if isinstance(exc, (bce.ConnectTimeoutError,)):
-            return f"cannot reach S3 endpoint {where} (connect timed out after {s3_max_attempts()} attempts)"
+            return f"cannot reach {where} (connect timed out after {s3_max_attempts()} attempts)"
         if isinstance(exc, bce.ReadTimeoutError):
-            return f"S3 endpoint {where} did not answer within {s3_timeout_s():g} s ({s3_max_attempts()} attempts)"
+            return f"{where} did not answer within {s3_timeout_s():g} s ({s3_max_attempts()} attempts)"
         if isinstance(exc, bce.EndpointConnectionError):
             detail = f"{text} {getattr(exc, 'kwargs', {}).get('error', '')} {exc.__context__ or ''}".lower()
             if "refused" in detail or "connect call failed" in detail:
@@ -261,7 +261,7 @@ def describe_storage_failure(exc: BaseException, endpoint: str | None = None) ->
                 cause = "host name not found"
             else:
                 cause = "connection failed"
-            return f"cannot reach S3 endpoint {where} ({cause})"
+            return f"cannot reach {where} ({cause})"
         if isinstance(exc, bce.ClientError):
             err = exc.response.get("Error", {}) if hasattr(exc, "response") else {}
             code = str(err.get("Code", ""))
@@ -277,12 +277,16 @@ def describe_storage_failure(exc: BaseException, endpoint: str | None = None) ->
         return "access denied"
     if ("could not connect" in lowered or "connection refused" in lowered or "connect call failed" in lowered
             or "curlcode: 7" in lowered or "couldn't connect" in lowered):
-        return f"cannot reach S3 endpoint {where} (connection refused)"
+        return f"cannot reach {where} (connection refused)"
     if "timed out" in lowered or "timeout" in lowered:
-        return f"S3 endpoint {where} timed out"
+        return f"{where} timed out"
     if isinstance(exc, OSError):
         if exc.errno == errno.ENOSPC:
             return "no space left on the device"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return "permission denied"
+        if exc.errno == errno.ENOENT:
+            return f"no such file or directory: {exc.filename}" if exc.filename else "no such file or directory"
         if exc.errno in (errno.EROFS,):
             return "read-only file system"
         if exc.errno in (errno.EEXIST, errno.ENOTDIR):
@@ -300,7 +304,7 @@ def _client_error_cause(code: str, status: int | None, where: str) -> str:
     if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
         return f"the S3 credentials were rejected ({code})"
     if status is not None and status >= 500:
-        return f"S3 endpoint {where} answered HTTP {status}{' ' + code if code else ''} after {s3_max_attempts()} attempts"
+        return f"{where} answered HTTP {status}{' ' + code if code else ''} after {s3_max_attempts()} attempts"
     return f"S3 answered {code or 'an error'}{f' (HTTP {status})' if status else ''}"
 
 
