@@ -77,7 +77,8 @@ def botocore_config_kwargs() -> dict[str, Any]:
     return {
         "connect_timeout": s3_connect_timeout_s(),
         "read_timeout": s3_timeout_s(),
-        "retries": {"max_attempts": s3_max_attempts(), "mode": "standard"},
+        # total_max_attempts counts the first request (botocore's max_attempts would not)
+        "retries": {"total_max_attempts": s3_max_attempts(), "mode": "standard"},
     }
 
 
