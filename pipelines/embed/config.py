@@ -23,7 +23,8 @@ class EmbedError(ThinkfastError):
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    """How the embed job runs; none of this changes what is computed, only how fast."""
+    """How the embed job runs; none of this changes what is computed, only how fast
+    (except ``on_duplicate``, which says what a repeated key does)."""
 
     batch_size: int = option(64, "rows per model call in an actor (and per map_batches batch)")
     actors: int = option(1, "model replicas in the actor pool")
@@ -40,6 +41,9 @@ class EmbedConfig:
     progress: bool = option(True, "Ray Data progress bars")
     object_store_limit_mb: int | None = option(None, "cap on object store memory the stream uses")
     s3_endpoint: str | None = option(None, "S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    on_duplicate: Literal["error", "first", "reject"] = option(
+        "error", "a key the corpus holds more than once: error (refuse before any work), first (keep the first "
+        "occurrence in file then row order, reject the others), reject (reject every row of that key)")
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.decode_batch_size < 1 or self.rows_per_write < 1:
@@ -50,6 +54,8 @@ class EmbedConfig:
             raise EmbedError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
             raise EmbedError("--cpus-per-actor and --gpus-per-actor must be non-negative")
+        if self.on_duplicate not in ("error", "first", "reject"):
+            raise EmbedError(f"--on-duplicate must be error, first or reject, got {self.on_duplicate!r}")
         if self.limit is not None and self.limit < 0:
             raise EmbedError(f"--limit must be non-negative, got {self.limit}")
 

@@ -35,7 +35,9 @@ from thinkfast_pipelines.embed.config import EmbedConfig, EmbedError
 if TYPE_CHECKING:
     import ray.data
 
-    from thinkfast.data.reader import CorpusInfo
+    import pyarrow as pa
+
+    from thinkfast.data.reader import CorpusInfo, DuplicateKeys
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,78 @@ def _check_out_not_inside_corpus(corpus_files: tuple[str, ...], out: str) -> Non
         raise EmbedError(f"the corpus file {f} lies inside {directory}, which embed replaces; choose another --out")
 
 
+# --------------------------------------------------------------------------- repeated keys
+
+
+DUPLICATE_REASON = "duplicate_key"
+
+
+@dataclass(frozen=True)
+class DuplicatePlan:
+    """What ``--on-duplicate first|reject`` does with the repeated keys, decided on the
+    driver before any work: their rows are left out of the read streams (``drop``, by key:
+    a stateless stage can tell a key, not which occurrence it holds), the copy that
+    ``first`` keeps is read back by position and joins the streams (``keep``), and every
+    other occurrence becomes a ``rejected/`` row written by the driver (``rejects``)."""
+
+    drop: frozenset[str]
+    keep: tuple[tuple[str, int], ...]  # (file URI, row in file) of each kept copy
+    rejects: "pa.Table"  # REJECT_SCHEMA rows, stage "read", reason "duplicate_key"
+
+
+def check_duplicates(corpus: CorpusInfo, config: EmbedConfig) -> DuplicatePlan | None:
+    """Scan the corpus's key column; refuse (``error``) or plan (``first``/``reject``).
+
+    Runs before Ray starts and before anything under ``--out`` is deleted. With
+    ``--limit`` the whole corpus is scanned (the rows a limited read takes are not fixed
+    by file order), so ``error`` may refuse a repeat beyond the limit, and ``first`` /
+    ``reject`` are refused: they cannot say which of the limited rows are the extras."""
+    from thinkfast.data.decode import Reject, rejects_table
+    from thinkfast.data.reader import find_duplicate_keys
+
+    found: DuplicateKeys = find_duplicate_keys(corpus, config.s3_endpoint)
+    if not found:
+        return None
+    if config.on_duplicate == "error":
+        raise EmbedError(f"{found.describe()}; keys must be unique: fix the corpus, or pass --on-duplicate first "
+                         "(keep the first occurrence) or --on-duplicate reject (reject every row of such a key)")
+    if config.limit is not None:
+        raise EmbedError(f"--on-duplicate {config.on_duplicate} cannot be combined with --limit "
+                         f"({found.describe(max_keys=3)})")
+    rejects = []
+    keep = []
+    for key, places in found.occurrences.items():
+        where = ", ".join(f"{f.rsplit('/', 1)[-1]} row {r}" for f, r in places[:5])
+        if config.on_duplicate == "first":
+            kept_file, kept_row = places[0]
+            keep.append(places[0])
+            for f, r in places[1:]:
+                rejects.append(Reject(key, "read", DUPLICATE_REASON,
+                                      f"{f.rsplit('/', 1)[-1]} row {r} repeats the key; kept the first occurrence "
+                                      f"({kept_file.rsplit('/', 1)[-1]} row {kept_row})"))
+        else:
+            for f, r in places:
+                rejects.append(Reject(key, "read", DUPLICATE_REASON,
+                                      f"{f.rsplit('/', 1)[-1]} row {r}: the key occurs {len(places)}x ({where}); "
+                                      "--on-duplicate reject"))
+    logger.warning("--on-duplicate %s: %s; %d row(s) go to rejected/", config.on_duplicate, found.describe(),
+                   len(rejects))
+    return DuplicatePlan(drop=frozenset(found.occurrences), keep=tuple(keep), rejects=rejects_table(rejects))
+
+
+def _kept_rows(plan: DuplicatePlan, columns: list[str], s3_endpoint: str | None) -> "pa.Table":
+    """The kept copies (``first``) of the repeated keys, ``columns`` only, read by position."""
+    import pyarrow as pa
+
+    from thinkfast.data.reader import read_rows
+
+    by_file: dict[str, list[int]] = {}
+    for f, r in plan.keep:
+        by_file.setdefault(f, []).append(r)
+    tables = [read_rows(f, rows, columns, s3_endpoint) for f, rows in by_file.items()]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
 # --------------------------------------------------------------------------- Ray Data
 
 
@@ -152,22 +226,35 @@ def _actor_resources(config: EmbedConfig) -> dict[str, float]:
     return resources
 
 
-def _read(corpus: CorpusInfo, columns: list[str], config: EmbedConfig) -> "ray.data.Dataset":
+def _read(corpus: CorpusInfo, columns: list[str], config: EmbedConfig,
+          duplicates: DuplicatePlan | None = None) -> "ray.data.Dataset":
+    """The corpus rows (``columns``), each key at most once: with a duplicate plan, the
+    rows of repeated keys are dropped and the kept copies added back."""
     import ray.data
+
+    from thinkfast.store.stream import drop_keys
 
     filesystem, _ = fs.arrow_fs(corpus.files[0], config.s3_endpoint)
     ds = ray.data.read_parquet([fs.strip_scheme(f) for f in corpus.files], columns=columns, filesystem=filesystem)
-    return ds.limit(config.limit) if config.limit is not None else ds
+    if config.limit is not None:
+        ds = ds.limit(config.limit)
+    if duplicates is not None:
+        ds = ds.map_batches(drop_keys, batch_format="pyarrow", batch_size=None, fn_kwargs={"keys": duplicates.drop})
+        if duplicates.keep:
+            kept = _kept_rows(duplicates, columns, config.s3_endpoint)
+            ds = ds.union(ray.data.from_arrow(kept))
+    return ds
 
 
-def run_media_stream(corpus: CorpusInfo, models: ModelInfo, out: str, config: EmbedConfig) -> dict[str, Any]:
+def run_media_stream(corpus: CorpusInfo, models: ModelInfo, out: str, config: EmbedConfig,
+                     duplicates: DuplicatePlan | None = None) -> dict[str, Any]:
     """read ─► decode (tasks) ─► EmbedActor (pool) ─► EmbeddingSink; returns the sink's counts."""
     import ray.data
 
     from thinkfast_pipelines.embed.sink import EmbeddingSink
     from thinkfast_pipelines.embed.stages import EmbedActor, decode_batch
 
-    ds = _read(corpus, ["key", corpus.columns.media], config)
+    ds = _read(corpus, ["key", corpus.columns.media], config, duplicates)
     ds = ds.map_batches(
         decode_batch,
         batch_format="pyarrow",
@@ -199,7 +286,8 @@ def run_media_stream(corpus: CorpusInfo, models: ModelInfo, out: str, config: Em
     return {**sink.result, "steady_rows_per_s": sink.steady_rows_per_s()}
 
 
-def run_text_stream(corpus: CorpusInfo, fast_uri: str, out: str, config: EmbedConfig) -> dict[str, Any]:
+def run_text_stream(corpus: CorpusInfo, fast_uri: str, out: str, config: EmbedConfig,
+                    duplicates: DuplicatePlan | None = None) -> dict[str, Any]:
     """read captions ─► one row per caption ─► TextEmbedActor (pool) ─► texts/."""
     import ray.data
 
@@ -207,7 +295,7 @@ def run_text_stream(corpus: CorpusInfo, fast_uri: str, out: str, config: EmbedCo
     from thinkfast_pipelines.embed.stages import TextEmbedActor, explode_captions
 
     caption_column = corpus.columns.captions
-    ds = _read(corpus, ["key", caption_column], config)
+    ds = _read(corpus, ["key", caption_column], config, duplicates)
     ds = ds.map_batches(explode_captions, batch_format="pyarrow", fn_kwargs={"caption_column": caption_column})
     ds = ds.map_batches(
         TextEmbedActor,
@@ -251,6 +339,7 @@ def run_embed(
     with timer.stage("inspect"):
         corpus = inspect_corpus(corpus_uri, endpoint)
         _check_out_not_inside_corpus(corpus.files, out)
+        duplicates = check_duplicates(corpus, config)
         models = probe_models(fast, slow if media else None, corpus.columns.media, config)
     expected = corpus.num_rows if config.limit is None else min(config.limit, corpus.num_rows)
     logger.info("corpus %s: %d files, %d rows, media column %r", corpus_uri, len(corpus.files), corpus.num_rows, corpus.columns.media)
@@ -261,7 +350,8 @@ def run_embed(
         init_ray(address=address)
     with _data_context(config, decoded_row_bytes(models, corpus.columns.media)):
         counts, token_manifest, steady = _run_streams(corpus, models, out, config, timer, fast=fast,
-                                                      media=media, texts=texts, expected=expected)
+                                                      media=media, texts=texts, expected=expected,
+                                                      duplicates=duplicates)
 
     manifest = _manifest(corpus, models, counts, config, media=media, texts=texts, has_tokens=token_manifest is not None)
     manifest = manifest.replace(replaced_previous=tuple(removed),
@@ -275,15 +365,25 @@ def run_embed(
 
 
 def _run_streams(corpus: CorpusInfo, models: ModelInfo, out: str, config: EmbedConfig, timer: StageTimer, *,
-                 fast: str | None, media: bool, texts: bool,
-                 expected: int) -> tuple[EmbedCounts, dict[str, Any] | None, float | None]:
-    """The media stream, the token store's index, then the caption stream; their counts."""
+                 fast: str | None, media: bool, texts: bool, expected: int,
+                 duplicates: DuplicatePlan | None = None) -> tuple[EmbedCounts, dict[str, Any] | None, float | None]:
+    """The media stream, the token store's index, then the caption stream; their counts.
+    The driver's own rejects of repeated keys are written first and counted with the
+    media stream's (so ``embedded + rejected == in`` holds as for any other reject)."""
     media_result = text_result = None
     token_manifest = None
     steady = None
     if media:
         with timer.stage("embed_media"):
-            media_result = run_media_stream(corpus, models, out, config)
+            media_result = run_media_stream(corpus, models, out, config, duplicates)
+            if duplicates is not None and duplicates.rejects.num_rows:
+                from thinkfast.store.outputs import write_rejected
+
+                n = duplicates.rejects.num_rows
+                write_rejected(out, duplicates.rejects, config.s3_endpoint)
+                media_result = dict(media_result)
+                for name in ("rows", "rejected", f"rejected:read:{DUPLICATE_REASON}"):
+                    media_result[name] = int(media_result.get(name, 0)) + n
         steady = media_result.get("steady_rows_per_s")
         if models.slow and media_result.get("embedded"):
             from thinkfast.store.tokens import finalize_token_store
@@ -292,7 +392,7 @@ def _run_streams(corpus: CorpusInfo, models: ModelInfo, out: str, config: EmbedC
                 token_manifest = finalize_token_store(tokens_dir(out), config.s3_endpoint)
     if texts:
         with timer.stage("embed_texts"):
-            text_result = run_text_stream(corpus, fast, out, config)
+            text_result = run_text_stream(corpus, fast, out, config, duplicates)
     return EmbedCounts.from_streams(expected, media_result, text_result), token_manifest, steady
 
 

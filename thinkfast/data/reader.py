@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -105,6 +106,98 @@ def inspect_corpus(uri: str, s3_endpoint: str | None = None) -> CorpusInfo:
         num_rows += pf.metadata.num_rows
     assert columns is not None and first_schema is not None
     return CorpusInfo(uri=uri, files=tuple(files), columns=columns, schema=first_schema, num_rows=num_rows)
+
+
+@dataclass(frozen=True)
+class DuplicateKeys:
+    """The keys a corpus holds more than once, and where: ``occurrences[key]`` lists
+    ``(file URI, row index in that file)`` in file path order, then row order, so "the
+    first occurrence" means the same row on every run and every machine. Falsy when the
+    corpus has no repeated key."""
+
+    occurrences: dict[str, list[tuple[str, int]]]  # key -> places, first occurrence first
+
+    @property
+    def keys(self) -> list[str]:
+        """The repeated keys, in the order of their first occurrence."""
+        return list(self.occurrences)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows that carry a repeated key (every occurrence counted)."""
+        return sum(len(v) for v in self.occurrences.values())
+
+    @property
+    def extra_rows(self) -> int:
+        """Rows beyond the first occurrence of each repeated key."""
+        return self.num_rows - len(self.occurrences)
+
+    def __bool__(self) -> bool:
+        return bool(self.occurrences)
+
+    def describe(self, max_keys: int = 5) -> str:
+        """One line: how many keys, how many rows, and the first few with their places."""
+        shown = []
+        for key in self.keys[:max_keys]:
+            places = self.occurrences[key]
+            where = ", ".join(f"{f.rsplit('/', 1)[-1]} row {r}" for f, r in places[:3])
+            more = f", +{len(places) - 3} more" if len(places) > 3 else ""
+            shown.append(f"{key!r} ({len(places)}x: {where}{more})")
+        rest = len(self.occurrences) - len(shown)
+        return (f"{len(self.occurrences)} key(s) occur more than once ({self.num_rows} rows): "
+                + "; ".join(shown) + (f"; and {rest} more" if rest > 0 else ""))
+
+
+def find_duplicate_keys(corpus: CorpusInfo, s3_endpoint: str | None = None) -> DuplicateKeys:
+    """Scan only the key column of every file of ``corpus`` (cheap next to the media:
+    a few bytes a row) and return the keys that occur more than once.
+
+    Null keys are not duplicates (embed rejects them as ``missing_key``). Memory: the key
+    column of the whole corpus at once (Arrow strings, about key length + 4 bytes a row,
+    e.g. ~250 MB for 10M keys of 20 characters); the positions are kept for repeated keys
+    only."""
+    key_column = corpus.columns.key
+    parts = []
+    for file_index, file_uri in enumerate(corpus.files):
+        keys = _open(file_uri, s3_endpoint).read(columns=[key_column]).column(key_column)
+        n = len(keys)
+        parts.append(pa.table({
+            "key": keys.cast(pa.string()),
+            "file": pa.array(np.full(n, file_index, dtype=np.int32)),
+            "row": pa.array(np.arange(n, dtype=np.int64)),
+        }))
+    if not parts:
+        return DuplicateKeys({})
+    table = pa.concat_tables(parts)
+    table = table.filter(pc.is_valid(table.column("key")))
+    counts = table.group_by("key").aggregate([("row", "count")])
+    repeated = counts.filter(pc.greater(counts.column("row_count"), 1)).column("key")
+    if not len(repeated):
+        return DuplicateKeys({})
+    places = table.filter(pc.is_in(table.column("key"), value_set=repeated.combine_chunks()))
+    places = places.sort_by([("file", "ascending"), ("row", "ascending")])
+    occurrences: dict[str, list[tuple[str, int]]] = {}
+    for key, f, r in zip(*(places.column(c).to_pylist() for c in ("key", "file", "row"))):
+        occurrences.setdefault(key, []).append((corpus.files[f], int(r)))
+    logger.warning("corpus %s: %d repeated key(s) in %d rows", corpus.uri, len(occurrences),
+                   sum(len(v) for v in occurrences.values()))
+    return DuplicateKeys(occurrences)
+
+
+def read_rows(file_uri: str, rows: Sequence[int], columns: Sequence[str],
+              s3_endpoint: str | None = None) -> pa.Table:
+    """``rows`` (indices into ``file_uri``, in that order) of ``columns``, reading only the
+    row groups that hold them: the driver fetches the few rows it must treat specially
+    (the kept copy of a repeated key) without reading the file."""
+    pf = _open(file_uri, s3_endpoint)
+    starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+    wanted = np.asarray(list(rows), dtype=np.int64)
+    groups = sorted({int(np.searchsorted(starts, r, side="right") - 1) for r in wanted})
+    if not groups:
+        return pf.schema_arrow.empty_table().select(list(columns))
+    block = pa.concat_tables([pf.read_row_group(g, columns=list(columns)) for g in groups])
+    base = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in groups])  # file row of each block row
+    return block.take(pa.array(np.searchsorted(base, wanted)))
 
 
 def iter_batches(

@@ -11,6 +11,7 @@ schema without Ray's tensor extension types.
     decoded_table(DecodedRows)            key, stage, reason, detail, pixels, pixel_shape
     media_table(...)                      key, stage, reason, detail, [embedding], [tokens, token_shape], embedded_at
     split_media(table) -> MediaBundle     what the sink writes to fast/, tokens/, rejected/
+    drop_keys(batch, keys=...)            the rows of repeated keys left out (the driver handles them)
     explode_captions(...)                 key, caption_index, caption  (one row per caption)
     texts_table(...)                      key, caption_index, caption, embedding
 """
@@ -191,6 +192,19 @@ def split_media(table: pa.Table) -> MediaBundle:
         tokens = np.frombuffer(blob, dtype=np.float16).reshape(good.num_rows, t, d)  # (B, T, D)
     rejected = bad.select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA)
     return MediaBundle(good.column("key").to_pylist(), vectors, tokens, rejected)
+
+
+# --------------------------------------------------------------------------- repeated keys
+
+
+def drop_keys(batch: pa.Table, *, keys: frozenset[str] | set[str]) -> pa.Table:
+    """``batch`` without the rows whose ``key`` is in ``keys``: the rows of repeated keys,
+    which the driver accounts for itself (their rejects are written up front and the kept
+    copy joins the stream separately), so no stage ever sees a key twice."""
+    if not keys or not batch.num_rows:
+        return batch
+    mask = pc.is_in(batch.column("key"), value_set=pa.array(sorted(keys), pa.string()))
+    return batch.filter(pc.invert(pc.fill_null(mask, False)))
 
 
 # --------------------------------------------------------------------------- captions
