@@ -35,6 +35,8 @@ class EvalConfig:
     num_frames: int | None = option(None, "frames per video (default: embed's, else 8)")
     batch_size: int = option(64, "images per model call")
     seed: int = option(0, "seed of the --max-queries subset")
+    precision: bool = option(True, "on a generated corpus (scene column): precision@5 of each method over a "
+                                   "fixed set of single-object, two-object and relational queries")
     s3_endpoint: str | None = option(None, "S3 endpoint URL (default: AWS_ENDPOINT_URL)")
 
     def evaluate_kwargs(self) -> dict[str, Any]:
@@ -49,5 +51,6 @@ class EvalConfig:
             "num_frames": self.num_frames,
             "batch_size": self.batch_size,
             "seed": self.seed,
+            "precision": self.precision,
             "s3_endpoint": self.s3_endpoint,
         }

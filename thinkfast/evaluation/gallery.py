@@ -8,6 +8,7 @@ rejected for the same reason everywhere.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ class Gallery:
     rejected: list[Reject] = field(default_factory=list)
     split_by: str | None = None  # "column" | "key_hash" (split_of_key) | None (every row)
     s3_endpoint: str | None = None  # for media behind s3:// URLs
+    scenes: list[dict[str, Any]] | None = None  # parsed ``scene`` JSON per item (generated corpus only)
     _pixels: dict[int, "torch.Tensor"] = field(default_factory=dict)  # size -> (N, 3, S, S) / (N, F, 3, S, S)
 
     @property
@@ -67,6 +69,8 @@ class Gallery:
         self.keys = [self.keys[i] for i in keep]
         self.captions = [self.captions[i] for i in keep]
         self.media = [self.media[i] for i in keep]
+        if self.scenes is not None:
+            self.scenes = [self.scenes[i] for i in keep]
         self._pixels = {s: p[keep] for s, p in self._pixels.items()}
 
 
@@ -116,7 +120,8 @@ def load_gallery(
     info = inspect_corpus(corpus, s3_endpoint)
     columns = info.columns
     split_by = _split_by(corpus, split, columns.has_split)
-    table = read_table(corpus, columns=[columns.key, columns.captions, columns.media],
+    wanted = [columns.key, columns.captions, columns.media] + (["scene"] if columns.has_scene else [])
+    table = read_table(corpus, columns=wanted,
                        filter_split=split, s3_endpoint=s3_endpoint, key_column=columns.key)
     if table.num_rows == 0:
         raise EvalError(f"{corpus} has no rows in split {split!r}")
@@ -134,9 +139,10 @@ def load_gallery(
                 usable.append(row)
             else:
                 rejected.append(Reject(str(row[columns.key]), "read", "no_captions", "row has no caption"))
+    scenes = [json.loads(r["scene"]) if r.get("scene") else {} for r in usable] if columns.has_scene else None
     gallery = Gallery(keys=[str(r[columns.key]) for r in usable], captions=[captions_of(r, columns) for r in usable],
                       media=usable, columns=columns, num_frames=num_frames, rejected=rejected,
-                      split_by=split_by, s3_endpoint=s3_endpoint)
+                      split_by=split_by, s3_endpoint=s3_endpoint, scenes=scenes)
     if len(set(gallery.keys)) != len(gallery.keys):
         raise EvalError(f"{corpus}: duplicate keys in split {split!r}")
     if pixels:

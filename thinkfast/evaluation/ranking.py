@@ -140,3 +140,32 @@ def index_candidates(
         if fetch >= total or bool((idx >= 0).all()):
             return (idx, out), foreign
         fetch = min(total, fetch * 4)
+
+
+def reranked_top(
+    slow: "SlowModel",
+    texts: Sequence[str],
+    gallery_keys: list[str],
+    token_getter: "TokenGetter",
+    candidates: Candidates,
+    beta: float,
+    k: int,
+    query_batch: int = 16,
+    max_pairs: int | None = 1024,
+) -> np.ndarray:
+    """The first ``k`` gallery indices ``(Q, k)`` after re-ranking each query's candidates
+    (``thinkfast.rerank.rerank_many``, as the service does); -1 pads a short list."""
+    from thinkfast import rerank
+
+    position = {key: i for i, key in enumerate(gallery_keys)}
+    cand_idx, cand_scores = candidates
+    top = np.full((len(texts), k), -1, dtype=np.int64)
+    for s in batches(len(texts), query_batch):
+        keys = [[gallery_keys[j] for j in cand_idx[i] if j >= 0] for i in range(s.start, s.stop)]
+        scores = [cand_scores[i][cand_idx[i] >= 0] for i in range(s.start, s.stop)]
+        tokenized = [slow.tokenize([t]) for t in texts[s]]
+        hits = rerank.rerank_many(slow, token_getter, tokenized, keys, scores, k, beta=beta, max_pairs=max_pairs)
+        for i, ranked in zip(range(s.start, s.stop), hits):
+            row = [position[h.key] for h in ranked[:k]]
+            top[i, :len(row)] = row
+    return top

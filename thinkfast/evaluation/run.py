@@ -16,6 +16,7 @@ from thinkfast.evaluation.ranking import (
     exact_candidates,
     index_candidates,
     rerank_ranks,
+    reranked_top,
     slow_exhaustive_scores,
     summarize,
 )
@@ -110,6 +111,7 @@ def evaluate(
     num_frames: int | None = _D.num_frames,
     batch_size: int = _D.batch_size,
     seed: int = _D.seed,
+    precision: bool = _D.precision,
     out: str | None = None,
     s3_endpoint: str | None = _D.s3_endpoint,
     fast_name: str = "fast",
@@ -127,7 +129,9 @@ def evaluate(
     of running the image towers here. ``exhaustive=False`` skips the slow-over-everything
     row (Q·N slow evaluations). ``gallery``: a pre-loaded gallery (reused across calls by
     the accuracy benchmark; ``corpus``/``split`` are then only recorded). ``per_query_ranks``
-    adds ``ranks``: method -> each query's rank of its image (for paired comparisons)."""
+    adds ``ranks``: method -> each query's rank of its image (for paired comparisons).
+    ``precision``: on a corpus with a ``scene`` column, each row also gets ``P@5`` (and per
+    query kind) over :mod:`thinkfast.evaluation.precision`'s fixed query set."""
     from thinkfast import encode, metrics
 
     rerank = sorted({int(k) for k in rerank})
@@ -197,6 +201,14 @@ def evaluate(
         add(summarize(f"{fast_name}+{slow_name} rerank@{k}", ranks, evals, seconds, K=k,
                       **({"foreign_candidates": foreign} if sharded is not None else {})), ranks)
 
+    if precision and gallery.scenes is not None and not gallery.is_video:
+        with timer.stage("precision"):
+            by_method = _precision_by_method(
+                fast_model, slow_model, gallery, gallery_vectors, token_getter, sharded, rerank if slow_model else [],
+                exhaustive, beta, fast_name, slow_name)
+        for row in methods:
+            row.update(by_method.get(row["method"], {}))
+
     report: dict[str, Any] = {
         "corpus": str(corpus),
         "split": split,
@@ -223,11 +235,45 @@ def evaluate(
     return report
 
 
+def _precision_by_method(fast_model: Any, slow_model: Any, gallery: Gallery, gallery_vectors: np.ndarray,
+                         token_getter: "TokenGetter | None", sharded: Any, rerank: Sequence[int], exhaustive: bool,
+                         beta: float, fast_name: str, slow_name: str, k: int = 5,
+                         min_relevant: int | None = None) -> dict[str, dict[str, Any]]:
+    """Each method's precision@k over the fixed query set (same candidates path as its R@K row);
+    queries need ``min_relevant`` (default ``k``) correct gallery items."""
+    from thinkfast import encode
+    from thinkfast.evaluation import precision as prec
+
+    assert gallery.scenes is not None
+    texts, constraints, relevance = prec.query_set(gallery.scenes, min_relevant=min_relevant or k)
+    if not texts:
+        logger.info("precision@%d: no query has %d correct gallery items; skipped", k, k)
+        return {}
+    vectors = encode.text_vectors(fast_model, texts)  # (P, d)
+    fast_scores = vectors @ gallery_vectors.T  # (P, N)
+    out = {fast_name: prec.summary(prec.precision_at_k(exact_candidates(fast_scores, k)[0], relevance, k), constraints, k)}
+    if slow_model is not None and exhaustive and token_getter is not None:
+        matrix = slow_exhaustive_scores(slow_model, np.asarray(token_getter(gallery.keys)), texts)
+        out[slow_name] = prec.summary(prec.precision_at_k(exact_candidates(matrix, k)[0], relevance, k), constraints, k)
+    for big_k in rerank:
+        assert token_getter is not None
+        if sharded is not None:
+            candidates, _ = index_candidates(sharded, vectors, big_k, gallery.keys)
+        else:
+            candidates = exact_candidates(fast_scores, min(big_k, len(gallery.keys)))
+        top = reranked_top(slow_model, texts, gallery.keys, token_getter, candidates, beta, k)
+        out[f"{fast_name}+{slow_name} rerank@{big_k}"] = prec.summary(prec.precision_at_k(top, relevance, k),
+                                                                        constraints, k)
+    return out
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report's methods as a Markdown table (what the CLI, demo and RESULTS.md print)."""
-    head = "| method | R@1 | R@5 | R@10 | median rank | slow evals / query | ms / query |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    with_p = any(m.get("P@5") is not None for m in report["methods"])
+    head = "| method | R@1 | R@5 | R@10 | median rank |" + (" P@5 |" if with_p else "") + " slow evals / query | ms / query |"
+    lines = [head, "|---|---:|---:|---:|---:|" + ("---:|" if with_p else "") + "---:|---:|"]
     for m in report["methods"]:
-        lines.append(f"| {m['method']} | {m['R@1']:.1f} | {m['R@5']:.1f} | {m['R@10']:.1f} | {m['median_rank']:g} "
-                     f"| {m['slow_evals_per_query']:g} | {m['ms_per_query']:.2f} |")
+        p5 = (f" {m['P@5']:.1f} |" if m.get("P@5") is not None else " – |") if with_p else ""
+        lines.append(f"| {m['method']} | {m['R@1']:.1f} | {m['R@5']:.1f} | {m['R@10']:.1f} | {m['median_rank']:g} |"
+                     f"{p5} {m['slow_evals_per_query']:g} | {m['ms_per_query']:.2f} |")
     return "\n".join(lines)
