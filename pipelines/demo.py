@@ -114,6 +114,27 @@ def _example_queries(corpus: str, n: int = 3) -> list[str]:
     return captions + list(FREE_QUERIES)
 
 
+def _scenes(corpus: str) -> dict[str, dict[str, Any]]:
+    """key -> the generated scene (what each image shows), for checking example results."""
+    import json
+
+    from thinkfast.data.reader import read_table
+
+    table = read_table(corpus, columns=["key", "scene"])
+    return {k: json.loads(s) for k, s in zip(table.column("key").to_pylist(), table.column("scene").to_pylist()) if s}
+
+
+def _correct_results(query: str, keys: list[str], scenes: dict[str, dict[str, Any]]) -> int | None:
+    """How many results satisfy the query (``thinkfast.evaluation.precision``); None when the
+    query is outside that grammar."""
+    from thinkfast.evaluation.precision import parse_query, satisfies
+
+    constraints = parse_query(query)
+    if constraints is None:
+        return None
+    return sum(1 for k in keys if k in scenes and satisfies(constraints, scenes[k]))
+
+
 @user_paths("workdir")
 def demo(
     workdir: str = "runs/demo",
@@ -200,10 +221,15 @@ def demo(
 
         def run_queries() -> tuple[list[dict[str, Any]], str]:
             answers = []
+            scenes = _scenes(paths["corpus"])
             for query in _example_queries(paths["corpus"]):
                 data = search(query, url, k=5, rerank=cfg.serve_rerank)
                 print_results(data)
-                answers.append({"query": query, "top": [r["key"] for r in data["results"]],
+                top = [r["key"] for r in data["results"]]
+                correct = _correct_results(query, top, scenes)
+                if correct is not None:
+                    echo(f"  {correct}/{len(top)} of these show what the query asks (checked against the scenes)")
+                answers.append({"query": query, "top": top, "correct_in_top": correct,
                                 "timings_ms": data["timings_ms"]})
             mean_total = sum(a["timings_ms"]["total"] for a in answers) / len(answers)
             return answers, f"{len(answers)} queries answered, mean {mean_total:.0f} ms"

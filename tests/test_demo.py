@@ -35,6 +35,10 @@ def test_demo_tiny_end_to_end(ray_session, tmp_path):
     assert len(summary["queries"]) >= 3
     for answer in summary["queries"]:
         assert answer["top"] and set(answer["timings_ms"]) >= {"encode", "retrieve", "rerank", "total"}
+    # the free-form queries are in the precision grammar: their results are checked against the scenes
+    free = [a for a in summary["queries"] if a["query"] in demo_mod.FREE_QUERIES]
+    assert free and all(0 <= a["correct_in_top"] <= len(a["top"]) for a in free)
+    assert "of these show what the query asks" in printed
     saved = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert saved["stages"] == summary["stages"]
 
