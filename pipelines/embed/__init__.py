@@ -25,6 +25,14 @@ Outputs under ``--out`` (local or ``s3://``): ``fast/`` (``key``, ``embedding``)
 ``detail``), ``texts/`` with ``--texts`` (``key``, ``caption_index``, ``caption``,
 ``embedding`` = g(y)), and ``manifest.json`` (counts, model identities, dims, timings).
 
+Repeated keys: before any work, the key column of every corpus file is read (a few bytes
+a row) and a key found twice stops the job with one line naming the first few
+(``--on-duplicate error``, the default). ``--on-duplicate first`` keeps the first occurrence
+(file path order, then row order) and rejects the others, ``reject`` rejects every row of
+such a key; either way with reason ``duplicate_key`` in ``rejected/``, counted so that
+``embedded + rejected == in``, and no output holds a key twice (the rows of repeated keys
+are dropped from the stream by key, the kept copy is read back by position and added).
+
 Re-runs: before any output is written, the previous run's ``manifest.json`` is deleted
 first and then its ``fast/``, ``tokens/``, ``rejected/`` and ``texts/`` directories (nothing
 else under ``--out`` is touched); ``manifest.json`` is written last. So a re-run never

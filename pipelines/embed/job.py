@@ -1,7 +1,7 @@
 """The driver side of ``thinkfast embed``: checks, clean-up, the Ray Data streams, manifest.
 
-Everything that can be wrong with the input (corpus schema, model directories, flags)
-is checked here before Ray starts and before anything under ``--out`` is deleted, so a
+Everything that can be wrong with the input (corpus schema, repeated keys, model
+directories, flags, an ``--out`` that cannot be written) is checked here before Ray starts and before anything under ``--out`` is deleted, so a
 typo costs one clear line, not a cleared output directory. See ``pipelines/embed/__init__.py``
 for the layout, the memory bound and the re-run policy.
 """
@@ -341,6 +341,9 @@ def run_embed(
         _check_out_not_inside_corpus(corpus.files, out)
         duplicates = check_duplicates(corpus, config)
         models = probe_models(fast, slow if media else None, corpus.columns.media, config)
+        # an unreachable endpoint, a missing bucket or a read-only --out: one line in
+        # seconds, before the clean-up and before Ray (not a Write-stage traceback later)
+        fs.check_writable(out, endpoint)
     expected = corpus.num_rows if config.limit is None else min(config.limit, corpus.num_rows)
     logger.info("corpus %s: %d files, %d rows, media column %r", corpus_uri, len(corpus.files), corpus.num_rows, corpus.columns.media)
 
