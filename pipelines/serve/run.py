@@ -70,7 +70,13 @@ def load_serve_config(path: str) -> ServeConfig:
 
 
 def check_inputs(args: ServeArgs) -> None:
-    """Fail fast, before Ray, when an artifact the replicas would load is missing."""
+    """Fail fast, before Ray, when an artifact the replicas would load is missing, or when a
+    model's config is absurd: both checkpoints' configs are read and checked here on the
+    driver (every field's bounds and the parameter estimate; no weights read, no model
+    built), so a bad ``config.json`` is one ``CheckpointError`` line naming the file and the
+    field instead of "Failed to update the deployments ['TextEncoder']"."""
+    from thinkfast.models.preflight import preflight_checkpoint
+
     required = {
         "--fast": fs.join(args.fast, "config.json"),
         "--slow": fs.join(args.slow, "config.json"),
@@ -81,6 +87,8 @@ def check_inputs(args: ServeArgs) -> None:
     for flag, uri in required.items():
         if not fs.exists(uri, args.s3_endpoint):
             raise ThinkfastError(f"{flag}: {uri} does not exist")
+    preflight_checkpoint(args.fast, "fast", s3_endpoint=args.s3_endpoint)
+    preflight_checkpoint(args.slow, "slow", s3_endpoint=args.s3_endpoint)
 
 
 def _http_address(requested_host: str, requested_port: int) -> tuple[str, int]:

@@ -16,15 +16,34 @@ is a placeholder until ``with_vocab_size`` is applied (``from_preset`` does it).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 from thinkfast.errors import CheckpointError, ThinkfastError
+from thinkfast.models.bounds import (
+    InvalidConfigError,
+    choice,
+    fail,
+    flag,
+    integer,
+    integers,
+    nested,
+    real,
+    reference,
+    validate_fields,
+)
 
 PRESETS = ("tiny", "small", "paper")
 
 # strides of the four ResNet stages (stage1..stage4) for the standard stem (conv s2 + pool s2)
 STAGE_STRIDES = (4, 8, 16, 32)
+
+# Field bounds (thinkfast.models.bounds): generous per field; the parameter budget
+# (bounds.check_param_budget) catches sensible fields that multiply to an absurd model.
+MAX_WIDTH = 8192  # any channel / embedding / model width
+MAX_VOCAB = 2_000_000  # word vocabularies of big corpora; BPE vocabularies are <= 256k
+MAX_TEXT_LENGTH = 2048  # tokens per caption (the decoders' position table has one row each)
+MAX_IMAGE_SIZE = 4096  # pixels per side (224 in the paper)
 
 
 @dataclass(frozen=True)
@@ -32,62 +51,71 @@ class VisionConfig:
     """ResNet backbone (``transformers.ResNetModel``): the same fields as ``ResNetConfig``
     that matter for the architecture, stored explicitly so a checkpoint never needs the hub."""
 
-    embedding_size: int = 64  # channels of the stem convolution
-    hidden_sizes: tuple[int, ...] = (256, 512, 1024, 2048)  # output channels of stage1..stage4
-    depths: tuple[int, ...] = (3, 4, 6, 3)  # residual blocks per stage
-    layer_type: Literal["basic", "bottleneck"] = "bottleneck"  # ResNet-18/34 vs ResNet-50 blocks
-    downsample_in_bottleneck: bool = False  # stride in the 1x1 (v1) instead of the 3x3 (v1.5)
-    pretrained: str | None = None  # hub id or local dir of ResNet weights loaded when built fresh
+    SECTION: ClassVar[str] = "vision"
+
+    embedding_size: int = integer(64, 1, 4096)  # channels of the stem convolution
+    hidden_sizes: tuple[int, ...] = integers((256, 512, 1024, 2048), 1, MAX_WIDTH, (4, 4))  # output channels of stage1..stage4
+    depths: tuple[int, ...] = integers((3, 4, 6, 3), 1, 128, (4, 4))  # residual blocks per stage
+    layer_type: Literal["basic", "bottleneck"] = choice("bottleneck", ("basic", "bottleneck"))  # ResNet-18/34 vs ResNet-50 blocks
+    downsample_in_bottleneck: bool = flag(False)  # stride in the 1x1 (v1) instead of the 3x3 (v1.5)
+    pretrained: str | None = reference(None)  # hub id or local dir of ResNet weights loaded when built fresh
 
     def __post_init__(self) -> None:
-        if len(self.hidden_sizes) != 4 or len(self.depths) != 4:
-            raise ThinkfastError("vision.hidden_sizes and vision.depths need 4 stages (strides 4/8/16/32)")
-        if self.layer_type not in ("basic", "bottleneck"):
-            raise ThinkfastError(f"vision.layer_type must be basic or bottleneck, got {self.layer_type!r}")
+        validate_fields(self)
+        if self.layer_type == "bottleneck" and min(self.hidden_sizes) < 4:
+            fail(f"vision.hidden_sizes {list(self.hidden_sizes)} must be >= 4 for bottleneck blocks "
+                 "(they reduce the width by 4)", "vision.hidden_sizes")
 
 
 @dataclass(frozen=True)
 class TextConfig:
     """Fast text tower: bag-of-words (mean of token embeddings + MLP) or a HF transformer."""
 
-    kind: Literal["bow", "hf"] = "bow"  # which encoder
-    vocab_size: int = 0  # bow only: rows of the embedding table (= tokenizer.vocab_size)
-    hidden_size: int = 256  # bow only: token embedding width and MLP output width
-    mlp_hidden_size: int = 512  # bow only: MLP inner width
-    hf_name_or_path: str | None = None  # hf only: hub id or local dir (weights loaded when built fresh)
-    pooling: Literal["mean", "cls"] = "mean"  # hf only: masked mean of tokens, or the first token
-    dropout: float = 0.0  # dropout on the pooled text feature
+    SECTION: ClassVar[str] = "text"
+
+    kind: Literal["bow", "hf"] = choice("bow", ("bow", "hf"))  # which encoder
+    vocab_size: int = integer(0, 0, MAX_VOCAB)  # bow only: rows of the embedding table (= tokenizer.vocab_size; 0 until set)
+    hidden_size: int = integer(256, 1, MAX_WIDTH)  # bow only: token embedding width and MLP output width
+    mlp_hidden_size: int = integer(512, 1, 4 * MAX_WIDTH)  # bow only: MLP inner width
+    hf_name_or_path: str | None = reference(None)  # hf only: hub id or local dir (weights loaded when built fresh)
+    pooling: Literal["mean", "cls"] = choice("mean", ("mean", "cls"))  # hf only: masked mean of tokens, or the first token
+    dropout: float = real(0.0, 0.0, 1.0, hi_open=True)  # dropout on the pooled text feature
 
     def __post_init__(self) -> None:
-        if self.kind not in ("bow", "hf"):
-            raise ThinkfastError(f"text.kind must be bow or hf, got {self.kind!r}")
-        if self.pooling not in ("mean", "cls"):
-            raise ThinkfastError(f"text.pooling must be mean or cls, got {self.pooling!r}")
+        validate_fields(self)
         if self.kind == "hf" and not self.hf_name_or_path:
-            raise ThinkfastError("text.kind='hf' needs text.hf_name_or_path")
+            fail("text.kind='hf' needs text.hf_name_or_path", "text.hf_name_or_path")
 
 
 @dataclass(frozen=True)
 class DecoderConfig:
     """One captioning decoder (the slow model has two: forward and backward)."""
 
-    num_layers: int = 4  # layers of (masked self-attn -> cross-attn -> FFN)
-    num_heads: int = 8  # attention heads (width must be divisible by it)
-    ffn_size: int = 2048  # feed-forward inner width
-    dropout: float = 0.1  # dropout in attention outputs and FFN (training only)
+    SECTION: ClassVar[str] = "decoder"
+
+    num_layers: int = integer(4, 1, 128)  # layers of (masked self-attn -> cross-attn -> FFN)
+    num_heads: int = integer(8, 1, 128)  # attention heads (width must be divisible by it)
+    ffn_size: int = integer(2048, 1, 4 * MAX_WIDTH)  # feed-forward inner width
+    dropout: float = real(0.1, 0.0, 1.0, hi_open=True)  # dropout in attention outputs and FFN (training only)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 @dataclass(frozen=True)
 class FastConfig:
     """The dual encoder f(x), g(y)."""
 
-    vision: VisionConfig = field(default_factory=VisionConfig)  # image tower backbone
-    text: TextConfig = field(default_factory=TextConfig)  # text tower
-    embed_dim: int = 256  # d: the joint embedding size (what the FAISS index stores)
-    image_size: int = 224  # input side in pixels (multiple of 32)
-    max_text_length: int = 32  # tokens per caption (longer ones are truncated)
+    SECTION: ClassVar[str] = ""
+
+    vision: VisionConfig = nested(VisionConfig)  # image tower backbone
+    text: TextConfig = nested(TextConfig)  # text tower
+    embed_dim: int = integer(256, 1, MAX_WIDTH)  # d: the joint embedding size (what the FAISS index stores)
+    image_size: int = integer(224, 32, MAX_IMAGE_SIZE)  # input side in pixels (multiple of 32)
+    max_text_length: int = integer(32, 1, MAX_TEXT_LENGTH)  # tokens per caption (longer ones are truncated)
 
     def __post_init__(self) -> None:
+        validate_fields(self)
         _check_image_size(self.image_size)
 
 
@@ -95,24 +123,25 @@ class FastConfig:
 class SlowConfig:
     """The cross-attention captioning scorer: phi(x) + forward and backward decoders."""
 
-    vision: VisionConfig = field(default_factory=VisionConfig)  # backbone under the FPN
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)  # each of the two decoders
-    width: int = 512  # D: FPN channels = visual token size = decoder width (divisible by 4)
-    levels: tuple[int, ...] = (32, 16)  # FPN strides kept as tokens (32 -> 7x7 at 224 px, 16 -> 14x14, 8 -> 28x28)
-    max_frames: int = 16  # rows of the frame (time) embedding: most frames a video may have
-    vocab_size: int = 0  # decoder vocabulary (= tokenizer.vocab_size)
-    image_size: int = 224  # input side in pixels (multiple of 32)
-    max_text_length: int = 32  # tokens per caption (also the decoders' position table size)
-    hf_tokenizer: str | None = None  # HF tokenizer used when none is passed (paper: MiniLM's); None = word vocabulary
+    SECTION: ClassVar[str] = ""
+
+    vision: VisionConfig = nested(VisionConfig)  # backbone under the FPN
+    decoder: DecoderConfig = nested(DecoderConfig)  # each of the two decoders
+    width: int = integer(512, 4, MAX_WIDTH)  # D: FPN channels = visual token size = decoder width (divisible by 4)
+    levels: tuple[int, ...] = integers((32, 16), None, None, (1, 4), options=(32, 16, 8, 4))  # FPN strides kept as tokens (32 -> 7x7 at 224 px, 16 -> 14x14, 8 -> 28x28)
+    max_frames: int = integer(16, 1, 1024)  # rows of the frame (time) embedding: most frames a video may have
+    vocab_size: int = integer(0, 0, MAX_VOCAB)  # decoder vocabulary (= tokenizer.vocab_size; 0 until set)
+    image_size: int = integer(224, 32, MAX_IMAGE_SIZE)  # input side in pixels (multiple of 32)
+    max_text_length: int = integer(32, 1, MAX_TEXT_LENGTH)  # tokens per caption (also the decoders' position table size)
+    hf_tokenizer: str | None = reference(None)  # HF tokenizer used when none is passed (paper: MiniLM's); None = word vocabulary
 
     def __post_init__(self) -> None:
+        validate_fields(self)
         _check_image_size(self.image_size)
-        if not self.levels or any(s not in STAGE_STRIDES for s in self.levels):
-            raise ThinkfastError(f"levels must be a non-empty subset of {STAGE_STRIDES}, got {self.levels}")
         if len(set(self.levels)) != len(self.levels):
-            raise ThinkfastError(f"levels must not repeat, got {self.levels}")
+            fail(f"levels must not repeat, got {list(self.levels)}", "levels")
         if self.width % 4 != 0 or self.width % self.decoder.num_heads != 0:
-            raise ThinkfastError(f"width {self.width} must be divisible by 4 and by num_heads {self.decoder.num_heads}")
+            fail(f"width {self.width} must be divisible by 4 and by decoder.num_heads {self.decoder.num_heads}", "width")
 
     @property
     def sorted_levels(self) -> tuple[int, ...]:
@@ -121,8 +150,8 @@ class SlowConfig:
 
 
 def _check_image_size(size: int) -> None:
-    if size <= 0 or size % 32 != 0:
-        raise ThinkfastError(f"image_size must be a positive multiple of 32, got {size}")
+    if size % 32 != 0:
+        fail(f"image_size = {size} must be a multiple of 32", "image_size")
 
 
 # ---------------------------------------------------------------- presets
@@ -176,23 +205,44 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a (nested) config; unknown keys are an error so a newer checkpoint is not
-    silently misread by older code. Missing keys take their defaults."""
+def config_from_dict(cls: type, data: Any, source: str | None = None) -> Any:
+    """Rebuild a (nested) config from a checkpoint's JSON; ``source`` (the file it came from)
+    prefixes every message, e.g. ``.../config.json: text.hidden_size = 1000000000 is out of
+    range [1, 8192]``.
+
+    Policy, the same at every level: unknown keys are an error (a newer checkpoint, or a typo
+    that would silently leave a default in place), and so is a missing key (``save_pretrained``
+    writes every field; filling one from a default would build a model the weights were not
+    trained for, or a far larger one). Values are checked by the dataclasses' bounds."""
+    try:
+        return _from_dict(cls, data, "")
+    except CheckpointError as exc:
+        if source is None:
+            raise
+        raise InvalidConfigError(f"{source}: {exc}", getattr(exc, "field", "")) from None
+
+
+def _from_dict(cls: type, data: Any, section: str) -> Any:
     if not isinstance(data, dict):
-        raise CheckpointError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
+        where = section or cls.__name__
+        fail(f"{where} must be a JSON object, got {type(data).__name__}", section)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names), key=str)
     if unknown:
-        raise CheckpointError(f"unknown {cls.__name__} fields {unknown} (checkpoint from a newer thinkfast?)")
+        where = f" in {section}" if section else ""
+        fail(f"unknown {cls.__name__} fields {unknown}{where} (checkpoint from a newer thinkfast?)", section)
+    missing = [n for n in names if n not in data]
+    if missing:
+        fail(f"{section + '.' if section else ''}{missing[0]} is missing", missing[0])
     kwargs: dict[str, Any] = {}
-    for key, value in data.items():
+    for key in names:
+        value = data[key]
         if key in _NESTED:
-            value = config_from_dict(_NESTED[key], value)
-        elif isinstance(value, list):
-            value = tuple(value)
+            value = _from_dict(_NESTED[key], value, key)
         kwargs[key] = value
     try:
         return cls(**kwargs)
+    except CheckpointError:
+        raise
     except (TypeError, ThinkfastError) as exc:
-        raise CheckpointError(f"invalid {cls.__name__} in checkpoint: {exc}") from exc
+        raise InvalidConfigError(f"invalid {cls.__name__}: {exc}") from exc

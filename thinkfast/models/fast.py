@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thinkfast.errors import CheckpointError, ThinkfastError
+from thinkfast.models.bounds import check_hf_text_config, check_param_budget
 from thinkfast.models.config import FastConfig, fast_preset
 from thinkfast.models.io import TEXT_ENCODER_DIR, PretrainedMixin
 from thinkfast.models.text import HFTextEncoder, build_text_encoder
@@ -34,7 +36,14 @@ class FastModel(PretrainedMixin, nn.Module):
     model_kind = "fast"
     config_class = FastConfig
 
-    def __init__(self, config: FastConfig, tokenizer: Any, load_pretrained: bool = True, hf_text_config: Any | None = None) -> None:
+    def __init__(self, config: FastConfig, tokenizer: Any, load_pretrained: bool = True, hf_text_config: Any | None = None,
+                 max_params: int | None = None) -> None:
+        """``max_params``: the parameter limit checked (from the config arithmetic) before any
+        module is allocated; default ``$THINKFAST_MAX_PARAMS``, else 10^9."""
+        if not isinstance(config, FastConfig):
+            raise ThinkfastError(f"FastModel needs a FastConfig, got {type(config).__name__}")
+        hf_dict = _checked_hf_text_config(config, hf_text_config) if config.text.kind == "hf" else None
+        check_param_budget(config, hf_dict, max_params)
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
@@ -64,18 +73,17 @@ class FastModel(PretrainedMixin, nn.Module):
         return config
 
     @classmethod
-    def _build(cls, config: FastConfig, tokenizer: Any, load_pretrained: bool, directory: str | None) -> "FastModel":
+    def _build(cls, config: FastConfig, tokenizer: Any, load_pretrained: bool, directory: str | None,
+               max_params: int | None = None) -> "FastModel":
         hf_config = None
         if directory is not None and config.text.kind == "hf":
             from transformers import AutoConfig
-
-            from thinkfast.errors import CheckpointError
 
             try:
                 hf_config = AutoConfig.from_pretrained(os.path.join(directory, TEXT_ENCODER_DIR))
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"{directory} lacks a readable {TEXT_ENCODER_DIR}/config.json: {exc}") from exc
-        return cls(config, tokenizer, load_pretrained=load_pretrained, hf_text_config=hf_config)
+        return cls(config, tokenizer, load_pretrained=load_pretrained, hf_text_config=hf_config, max_params=max_params)
 
     def _save_extra(self, directory: str) -> None:
         if isinstance(self.text_encoder, HFTextEncoder):
@@ -114,3 +122,22 @@ class FastModel(PretrainedMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.config.embed_dim}, image_size={self.config.image_size}, text={self.config.text.kind}"
+
+
+def _checked_hf_text_config(config: FastConfig, hf_text_config: Any | None) -> dict[str, Any]:
+    """The HF text tower's config as a checked dict: the one given (read from a checkpoint),
+    else the one at ``text.hf_name_or_path`` (a hub id or local dir; only its config.json is
+    read here, the weights come later if at all)."""
+    name = config.text.hf_name_or_path
+    if hf_text_config is None:
+        from transformers import AutoConfig
+
+        try:
+            hf_text_config = AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot load Hugging Face text encoder config {name!r}: {exc}") from exc
+    raw = hf_text_config.to_dict() if hasattr(hf_text_config, "to_dict") else hf_text_config
+    try:
+        return check_hf_text_config(raw, config.max_text_length)
+    except CheckpointError as exc:
+        raise type(exc)(f"text encoder {name}: {exc}") from None

@@ -28,15 +28,14 @@ import torch
 from torch import nn
 
 from thinkfast.errors import CheckpointError, ThinkfastError
-from thinkfast.models.config import config_from_dict, config_to_dict
+from thinkfast.models.config import config_to_dict
+from thinkfast.models.preflight import CONFIG_FILE, FORMAT_VERSION, TEXT_ENCODER_DIR, preflight_checkpoint
 from thinkfast.utils import fs
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-TEXT_ENCODER_DIR = "text_encoder"
-FORMAT_VERSION = 1
+__all__ = ["CONFIG_FILE", "FORMAT_VERSION", "TEXT_ENCODER_DIR", "WEIGHTS_FILE", "PretrainedMixin", "state_dict_digest"]
 
 M = TypeVar("M", bound="PretrainedMixin")
 
@@ -49,26 +48,6 @@ def state_dict_digest(module: nn.Module) -> "hashlib._Hash":
         digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes())
     return digest
-
-
-def _read_checkpoint_config(directory: str, kind: str) -> dict[str, Any]:
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory} is not a model directory")
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{directory} is not a thinkfast model directory ({CONFIG_FILE} missing)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            payload = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"unreadable {path}: {exc}") from exc
-    if not isinstance(payload, dict) or "thinkfast_model" not in payload:
-        raise CheckpointError(f"{path} is not a thinkfast model config (no 'thinkfast_model' field)")
-    if payload["thinkfast_model"] != kind:
-        raise CheckpointError(f"{directory} holds a {payload['thinkfast_model']!r} model, not a {kind!r} model")
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unsupported format_version {payload.get('format_version')!r}")
-    return payload
 
 
 def _load_weights(directory: str) -> dict[str, torch.Tensor]:
@@ -99,8 +78,10 @@ class PretrainedMixin:
         raise NotImplementedError
 
     @classmethod
-    def _build(cls: type[M], config: Any, tokenizer: Any, load_pretrained: bool, directory: str | None) -> M:
-        """Construct the module; ``directory`` is the checkpoint being loaded (None when fresh)."""
+    def _build(cls: type[M], config: Any, tokenizer: Any, load_pretrained: bool, directory: str | None,
+               max_params: int | None = None) -> M:
+        """Construct the module; ``directory`` is the checkpoint being loaded (None when fresh).
+        The constructor checks the parameter budget (``max_params``) before allocating."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _save_extra(self, directory: str) -> None:
@@ -108,28 +89,36 @@ class PretrainedMixin:
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def from_preset(cls: type[M], name: str, tokenizer: Any | None = None, load_pretrained: bool = True, **overrides: Any) -> M:
+    def from_preset(cls: type[M], name: str, tokenizer: Any | None = None, load_pretrained: bool = True,
+                    max_params: int | None = None, **overrides: Any) -> M:
         """A fresh model from a preset (``tiny`` | ``small`` | ``paper``).
 
         ``tiny``/``small`` need the corpus ``WordTokenizer``; ``paper`` defaults to the HF
         tokenizer of its text model (offline MiniLM). ``overrides`` replace top-level config
-        fields (e.g. ``image_size=96``, ``levels=(16,)``); ``load_pretrained=False`` skips
-        downloading pretrained backbone/text weights (random initialisation)."""
+        fields (e.g. ``image_size=96``, ``levels=(16,)``), checked against the same bounds as
+        a checkpoint; ``load_pretrained=False`` skips downloading pretrained backbone/text
+        weights (random initialisation). ``max_params`` raises (or lowers) the parameter
+        limit (default ``$THINKFAST_MAX_PARAMS``, else 10^9)."""
         config = cls.preset_config(name)
         if overrides:
             try:
                 config = dataclasses.replace(config, **overrides)
             except TypeError as exc:
                 raise ThinkfastError(f"bad override for preset {name!r}: {exc}") from exc
-        return cls.from_config(config, tokenizer=tokenizer, load_pretrained=load_pretrained)
+        return cls.from_config(config, tokenizer=tokenizer, load_pretrained=load_pretrained, max_params=max_params)
 
     @classmethod
-    def from_config(cls: type[M], config: Any, tokenizer: Any | None = None, load_pretrained: bool = True) -> M:
-        """A fresh model from a config object; the vocabulary size follows the tokenizer."""
+    def from_config(cls: type[M], config: Any, tokenizer: Any | None = None, load_pretrained: bool = True,
+                    max_params: int | None = None) -> M:
+        """A fresh model from a config object; the vocabulary size follows the tokenizer.
+        The config's fields were checked when it was made; the parameter estimate is checked
+        against ``max_params`` before any module is allocated."""
+        if not isinstance(config, cls.config_class):
+            raise ThinkfastError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(config).__name__}")
         if tokenizer is None:
             tokenizer = cls._default_tokenizer(config)
         config = cls._with_vocab(config, tokenizer)
-        return cls._build(config, tokenizer, load_pretrained, None)
+        return cls._build(config, tokenizer, load_pretrained, None, max_params)
 
     @classmethod
     def _default_tokenizer(cls, config: Any) -> Any:
@@ -177,27 +166,32 @@ class PretrainedMixin:
         self._save_extra(directory)
 
     @classmethod
-    def from_pretrained(cls: type[M], dir_or_uri: str) -> M:
+    def from_pretrained(cls: type[M], dir_or_uri: str, max_params: int | None = None) -> M:
         """Load a saved model (local dir, ``file://`` or ``s3://``) in eval mode.
 
         Raises ``CheckpointError`` for anything that is not a complete checkpoint of this
-        model kind; weights are read with safetensors only, so nothing is unpickled."""
+        model kind; weights are read with safetensors only, so nothing is unpickled. The
+        config is checked first (every field's bounds, then the parameter estimate against
+        ``max_params``, default ``$THINKFAST_MAX_PARAMS`` else 10^9): an absurd
+        ``config.json`` is one line naming the file and the field, and nothing is allocated
+        (for ``s3://`` nothing but the config is downloaded)."""
         if fs.is_s3(dir_or_uri):
+            preflight_checkpoint(dir_or_uri, cls.model_kind, max_params=max_params)
             with tempfile.TemporaryDirectory(prefix="thinkfast-load-") as tmp:
-                if not fs.exists(fs.join(dir_or_uri, CONFIG_FILE)):
-                    raise CheckpointError(f"{dir_or_uri} is not a thinkfast model directory ({CONFIG_FILE} missing)")
                 fs.download_dir(dir_or_uri, tmp)
-                return cls._load_local(tmp, origin=dir_or_uri)
-        return cls._load_local(fs.strip_scheme(dir_or_uri), origin=dir_or_uri)
+                return cls._load_local(tmp, origin=dir_or_uri, max_params=max_params)
+        return cls._load_local(fs.strip_scheme(dir_or_uri), origin=dir_or_uri, max_params=max_params)
 
     @classmethod
-    def _load_local(cls: type[M], directory: str, origin: str) -> M:
+    def _load_local(cls: type[M], directory: str, origin: str, max_params: int | None = None) -> M:
         from thinkfast.data.tokenizer import load_tokenizer
 
-        payload = _read_checkpoint_config(directory, cls.model_kind)
-        config = config_from_dict(cls.config_class, payload.get("config", {}))
+        # checked again on the local copy: that is what is built (origin names it in messages)
+        checked = preflight_checkpoint(directory, cls.model_kind, max_params=max_params,
+                                       origin=origin if fs.is_s3(origin) else None)
+        config = checked.config
         tokenizer = load_tokenizer(directory)
-        model = cls._build(config, tokenizer, False, directory)
+        model = cls._build(config, tokenizer, False, directory, max_params)
         weights = _load_weights(directory)
         try:
             model.load_state_dict(weights, strict=True)  # type: ignore[attr-defined]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from thinkfast.errors import ThinkfastError
+from thinkfast.models.bounds import check_param_budget
 from thinkfast.models.config import DecoderConfig, SlowConfig, slow_preset
 from thinkfast.models.io import PretrainedMixin
 from thinkfast.models.outputs import CaptionLikelihood, TokenLogProbs
@@ -132,10 +133,16 @@ class SlowModel(PretrainedMixin, nn.Module):
     model_kind = "slow"
     config_class = SlowConfig
 
-    def __init__(self, config: SlowConfig, tokenizer: "Tokenizer", load_pretrained: bool = True) -> None:
-        super().__init__()
+    def __init__(self, config: SlowConfig, tokenizer: "Tokenizer", load_pretrained: bool = True,
+                 max_params: int | None = None) -> None:
+        """``max_params``: the parameter limit checked (from the config arithmetic) before any
+        module is allocated; default ``$THINKFAST_MAX_PARAMS``, else 10^9."""
+        if not isinstance(config, SlowConfig):
+            raise ThinkfastError(f"SlowModel needs a SlowConfig, got {type(config).__name__}")
         if config.vocab_size <= 0:
             raise ThinkfastError("SlowConfig.vocab_size must be > 0 (build the model with its tokenizer)")
+        check_param_budget(config, None, max_params)
+        super().__init__()
         self.config = config
         self.tokenizer = tokenizer
         self.backbone = ResNetBackbone(config.vision, load_pretrained=load_pretrained)
@@ -161,8 +168,9 @@ class SlowModel(PretrainedMixin, nn.Module):
         return dataclasses.replace(config, vocab_size=int(tokenizer.vocab_size))
 
     @classmethod
-    def _build(cls, config: SlowConfig, tokenizer: "Tokenizer", load_pretrained: bool, directory: str | None) -> "SlowModel":
-        return cls(config, tokenizer, load_pretrained=load_pretrained)
+    def _build(cls, config: SlowConfig, tokenizer: "Tokenizer", load_pretrained: bool, directory: str | None,
+               max_params: int | None = None) -> "SlowModel":
+        return cls(config, tokenizer, load_pretrained=load_pretrained, max_params=max_params)
 
     # ------------------------------------------------------------ visual side
     def num_visual_tokens(self, image_size: int | None = None, num_frames: int = 1) -> int:
