@@ -94,3 +94,27 @@ def test_bad_weights_are_refused_with_one_line(tmp_path) -> None:
         load_weights(model, str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="unknown EfficientNet-Lite variant"):
         EfficientNetLite("efficientnet_lite9")
+
+
+def test_backbone_converts_imagenet_normalised_frames_and_freezes() -> None:
+    from thinkfast.models.efficientnet import IMAGENET_MEAN, IMAGENET_STD, EfficientNetBackbone
+
+    torch.manual_seed(0)
+    backbone = EfficientNetBackbone("efficientnet_lite0", pretrained=None, frozen_stages=2).eval()
+    unit = torch.rand(2, 3, 64, 64)
+    normalised = (unit - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        got = backbone(normalised)
+        want = backbone.net(unit * 2 - 1)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert backbone.channels == (24, 40, 112, 1280)
+    # frozen_stages=2: stem and blocks up to the stride-8 tap (block 4) frozen, the rest trains
+    frozen = {n for n, p in backbone.named_parameters() if not p.requires_grad}
+    assert "net._conv_stem.weight" in frozen and "net._blocks.4._project_conv.weight" in frozen
+    assert "net._blocks.5._expand_conv.weight" not in frozen and "net._conv_head.weight" not in frozen
+    backbone.train()
+    assert not backbone.net._bn0.training and not backbone.net._blocks[4]._bn2.training
+    assert backbone.net._blocks[5]._bn0.training
+    full = EfficientNetBackbone("efficientnet_lite0", pretrained=None, frozen_stages=4)
+    assert all(not p.requires_grad for n, p in full.named_parameters() if not n.startswith("net._fc"))

@@ -230,3 +230,57 @@ def load_weights(model: EfficientNetLite, source: str = "package") -> None:
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise CheckpointError(f"{path} does not fit {model.variant}: {first}") from exc
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class EfficientNetBackbone(nn.Module):
+    """EfficientNet-Lite behind the backbone interface of ``ResNetBackbone``:
+    ``forward(frames) -> [C1, C2, C3, C4]`` at strides 4/8/16/32, ``channels``.
+
+    ``frames`` arrive normalised with ImageNet mean/std (thinkfast's decoders do that for
+    every backbone); the weights expect ``x * 2 - 1`` of [0, 1] pixels, so the conversion is
+    done here. ``frozen_stages`` = n freezes the stem and the blocks up to the n-th tap
+    (0: nothing; 4: the whole trunk), with their BatchNorms kept in eval mode so frozen
+    statistics stay those of ImageNet; a frozen trunk is what makes training on two CPU
+    cores practical."""
+
+    def __init__(self, variant: str = "efficientnet_lite0", pretrained: str | None = "package",
+                 frozen_stages: int = 0) -> None:
+        super().__init__()
+        if not 0 <= frozen_stages <= 4:
+            raise ValueError(f"frozen_stages must be in [0, 4], got {frozen_stages}")
+        self.net = EfficientNetLite(variant)
+        if pretrained:
+            load_weights(self.net, pretrained)
+        self.channels = self.net.channels
+        self.frozen_stages = frozen_stages
+        self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        for module in self.frozen_modules():
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Stem, blocks and (at 4) the head that ``frozen_stages`` freezes."""
+        if self.frozen_stages == 0:
+            return []
+        net = self.net
+        taps = list(net.taps) + [len(net._blocks) - 1]
+        last_block = taps[self.frozen_stages - 1]
+        out: list[nn.Module] = [net._conv_stem, net._bn0, *net._blocks[: last_block + 1]]
+        if self.frozen_stages == 4:
+            out += [net._conv_head, net._bn1]
+        return out
+
+    def train(self, mode: bool = True) -> "EfficientNetBackbone":
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()  # frozen BatchNorm statistics stay ImageNet's
+        return self
+
+    def forward(self, frames: torch.Tensor) -> list[torch.Tensor]:
+        unit = frames * self._std.to(frames.dtype) + self._mean.to(frames.dtype)
+        return self.net(unit * 2 - 1)
