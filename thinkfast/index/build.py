@@ -315,7 +315,9 @@ def build_from_embeddings(
     The old manifest goes first and the new one is written last, so a directory with a
     manifest is always a complete index; shard files a larger previous build left behind
     are deleted afterwards."""
-    # before any reading or training: an unwritable --out fails here in seconds, in one line
+    # before any reading or training: unreadable embeddings or an unwritable --out fail
+    # here in seconds, in one line naming the URI and the cause
+    fs.check_readable(embeddings, s3_endpoint)
     fs.check_writable(out, s3_endpoint)
     timer = StageTimer(logger)
     with timer.stage("plan"):

@@ -314,8 +314,9 @@ def check_writable(uri: str, s3_endpoint: str | None = None) -> None:
 
     S3: put then delete a tiny probe object under the prefix; locally: create the
     directory and a probe file in it. Bounded by the S3 attempt/timeout settings (about
-    ``attempts * (connect + read timeout)`` plus backoff at worst; a refused connection or a
-    missing bucket fails in well under a second). Raises :class:`StorageError` with one
+    ``attempts * (connect + read timeout)`` plus the backoff, at most 1 + 2 + 4... s, at
+    worst; a missing bucket or denied access fails at once, a refused connection after the
+    retries, about 2 s with the defaults). Raises :class:`StorageError` with one
     line naming ``uri`` and the cause."""
     uri = str(uri)
     started = time.monotonic()
