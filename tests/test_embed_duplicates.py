@@ -244,18 +244,14 @@ def test_on_duplicate_first_then_reject_then_rerun(ray_session, models, tmp_path
     assert captions and not any(c.startswith("copy of") for c in captions)
     assert len(found["texts"]) == 2 * 16
 
-    # reject: every row of a repeated key is rejected; into the same --out (a re-run)
-    manifest = embed(corpus, out, fast=fast_dir, slow=slow_dir, config=config.__class__(
-        **{**config.__dict__, "on_duplicate": "reject"}))
+    # reject: every row of a repeated key is rejected; into the same --out (a re-run), with
+    # the default --rows-per-write (one bundle for the whole corpus: where the issue saw
+    # embed die in the Write stage)
+    config = EmbedConfig(batch_size=8, progress=False, on_duplicate="reject")
+    manifest = embed(corpus, out, fast=fast_dir, slow=slow_dir, config=config)
     found = check_artifacts(out)
+    assert sorted(manifest["replaced_previous"]) == ["fast", "manifest.json", "rejected", "texts", "tokens"]
     assert sorted(found["fast"]) == sorted(set(facts["keys"]) - set(facts["dups"]))
     assert found["counts"]["rejected_by_reason"] == {"read:duplicate_key": 6}
     assert sorted(r["key"] for r in found["rejected"]) == sorted(k for k in facts["dups"] for _ in range(2))
     assert not os.path.exists(os.path.join(out, "texts"))
-
-    # the default --rows-per-write (one bundle for the whole corpus: the issue's crash in
-    # the Write stage), again a re-run into the same --out: every key written once
-    config = EmbedConfig(batch_size=8, progress=False, on_duplicate="first")
-    embed(corpus, out, fast=fast_dir, slow=slow_dir, config=config)
-    found = check_artifacts(out)
-    assert sorted(found["fast"]) == facts["keys"] and found["counts"]["rejected"] == 3
