@@ -14,23 +14,34 @@ from typing import Any
 
 from ray.serve import Application
 
-from thinkfast_pipelines.serve.args import DeploymentSize, RerankerSize, ServeArgs
+from thinkfast_pipelines.serve.args import DeploymentSize, RerankerSize, ServeArgs, ServiceLimits
 
 logger = logging.getLogger(__name__)
 
 
-def _fixed(size: DeploymentSize) -> dict[str, Any]:
+def _limits(size: DeploymentSize | RerankerSize, limits: ServiceLimits) -> dict[str, Any]:
+    """Options every deployment shares: a bounded queue per caller (beyond it Serve refuses
+    at once: HTTP 503 with Retry-After at the proxy, ``BackPressureError`` at a handle, which
+    the ingress answers the same way) and health checks frequent enough that a dead
+    replica is replaced within seconds (Serve's defaults: a probe every 10 s, 30 s to answer)."""
     return {
-        "num_replicas": size.num_replicas,
         "max_ongoing_requests": size.max_ongoing_requests,
+        "max_queued_requests": size.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": limits.retry_after_s},
+        "health_check_period_s": limits.health_check_period_s,
+        "health_check_timeout_s": limits.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": limits.graceful_shutdown_timeout_s,
         "ray_actor_options": {"num_cpus": size.num_cpus},
     }
 
 
-def _autoscaled(size: RerankerSize) -> dict[str, Any]:
+def _fixed(size: DeploymentSize, limits: ServiceLimits) -> dict[str, Any]:
+    return {"num_replicas": size.num_replicas, **_limits(size, limits)}
+
+
+def _autoscaled(size: RerankerSize, limits: ServiceLimits) -> dict[str, Any]:
     return {
-        "max_ongoing_requests": size.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": size.num_cpus},
+        **_limits(size, limits),
         "autoscaling_config": {
             "min_replicas": size.min_replicas,
             "max_replicas": size.max_replicas,
@@ -63,11 +74,12 @@ def build_app(args: ServeArgs) -> Application:
         args = ServeArgs.model_validate(args)
     shards = index_shard_count(args)
     logger.info("building the search app: %d retriever shard(s) over %s", shards, args.index)
-    encoder = TextEncoder.options(**_fixed(args.encoder)).bind(args)
+    lim = args.limits
+    encoder = TextEncoder.options(**_fixed(args.encoder, lim)).bind(args)
     retrievers = [
-        Retriever.options(name=f"Retriever_{i}", **_fixed(args.retriever)).bind(args, i) for i in range(shards)
+        Retriever.options(name=f"Retriever_{i}", **_fixed(args.retriever, lim)).bind(args, i) for i in range(shards)
     ]
-    reranker = Reranker.options(**_autoscaled(args.reranker)).bind(args)
-    catalog = Catalog.options(**_fixed(args.catalog)).bind(args)
-    return Ingress.options(**_fixed(args.ingress)).bind(args, encoder, retrievers, reranker, catalog)
+    reranker = Reranker.options(**_autoscaled(args.reranker, lim)).bind(args)
+    catalog = Catalog.options(**_fixed(args.catalog, lim)).bind(args)
+    return Ingress.options(**_fixed(args.ingress, lim)).bind(args, encoder, retrievers, reranker, catalog)
 

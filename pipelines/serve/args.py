@@ -23,6 +23,12 @@ class DeploymentSize(_Strict):
     max_ongoing_requests: int = Field(
         64, ge=1, description="requests in flight per replica; Serve's default of 5 starves batching (STACK_NOTES 5)"
     )
+    max_queued_requests: int = Field(
+        128,
+        ge=-1,
+        description="requests each caller (HTTP proxy or ingress) queues for this deployment beyond those in flight;"
+        " more are refused at once with 503 + Retry-After (Serve's backpressure) instead of waiting. -1: unbounded",
+    )
 
 
 class RerankerSize(_Strict):
@@ -40,6 +46,9 @@ class RerankerSize(_Strict):
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a partial batch waits for company")
     num_cpus: float = Field(0.5, gt=0, description="logical CPUs reserved per replica")
     max_ongoing_requests: int = Field(32, ge=1, description="must be >= max_batch_size or batches never fill")
+    max_queued_requests: int = Field(
+        128, ge=-1, description="requests each ingress replica queues for the re-ranker; more are a 503. -1: unbounded"
+    )
     torch_threads: int = Field(1, ge=1, description="intra-op threads per replica (replicas x threads <= cores)")
     score_batch_size: int = Field(
         256, ge=1, description="(query, candidate) pairs per slow forward pass; bounds replica memory"
@@ -57,6 +66,47 @@ class RerankerSize(_Strict):
         return self
 
 
+class ServiceLimits(_Strict):
+    """Deadlines, retries and health checks: what bounds a request when a replica dies,
+    hangs or is overloaded (issue 20). The stages are idempotent, so a call that a dead
+    replica will never answer is abandoned after its attempt timeout and sent again;
+    Serve routes the retry to another replica where one exists."""
+
+    request_timeout_s: float = Field(
+        15.0, gt=0, description="the ingress answers every request within this (else 503 + Retry-After)"
+    )
+    stage_timeout_s: float = Field(
+        5.0, gt=0, description="per attempt of an encoder, retriever or catalog call; then it is retried"
+    )
+    rerank_timeout_s: float = Field(10.0, gt=0, description="per attempt of a re-ranker call (the slow stage)")
+    stage_retries: int = Field(
+        2, ge=0, le=10, description="more attempts of a stage call after a dead or silent replica (within the deadline)"
+    )
+    retry_after_s: float = Field(2.0, ge=0, description="the Retry-After of a 503 (overload, or no replica in time)")
+    health_check_period_s: float = Field(
+        2.0, gt=0, description="how often Serve probes each replica; a dead one is replaced after about this long"
+    )
+    health_check_timeout_s: float = Field(
+        5.0, gt=0, description="a replica that does not answer a probe within this is restarted"
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        15.0,
+        ge=0,
+        description="how long a stopping replica may drain before it is killed; in-flight requests end by"
+        " request_timeout_s anyway, and a hung replica holds its resources this long (Serve's default: 20)",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServiceLimits":
+        for name in ("stage_timeout_s", "rerank_timeout_s"):
+            if getattr(self, name) > self.request_timeout_s:
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}) > request_timeout_s ({self.request_timeout_s}):"
+                    " an attempt could never finish inside the request's deadline"
+                )
+        return self
+
+
 class ServeArgs(_Strict):
     """Everything a search service needs, all by URI (local path or ``s3://``)."""
 
@@ -68,6 +118,9 @@ class ServeArgs(_Strict):
     beta: float = Field(0.0, description="weight of s_fast in h + beta*s_fast (thinkfast.rerank's and eval's default: 0)")
     nprobe: int | None = Field(None, ge=1, description="IVF probes per shard search; None = the index's default")
     s3_endpoint: str | None = Field(None, description="S3 endpoint override; else the AWS_* environment")
+    api_token_file: str | None = Field(
+        None, description="file holding the access token (a mounted secret): the path only, never the token (auth.py)"
+    )
     ingress: DeploymentSize = Field(default_factory=lambda: DeploymentSize(max_ongoing_requests=128))
     encoder: DeploymentSize = Field(default_factory=DeploymentSize)
     retriever: DeploymentSize = Field(
@@ -75,3 +128,6 @@ class ServeArgs(_Strict):
     )
     catalog: DeploymentSize = Field(default_factory=DeploymentSize)
     reranker: RerankerSize = Field(default_factory=RerankerSize)
+    limits: ServiceLimits = Field(
+        default_factory=ServiceLimits, description="deadlines, retries, health checks (what bounds a request under faults)"
+    )

@@ -8,12 +8,20 @@ keys the catalog's table holds. Every client error is a 4xx JSON ``{"detail": ..
 malformed request (``http_api.RequestError``) or a ``ServingError`` a stage handed back.
 The ingress itself holds no model (nor torch), so it stays cheap to replicate.
 
+Faults (issue 20): every stage call is bounded by a per-attempt timeout and by the
+request's deadline (``ServeArgs.limits``), and retried when its replica died or did not
+answer (``thinkfast.serving.deadline``): Serve's router then places it on another replica,
+which is safe because the stages are pure functions of their input. What cannot be
+answered in time is a 503 with ``Retry-After`` (``ServiceUnavailable``), as are Serve's own
+overload and unavailability errors; a 500 is left only for bugs.
+
 No ``from __future__ import annotations``: FastAPI reads the route signatures at runtime
 (a string ``Request`` annotation through Serve's class wrapper becomes a query parameter).
 """
 
 import asyncio
 import logging
+import math
 import time
 from importlib import resources
 
@@ -23,10 +31,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from thinkfast.rerank import SearchHit, fast_hits
-from thinkfast.serving.errors import ServingError, raise_if_error
+from thinkfast.serving.deadline import Deadline, RetryPolicy, call_with_retries, within
+from thinkfast.serving.errors import ServiceUnavailable, ServingError, raise_if_error
 from thinkfast.serving.merge import merge_query
 from thinkfast.serving.stages import RerankItem
 from thinkfast_pipelines.serve.args import ServeArgs
+from thinkfast_pipelines.serve import auth
 from thinkfast_pipelines.serve.http_api import (
     MAX_BODY_BYTES,
     RequestError,
@@ -40,10 +50,13 @@ from thinkfast_pipelines.serve.http_api import (
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_RETRY_AFTER_S = 2.0
+
 app = FastAPI(
     title="thinkfast search",
     description="Two-stage text-to-visual search: fast dual encoder + FAISS, slow cross-attention re-ranking.",
 )
+auth.install(app)  # the optional access token: installed here, before @serve.ingress freezes the app
 
 
 @app.exception_handler(RequestError)
@@ -58,16 +71,58 @@ async def _serving_error(_: Request, exc: ServingError) -> JSONResponse:
     return JSONResponse(status_code=error.status, content={"detail": error.detail})
 
 
+def _unavailable(detail: str, retry_after_s: float) -> JSONResponse:
+    return JSONResponse(
+        status_code=503, content={"detail": detail}, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+    )
+
+
+@app.exception_handler(ServiceUnavailable)
+async def _service_unavailable(_: Request, exc: ServiceUnavailable) -> JSONResponse:
+    """A stage that died, hung or stayed overloaded past the deadline: retry later."""
+    return _unavailable(str(exc), exc.retry_after_s)
+
+
 @app.exception_handler(Exception)
 async def _server_error(_: Request, exc: Exception) -> JSONResponse:
-    """A failure of the service itself (not of the request) still answers JSON: 503 when a
-    backend deployment is overloaded or unavailable (retry later), 500 otherwise."""
+    """A failure of the service itself (not of the request) still answers JSON: 503 with
+    ``Retry-After`` when a backend deployment is overloaded or unavailable (retry later),
+    500 otherwise (a bug: logged with its traceback)."""
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-    if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
-        return JSONResponse(status_code=503, content={"detail": f"service busy or starting: {type(exc).__name__}"})
+    if isinstance(exc, (BackPressureError, DeploymentUnavailableError)) or is_replica_failure(exc):
+        # stage calls convert these (with the configured Retry-After); this is the fallback
+        return _unavailable(f"service busy or starting: {type(exc).__name__}", DEFAULT_RETRY_AFTER_S)
     logger.exception("search failed")
     return JSONResponse(status_code=500, content={"detail": f"internal error ({type(exc).__name__})"})
+
+
+def is_replica_failure(exc: BaseException) -> bool:
+    """True when ``exc`` says the replica serving a call died or could not be reached
+    (not that the call itself failed): worth one more try on another replica.
+
+    Ray reports it as ``RayActorError`` (``ActorDiedError``, ``ActorUnavailableError``),
+    Serve as ``ReplicaUnavailableError``, possibly wrapped in a ``RayTaskError`` or a
+    ``RayServeException`` whose cause is one of those."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    seen = 0
+    while exc is not None and seen < 4:  # follow a short chain of wrappers
+        if isinstance(exc, (RayActorError, ReplicaUnavailableError)):
+            return True
+        exc = getattr(exc, "cause", None) or exc.__cause__
+        seen += 1
+    return False
+
+
+async def _result(response):
+    """Await a ``DeploymentResponse`` (``asyncio.wait_for`` wants a coroutine)."""
+    return await response
+
+
+def _cancel(response) -> None:
+    response.cancel()
 
 
 async def read_body_limited(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -113,6 +168,7 @@ class Ingress:
         reranker: DeploymentHandle,
         catalog: DeploymentHandle,
     ) -> None:
+        auth.configure(args.api_token_file)  # reads the token in the replica (file or env), never from args
         self.args = args
         self.encoder = encoder
         self.retrievers = retrievers
@@ -143,27 +199,60 @@ class Ingress:
         req = parse_search_body(await read_body_limited(request), request.headers.get("content-type"))
         return await self.run_query(req, start)
 
+    async def _stage(self, stage: str, method: DeploymentHandle, arg, deadline: Deadline, timeout_s: float):
+        """``method.remote(arg)``, bounded and retried (``thinkfast.serving.deadline``); Serve's
+        overload / unavailability errors become ``ServiceUnavailable`` (503 + Retry-After)."""
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        limits = self.args.limits
+        policy = RetryPolicy(timeout_s, limits.stage_retries, limits.retry_after_s)
+        try:
+            return await call_with_retries(
+                stage, lambda: method.remote(arg), _result, _cancel, is_replica_failure, policy, deadline
+            )
+        except (BackPressureError, DeploymentUnavailableError) as exc:
+            raise ServiceUnavailable(stage, type(exc).__name__, limits.retry_after_s) from None
+
     async def run_query(self, req: SearchRequest, start: float) -> SearchResponse:
+        limits = self.args.limits
+        deadline = Deadline.after(limits.request_timeout_s)
+        return await within(deadline, self._query(req, start, deadline), "search", limits.retry_after_s)
+
+    async def _query(self, req: SearchRequest, start: float, deadline: Deadline) -> SearchResponse:
         timings: dict[str, float] = {}
         big_k = req.candidates()
+        stage_s, rerank_s = self.args.limits.stage_timeout_s, self.args.limits.rerank_timeout_s
 
         t = time.perf_counter()
-        vector = raise_if_error(await self.encoder.encode.remote(req.query))  # (d,)
+        vector = raise_if_error(await self._stage("encoder", self.encoder.encode, req.query, deadline, stage_s))  # (d,)
         timings["encode"] = _ms(t)
 
         t = time.perf_counter()
-        replies = await asyncio.gather(*(r.search.remote((vector, big_k)) for r in self.retrievers))
+        replies = await asyncio.gather(
+            *(self._stage(f"retriever {i}", r.search, (vector, big_k), deadline, stage_s)
+              for i, r in enumerate(self.retrievers))
+        )
         cands = merge_query(replies, big_k)
         timings["retrieve"] = _ms(t)
 
         t = time.perf_counter()
         if req.fast_only or not cands.keys:
             hits: list[SearchHit] = fast_hits(cands.keys, cands.fast_scores, req.k)
-            captions = await self.catalog.captions.remote([h.key for h in hits])
+            captions = await self._stage("catalog", self.catalog.captions, [h.key for h in hits], deadline, stage_s)
             timings["rerank"] = 0.0
         else:
-            caption_call = self.catalog.captions.remote(cands.keys)  # overlaps with slow scoring
-            hits = raise_if_error(await self.reranker.rerank.remote(RerankItem(req.query, cands, req.k)))
+            # overlaps with slow scoring; abandoned if the re-ranker fails
+            caption_call = asyncio.ensure_future(
+                self._stage("catalog", self.catalog.captions, cands.keys, deadline, stage_s)
+            )
+            try:
+                ranked = await self._stage(
+                    "re-ranker", self.reranker.rerank, RerankItem(req.query, cands, req.k), deadline, rerank_s
+                )
+            except BaseException:
+                caption_call.cancel()
+                raise
+            hits = raise_if_error(ranked)
             timings["rerank"] = _ms(t)
             by_key = dict(zip(cands.keys, await caption_call))
             captions = [by_key.get(h.key, "") for h in hits]
@@ -180,7 +269,9 @@ class Ingress:
     @app.get("/media/{key:path}")
     async def media(self, key: str) -> Response:
         check_media_key(key)
-        blob = raise_if_error(await self.catalog.media.remote(key))
+        limits = self.args.limits
+        deadline = Deadline.after(limits.request_timeout_s)
+        blob = raise_if_error(await self._stage("catalog", self.catalog.media, key, deadline, limits.stage_timeout_s))
         return Response(
             content=blob.data, media_type=blob.content_type, headers={"Cache-Control": "public, max-age=3600"}
         )

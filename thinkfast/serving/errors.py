@@ -55,6 +55,22 @@ class MediaUnavailable(ServingError, DecodeError):
         return type(self), (self.reason, self.detail)
 
 
+class ServiceUnavailable(ThinkfastError):
+    """The service could not answer in time: a stage's replicas died, hung or were
+    overloaded past the request's deadline, and retries did not help. Not the request's
+    fault (so not a :class:`ServingError`): told to the client as a 503 with
+    ``Retry-After: retry_after_s``. The message names the stage, never the request."""
+
+    def __init__(self, stage: str, reason: str, retry_after_s: float = 2.0) -> None:
+        self.stage = stage
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        super().__init__(f"the {stage} stage is unavailable ({reason}); retry later")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, float]]:
+        return type(self), (self.stage, self.reason, self.retry_after_s)
+
+
 T = TypeVar("T")
 # what a batched stage hands back per item: its result, or why it has none
 Outcome = Union[T, ServingError]
@@ -67,4 +83,4 @@ def raise_if_error(outcome: Outcome[T]) -> T:
     return outcome
 
 
-__all__ = ["MediaUnavailable", "Outcome", "ServingError", "UnknownMediaKey", "UnscorableQuery", "raise_if_error"]
+__all__ = ["MediaUnavailable", "Outcome", "ServiceUnavailable", "ServingError", "UnknownMediaKey", "UnscorableQuery", "raise_if_error"]
