@@ -18,6 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, settings
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -307,3 +315,96 @@ def test_serve_config_args_go_through_serves_own_builder_validation(artifacts) -
     assert isinstance(call_user_app_builder_with_args_if_necessary(build_app, args), Application)
     with pytest.raises(ValidationError, match="reranker_typo"):
         call_user_app_builder_with_args_if_necessary(build_app, {**args, "reranker_typo": {}})
+
+
+FUZZ_CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+FUZZ_EXAMPLES = 20  # per operation and mode: bounded (about 150 requests in all), and derandomized
+NO_INVALID_INPUT = {("GET", "/"), ("GET", "/healthz"), ("GET", "/media/{key}")}  # any path string is a valid key
+
+
+def test_fuzzed_requests_get_documented_answers(service) -> None:
+    """Schemathesis over every operation of the live service's own /openapi.json, with
+    valid and invalid inputs: never a 5xx, and every status, content type and body one
+    the spec documents, so a status the service starts answering without documenting it
+    fails here. (Schemathesis' pytest plugin needs a private pytest attribute that pytest
+    9 removed, so the operations are driven by Hypothesis directly.)"""
+    from collections import Counter
+
+    from hypothesis import given
+    from hypothesis.errors import Unsatisfiable
+
+    schema = schemathesis.openapi.from_url(service.rstrip("/") + "/openapi.json")
+    statuses: Counter = Counter()
+    failures: list[str] = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        name = (operation.method.upper(), operation.path)
+        for mode in schemathesis.GenerationMode:
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+            def run(case) -> None:
+                response = case.call_and_validate(checks=FUZZ_CHECKS, timeout=60)
+                statuses[(*name, mode.value, response.status_code)] += 1
+
+            try:
+                run()
+            except Unsatisfiable:
+                if not (mode is schemathesis.GenerationMode.NEGATIVE and name in NO_INVALID_INPUT):
+                    failures.append(f"{name} {mode.value}: no inputs could be generated")
+            except Exception as exc:  # a failed check: collect every operation's, then report
+                failures.append(f"{name} {mode.value}: {exc}"[:3000])
+    assert not failures, "\n\n".join(failures)
+    seen = {key[:3] for key in statuses}
+    assert {("POST", "/search", "positive"), ("POST", "/search", "negative"), ("POST", "/login", "negative"),
+            ("GET", "/media/{key}", "positive"), ("GET", "/", "positive")} <= seen, statuses
+    search = {code for (method, path, _, code) in statuses if path == "/search"}
+    assert 200 in search and search & {400, 413, 415, 422}, statuses  # both answers were exercised
+
+
+def test_access_token_end_to_end(service, artifacts, tmp_path) -> None:
+    """The real Ingress with ``api_token_file`` set, on the running service's own stages
+    (one cheap extra replica, no models loaded): the token is read in the replica from
+    the file, /healthz stays open, everything else needs the header or the cookie."""
+    from ray import serve as ray_serve
+
+    from thinkfast_pipelines.serve.args import ServeArgs
+    from thinkfast_pipelines.serve.ingress import Ingress
+
+    token = "e2e-" + os.urandom(16).hex()
+    token_file = tmp_path / "api-token"
+    token_file.write_text(token + "\n")
+    args = ServeArgs(fast=artifacts.fast, slow=artifacts.slow, index=artifacts.index, embeddings=artifacts.embeddings,
+                     corpus=artifacts.corpus, beta=BETA, api_token_file=str(token_file))
+    handle = ray_serve.get_deployment_handle
+    ingress = Ingress.options(name="AuthIngress", ray_actor_options={"num_cpus": 0.1}).bind(
+        args, handle("TextEncoder", APP), [handle("Retriever_0", APP), handle("Retriever_1", APP)],
+        handle("Reranker", APP), handle("Catalog", APP))
+    ray_serve.run(ingress, name="thinkfast-auth", route_prefix="/auth-check")
+    try:
+        url = service.rstrip("/") + "/auth-check"
+        body = {"query": artifacts.captions[6], "k": 3, "rerank": 6}
+        key, data = next(iter(artifacts.media.items()))
+        assert requests.get(url + "/healthz", timeout=30).json()["status"] == "ok"
+        refused = requests.post(url + "/search", json=body, timeout=30)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Bearer")
+        assert refused.json()["detail"] and token not in refused.text
+        assert requests.get(f"{url}/media/{urllib.parse.quote(key)}", timeout=30).status_code == 401
+        assert requests.post(url + "/search", json=body, headers={"X-API-Key": "x" * 40}, timeout=30).status_code == 401
+        ok = requests.post(url + "/search", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        assert ok.status_code == 200 and [r["key"] for r in ok.json()["results"]] == \
+            [r["key"] for r in _post(service, body).json()["results"]]
+        media = requests.get(f"{url}/media/{urllib.parse.quote(key)}", headers={"X-API-Key": token}, timeout=30)
+        assert media.status_code == 200 and media.content == data
+        # a browser: the sign-in form, then the cookie opens the page and the thumbnails
+        browser = requests.Session()
+        form = browser.get(url + "/", headers={"Accept": "text/html"}, timeout=30)
+        assert form.status_code == 401 and 'name="token"' in form.text
+        signed_in = browser.post(url + "/login", data={"token": token}, allow_redirects=False, timeout=30)
+        assert signed_in.status_code == 303 and signed_in.headers["location"] == "/auth-check/"
+        assert browser.get(url + "/", timeout=30).text.startswith("<!doctype html>")
+        assert browser.get(f"{url}/media/{urllib.parse.quote(key)}", timeout=30).content == data
+        spec = requests.get(url + "/openapi.json", headers={"X-API-Key": token}, timeout=30).json()
+        assert set(spec["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    finally:
+        ray_serve.delete("thinkfast-auth")

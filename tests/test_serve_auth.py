@@ -207,12 +207,19 @@ def test_configure_sets_the_process_source_the_installed_middleware_reads(tmp_pa
     """The ingress installs the middleware at import (before Serve freezes the app) and
     configures it in the replica from ServeArgs.api_token_file."""
     monkeypatch.setattr(auth, "_process_source", auth._UNSET)
+    from ray import cloudpickle
+    from ray._common.serialization import pickle_dumps
+    from ray.serve._private.utils import ensure_serialization_context
+
     app = FastAPI()
     install(app)  # no source: the process-wide one
 
     @app.post("/search")
     async def search() -> dict:
         return {}
+
+    ensure_serialization_context()
+    app = cloudpickle.loads(pickle_dumps(app, error_msg="app"))  # what @serve.ingress does to the app
 
     monkeypatch.setenv(TOKEN_ENV, "")
     path = tmp_path / "token"

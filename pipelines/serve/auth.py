@@ -26,6 +26,7 @@ reaches a route, a handle or a model.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import html
@@ -147,7 +148,16 @@ class AccessToken:
         return hmac.compare_digest(presented, self.session_value())
 
 
-_UNSET = object()
+class _Source(enum.Enum):
+    """Sentinels that survive pickling as themselves (an ``object()`` would not: Serve
+    cloudpickles the app, middleware arguments included, into every replica)."""
+
+    PROCESS = "the one configure() set in this process"
+    UNSET = "configure() not called yet"
+
+
+_UNSET = _Source.UNSET
+PROCESS = _Source.PROCESS
 _process_source: Any = _UNSET  # what configure() set in this process (one Ingress replica per process)
 
 
@@ -313,12 +323,12 @@ class TokenAuthMiddleware:
     must be installed before Serve freezes the app at import, the token is only known in
     the replica)."""
 
-    def __init__(self, app: Callable, source: Any = _UNSET) -> None:
+    def __init__(self, app: Callable, source: Any = PROCESS) -> None:
         self.app = app
         self._source = source
 
     def source(self) -> AccessToken | None:
-        return _current_process_source() if self._source is _UNSET else self._source
+        return _current_process_source() if self._source is PROCESS else self._source
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -335,7 +345,7 @@ class TokenAuthMiddleware:
         await _refuse(send, html_page=path == "/" and _wants_html(_headers(scope)))
 
 
-def install(app: Any, source: Any = _UNSET) -> None:
+def install(app: Any, source: Any = PROCESS) -> None:
     """Put the token check in front of ``app`` (a FastAPI app) and make its OpenAPI
     document what the service answers: every route's error statuses
     (``http_api.document_errors``), ``POST /login``, and the two security schemes
