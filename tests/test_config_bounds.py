@@ -226,6 +226,10 @@ def test_config_that_is_not_an_object_is_refused(tmp_path, checkpoints) -> None:
     (bad / "config.json").write_text(json.dumps(payload))
     with pytest.raises(CheckpointError, match=r"config\.json: FastConfig must be a JSON object, got list"):
         FastModel.from_pretrained(str(bad))
+    (bad / "config.json").write_text(json.dumps({**payload, "padding": "x" * (2 << 20)}))  # 2 MiB
+    with bounded_cost():
+        with pytest.raises(CheckpointError, match=r"config\.json is larger than 1048576 bytes"):
+            FastModel.from_pretrained(str(bad))
 
 
 # ---------------------------------------------------------------- parameter budget
@@ -333,6 +337,8 @@ def test_direct_construction_and_presets_are_validated_too(tokenizer) -> None:
             FastModel.from_preset("tiny", tokenizer=tokenizer, image_size=32 * 10**6)
         with pytest.raises(CheckpointError, match=r"^width = True must be an integer, got bool"):
             dataclasses.replace(SlowModel.preset_config("tiny"), width=True)
+        with pytest.raises(CheckpointError, match=r"^vision\.hidden_sizes \[8, 16, 16, 2\] must be >= 4 for bottleneck"):
+            VisionConfig(hidden_sizes=(8, 16, 16, 2))
         with pytest.raises(CheckpointError, match=r"^vision must be a VisionConfig, got dict"):
             FastConfig(vision={"embedding_size": 8})  # type: ignore[arg-type]
         big = dataclasses.replace(FastModel.preset_config("tiny"),

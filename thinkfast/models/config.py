@@ -11,6 +11,13 @@ weights is a complete checkpoint. Presets:
 
 ``tiny`` and ``small`` use a word tokenizer built from the corpus, so their ``vocab_size``
 is a placeholder until ``with_vocab_size`` is applied (``from_preset`` does it).
+
+Every field declares its bounds (``thinkfast.models.bounds``: type and range), checked in
+``__post_init__``, so a config is valid however it was made (a checkpoint's ``config.json``,
+a preset, an override, ``dataclasses.replace``, direct construction); a violation is a
+``CheckpointError`` naming the field (``text.hidden_size = 1000000000 is out of range
+[1, 8192]``). A field added later must declare bounds too, and, since a checkpoint's config
+must hold every field, a default for older checkpoints with a new ``FORMAT_VERSION``.
 """
 
 from __future__ import annotations
