@@ -255,3 +255,25 @@ def test_on_duplicate_first_then_reject_then_rerun(ray_session, models, tmp_path
     assert found["counts"]["rejected_by_reason"] == {"read:duplicate_key": 6}
     assert sorted(r["key"] for r in found["rejected"]) == sorted(k for k in facts["dups"] for _ in range(2))
     assert not os.path.exists(os.path.join(out, "texts"))
+
+
+# --------------------------------------------------------------------------- index --append
+
+
+def test_index_append_with_known_keys_adds_nothing(tmp_path):
+    """A batch whose later rows repeat keys already in the index used to be added up to
+    the clash (30 of 35 rows in, then the error): now refused before the first shard."""
+    from thinkfast.index import build as B
+    from thinkfast.index.sharded import ShardedIndex
+    from thinkfast.store import write_embeddings
+    from thinkfast_pipelines.index import append_to_index
+
+    rng = np.random.default_rng(0)
+    write_embeddings(str(tmp_path / "e1"), [f"k{i}" for i in range(40)], rng.standard_normal((40, 16)).astype("float32"))
+    B.build_from_embeddings(str(tmp_path / "e1"), str(tmp_path / "idx"), shards=2)
+    keys = [f"n{i}" for i in range(30)] + [f"k{i}" for i in range(5)]
+    write_embeddings(str(tmp_path / "e2"), keys, rng.standard_normal((35, 16)).astype("float32"))
+    with pytest.raises(ThinkfastError, match="5 key\\(s\\) .* already in the index"):
+        append_to_index(str(tmp_path / "e2"), str(tmp_path / "idx"), shard_size=10)
+    manifest = ShardedIndex.read_manifest(str(tmp_path / "idx"))
+    assert manifest.count == 40 and len(manifest.shards) == 2

@@ -31,13 +31,12 @@ from thinkfast.store.outputs import clear_embed_outputs, files_inside_outputs
 from thinkfast.utils import fs
 from thinkfast.utils.timer import StageTimer
 from thinkfast_pipelines.embed.config import EmbedConfig, EmbedError
+from thinkfast_pipelines.embed.duplicates import DUPLICATE_REASON, DuplicatePlan, check_duplicates
 
 if TYPE_CHECKING:
     import ray.data
 
-    import pyarrow as pa
-
-    from thinkfast.data.reader import CorpusInfo, DuplicateKeys
+    from thinkfast.data.reader import CorpusInfo
 
 logger = logging.getLogger(__name__)
 
@@ -109,78 +108,6 @@ def _check_out_not_inside_corpus(corpus_files: tuple[str, ...], out: str) -> Non
         raise EmbedError(f"the corpus file {f} lies inside {directory}, which embed replaces; choose another --out")
 
 
-# --------------------------------------------------------------------------- repeated keys
-
-
-DUPLICATE_REASON = "duplicate_key"
-
-
-@dataclass(frozen=True)
-class DuplicatePlan:
-    """What ``--on-duplicate first|reject`` does with the repeated keys, decided on the
-    driver before any work: their rows are left out of the read streams (``drop``, by key:
-    a stateless stage can tell a key, not which occurrence it holds), the copy that
-    ``first`` keeps is read back by position and joins the streams (``keep``), and every
-    other occurrence becomes a ``rejected/`` row written by the driver (``rejects``)."""
-
-    drop: frozenset[str]
-    keep: tuple[tuple[str, int], ...]  # (file URI, row in file) of each kept copy
-    rejects: "pa.Table"  # REJECT_SCHEMA rows, stage "read", reason "duplicate_key"
-
-
-def check_duplicates(corpus: CorpusInfo, config: EmbedConfig) -> DuplicatePlan | None:
-    """Scan the corpus's key column; refuse (``error``) or plan (``first``/``reject``).
-
-    Runs before Ray starts and before anything under ``--out`` is deleted. With
-    ``--limit`` the whole corpus is scanned (the rows a limited read takes are not fixed
-    by file order), so ``error`` may refuse a repeat beyond the limit, and ``first`` /
-    ``reject`` are refused: they cannot say which of the limited rows are the extras."""
-    from thinkfast.data.decode import Reject, rejects_table
-    from thinkfast.data.reader import find_duplicate_keys
-
-    found: DuplicateKeys = find_duplicate_keys(corpus, config.s3_endpoint)
-    if not found:
-        return None
-    if config.on_duplicate == "error":
-        raise EmbedError(f"{found.describe()}; keys must be unique: fix the corpus, or pass --on-duplicate first "
-                         "(keep the first occurrence) or --on-duplicate reject (reject every row of such a key)")
-    if config.limit is not None:
-        raise EmbedError(f"--on-duplicate {config.on_duplicate} cannot be combined with --limit "
-                         f"({found.describe(max_keys=3)})")
-    rejects = []
-    keep = []
-    for key, places in found.occurrences.items():
-        where = ", ".join(f"{f.rsplit('/', 1)[-1]} row {r}" for f, r in places[:5])
-        if config.on_duplicate == "first":
-            kept_file, kept_row = places[0]
-            keep.append(places[0])
-            for f, r in places[1:]:
-                rejects.append(Reject(key, "read", DUPLICATE_REASON,
-                                      f"{f.rsplit('/', 1)[-1]} row {r} repeats the key; kept the first occurrence "
-                                      f"({kept_file.rsplit('/', 1)[-1]} row {kept_row})"))
-        else:
-            for f, r in places:
-                rejects.append(Reject(key, "read", DUPLICATE_REASON,
-                                      f"{f.rsplit('/', 1)[-1]} row {r}: the key occurs {len(places)}x ({where}); "
-                                      "--on-duplicate reject"))
-    logger.warning("--on-duplicate %s: %s; %d row(s) go to rejected/", config.on_duplicate, found.describe(),
-                   len(rejects))
-    return DuplicatePlan(drop=frozenset(found.occurrences), keep=tuple(keep), rejects=rejects_table(rejects))
-
-
-def _kept_rows(plan: DuplicatePlan, columns: list[str], s3_endpoint: str | None) -> "pa.Table":
-    """The kept copies (``first``) of the repeated keys, ``columns`` only, read by position."""
-    import pyarrow as pa
-
-    from thinkfast.data.reader import read_rows
-
-    by_file: dict[str, list[int]] = {}
-    for f, r in plan.keep:
-        by_file.setdefault(f, []).append(r)
-    tables = [read_rows(f, rows, columns, s3_endpoint) for f, rows in by_file.items()]
-    return pa.concat_tables(tables, promote_options="permissive")
-
-
 # --------------------------------------------------------------------------- Ray Data
 
 
@@ -233,6 +160,7 @@ def _read(corpus: CorpusInfo, columns: list[str], config: EmbedConfig,
     import ray.data
 
     from thinkfast.store.stream import drop_keys
+    from thinkfast_pipelines.embed.duplicates import kept_rows
 
     filesystem, _ = fs.arrow_fs(corpus.files[0], config.s3_endpoint)
     ds = ray.data.read_parquet([fs.strip_scheme(f) for f in corpus.files], columns=columns, filesystem=filesystem)
@@ -241,7 +169,7 @@ def _read(corpus: CorpusInfo, columns: list[str], config: EmbedConfig,
     if duplicates is not None:
         ds = ds.map_batches(drop_keys, batch_format="pyarrow", batch_size=None, fn_kwargs={"keys": duplicates.drop})
         if duplicates.keep:
-            kept = _kept_rows(duplicates, columns, config.s3_endpoint)
+            kept = kept_rows(duplicates, columns, config.s3_endpoint)
             ds = ds.union(ray.data.from_arrow(kept))
     return ds
 
