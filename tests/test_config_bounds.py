@@ -16,11 +16,9 @@ starts.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
-import os
 import re
 import resource
 import shutil
