@@ -187,6 +187,8 @@ def test_bad_token_configs_fail_closed_with_one_clear_error(tmp_path, content, r
         assert content not in str(info.value)  # the secret (or a typo of it) is never echoed
     with pytest.raises(AuthConfigError, match="at least"):
         AccessToken.from_config(None, environ={TOKEN_ENV: "short"})
+    with pytest.raises(AuthConfigError, match="absolute path"):
+        AccessToken.from_config("token", environ={})  # relative to which replica's directory?
 
 
 def test_the_token_is_never_logged(tmp_path, caplog) -> None:

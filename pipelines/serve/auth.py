@@ -95,6 +95,8 @@ class AccessToken:
         ``THINKFAST_API_TOKEN`` variable, else ``None``: no token, the service is open."""
         environ = os.environ if environ is None else environ
         if token_file:
+            if not os.path.isabs(token_file):  # a replica's working directory is not the caller's
+                raise AuthConfigError(f"access token file {token_file} must be an absolute path")
             source = cls.from_file(token_file)
             logger.info("access token required for search, media and the page (from the file %s)", token_file)
             if environ.get(TOKEN_ENV):
