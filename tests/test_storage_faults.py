@@ -363,3 +363,15 @@ def test_cli_to_a_missing_bucket_is_one_line_exit_2(command, tiny_inputs, s3_ser
     out = "s3://tf-no-such-bucket/out"
     proc, took = _thinkfast(COMMANDS[command](tiny_inputs, out), {}, str(tmp_path))
     _assert_one_line(proc, took, command, out, "bucket 'tf-no-such-bucket' does not exist")
+
+
+def test_ray_data_keeps_its_own_retries_for_throttling_only():
+    """Ray Data retries matching pyarrow errors 10 x (backoff up to 32 s) on top of the
+    client's attempts: a write to a refused port took 181 s to fail before this."""
+    from ray.data import DataContext
+
+    ctx = DataContext()
+    assert "AWS Error NETWORK_CONNECTION" in ctx.retried_io_errors  # Ray's default
+    previous = fs.bound_ray_data_retries(ctx)
+    assert "AWS Error NETWORK_CONNECTION" in previous
+    assert list(ctx.retried_io_errors) == ["AWS Error SLOW_DOWN"]

@@ -183,6 +183,7 @@ def _start_ray(config: TrainConfig) -> None:
         init_ray(num_cpus=None if os.environ.get("RAY_ADDRESS") else
                  max(cores, int(config.workers * config.cpus_per_worker + 0.999) + 2))
     ray.data.DataContext.get_current().enable_progress_bars = False
+    fs.bound_ray_data_retries(ray.data.DataContext.get_current())  # a dead endpoint fails in bounded time
 
 
 def _train_loop_entry(loop_config: dict[str, Any]) -> dict[str, Any]:

@@ -377,3 +377,19 @@ def check_readable(uri: str, s3_endpoint: str | None = None) -> None:
         raise StorageError(f"cannot read {uri}: no such file or directory")
     if not os.access(path, os.R_OK):
         raise StorageError(f"cannot read {uri}: permission denied")
+
+
+# Ray Data retries reads and writes whose pyarrow error text matches
+# ``DataContext.retried_io_errors`` itself, up to 10 times with backoff up to 32 s, on top
+# of the client's own retries: a write to a refused port took 181 s to fail (measured,
+# Ray 2.60). Throttling deserves that patience; an endpoint that is down or answers 5xx
+# does not, and the client's bounded retries (THINKFAST_S3_MAX_ATTEMPTS) covered it.
+RAY_DATA_RETRIED_IO_ERRORS: tuple[str, ...] = ("AWS Error SLOW_DOWN",)
+
+
+def bound_ray_data_retries(ctx: Any) -> tuple[str, ...]:
+    """Limit Ray Data's own I/O retries (``ctx``: a ``ray.data.DataContext``) to throttling;
+    returns the previous setting so a caller can restore it."""
+    previous = tuple(ctx.retried_io_errors)
+    ctx.retried_io_errors = list(RAY_DATA_RETRIED_IO_ERRORS)
+    return previous
