@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -75,10 +76,13 @@ def check_inputs(args: ServeArgs) -> None:
     driver (every field's bounds and the parameter estimate; no weights read, no model
     built), so a bad ``config.json`` is one ``CheckpointError`` line naming the file and the
     field instead of "Failed to update the deployments ['TextEncoder']"."""
+    from thinkfast.models.hf_dual import is_hf_dual_reference
     from thinkfast.models.preflight import preflight_checkpoint
 
+    hf_fast = is_hf_dual_reference(args.fast, args.s3_endpoint)  # a CLIP/SigLIP checkpoint: transformers checks it
+    hub_id = hf_fast and not fs.is_s3(args.fast) and not os.path.exists(fs.strip_scheme(args.fast))
     required = {
-        "--fast": fs.join(args.fast, "config.json"),
+        **({} if hub_id else {"--fast": fs.join(args.fast, "config.json")}),
         "--slow": fs.join(args.slow, "config.json"),
         "--index": fs.join(args.index, "manifest.json"),
         "--embeddings": fs.join(args.embeddings, "tokens", "manifest.json"),
@@ -87,7 +91,8 @@ def check_inputs(args: ServeArgs) -> None:
     for flag, uri in required.items():
         if not fs.exists(uri, args.s3_endpoint):
             raise ThinkfastError(f"{flag}: {uri} does not exist")
-    preflight_checkpoint(args.fast, "fast", s3_endpoint=args.s3_endpoint)
+    if not hf_fast:
+        preflight_checkpoint(args.fast, "fast", s3_endpoint=args.s3_endpoint)
     preflight_checkpoint(args.slow, "slow", s3_endpoint=args.s3_endpoint)
 
 

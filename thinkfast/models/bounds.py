@@ -271,6 +271,15 @@ def _conv_bn(cin: int, cout: int, kernel: int) -> int:
     return cin * cout * kernel * kernel + 2 * cout
 
 
+def backbone_params(vision: Any) -> int:
+    """Parameters of the backbone a ``VisionConfig`` describes."""
+    if vision.backbone != "resnet":
+        from thinkfast.models.efficientnet_spec import num_params
+
+        return num_params(vision.backbone)
+    return resnet_params(vision)
+
+
 def resnet_params(vision: Any) -> int:
     """``transformers.ResNetModel`` of a ``VisionConfig`` (stem 7x7 conv, 4 stages; the first
     stage does not downsample: ``downsample_in_first_stage`` stays at its default False)."""
@@ -326,7 +335,8 @@ def _fpn_params(config: Any) -> int:
 
     width = config.width
     finest = min(config.levels)
-    lateral = sum(_linear(config.vision.hidden_sizes[STAGE_STRIDES.index(s)], width) for s in STAGE_STRIDES if s >= finest)
+    channels = config.vision.channels
+    lateral = sum(_linear(channels[STAGE_STRIDES.index(s)], width) for s in STAGE_STRIDES if s >= finest)
     smooth = len(config.levels) * (9 * width * width + width)
     return lateral + smooth + len(config.levels) * width + config.max_frames * width + 2 * width
 
@@ -344,11 +354,12 @@ def estimate_params(config: Any, hf_text_config: dict[str, Any] | None = None) -
             text, text_width = bert_params(hf_text_config), hf_text_config["hidden_size"]
         else:
             text, text_width = _bow_params(config.text), config.text.hidden_size
-        return (resnet_params(config.vision) + _linear(config.vision.hidden_sizes[-1], config.embed_dim)
+        head_width = text_width if config.image_head == "concepts" else config.vision.channels[-1]
+        return (backbone_params(config.vision) + _linear(head_width, config.embed_dim)
                 + text + _linear(text_width, config.embed_dim))
     if isinstance(config, SlowConfig):
         decoder = _decoder_params(config.vocab_size, config.width, config.max_text_length, config.decoder)
-        return resnet_params(config.vision) + _fpn_params(config) + 2 * decoder
+        return backbone_params(config.vision) + _fpn_params(config) + 2 * decoder
     raise TypeError(f"estimate_params needs a FastConfig or SlowConfig, got {type(config).__name__}")
 
 

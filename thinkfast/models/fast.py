@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +22,14 @@ from torch import nn
 
 from thinkfast.errors import CheckpointError, ThinkfastError
 from thinkfast.models.bounds import check_hf_text_config, check_param_budget
+from thinkfast.models.concepts import ConceptHead
 from thinkfast.models.config import FastConfig, fast_preset
 from thinkfast.models.io import TEXT_ENCODER_DIR, PretrainedMixin
 from thinkfast.models.text import HFTextEncoder, build_text_encoder
-from thinkfast.models.vision import ResNetBackbone, check_pixels
+from thinkfast.models.vision import build_backbone, check_pixels
+
+if TYPE_CHECKING:
+    from thinkfast.models.hf_dual import HFDualEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +51,47 @@ class FastModel(PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
-        self.backbone = ResNetBackbone(config.vision, load_pretrained=load_pretrained)
-        self.image_proj = nn.Linear(config.vision.hidden_sizes[-1], config.embed_dim)
+        self.backbone = build_backbone(config.vision, load_pretrained=load_pretrained)
+        linear_head = config.image_head == "linear"
+        if linear_head:  # created before the text tower: the seeded initialisation order of earlier versions
+            self.image_proj = nn.Linear(self.backbone.channels[-1], config.embed_dim)
         self.text_encoder = build_text_encoder(config.text, hf_config=hf_text_config, load_pretrained=load_pretrained)
         self.text_dropout = nn.Dropout(config.text.dropout)
         self.text_proj = nn.Linear(self.text_encoder.output_dim, config.embed_dim)
+        self.concepts: ConceptHead | None = None
+        if not linear_head:
+            self.concepts = self._concept_head(fresh=load_pretrained)
+            self.image_proj = nn.Linear(self.text_encoder.output_dim, config.embed_dim)
+            with torch.no_grad():  # both sides start as the same map of the text space: ConSE's zero-shot ranking
+                self.image_proj.load_state_dict(self.text_proj.state_dict())
+
+    def _concept_head(self, fresh: bool) -> ConceptHead:
+        """The ConSE bridge over the backbone's ImageNet classifier. Built fresh, the class
+        names are embedded with this model's own text tower (before projection); loaded from
+        a checkpoint, the embeddings are placeholders that the saved weights replace."""
+        classifier = self.backbone.net._fc
+        if fresh:
+            from thinkfast.models.concepts import class_prompts, concept_embeddings, imagenet_classes
+
+            def encode(texts: list[str]) -> torch.Tensor:
+                with torch.no_grad():
+                    return torch.cat([self.text_encoder(**self.tokenizer(texts[i:i + 256], max_length=self.config.max_text_length))
+                                      for i in range(0, len(texts), 256)])
+
+            embeddings = concept_embeddings(encode, class_prompts(imagenet_classes(), synonyms=1))
+        else:
+            embeddings = torch.ones(classifier.out_features, self.text_encoder.output_dim)
+        return ConceptHead(classifier, embeddings, top_k=self.config.concept_top_k)
+
+    @classmethod
+    def from_pretrained(cls, dir_or_uri: str, max_params: int | None = None) -> "FastModel | HFDualEncoder":
+        """A thinkfast fast model, or a Hugging Face CLIP / SigLIP checkpoint (hub id or
+        directory) behind the same contract (``thinkfast.models.hf_dual``)."""
+        from thinkfast.models.hf_dual import HFDualEncoder, is_hf_dual_reference
+
+        if is_hf_dual_reference(dir_or_uri):
+            return HFDualEncoder.from_pretrained(dir_or_uri)
+        return super().from_pretrained(dir_or_uri, max_params=max_params)
 
     # ------------------------------------------------------------ construction hooks
     @classmethod
@@ -96,6 +136,8 @@ class FastModel(PretrainedMixin, nn.Module):
         frames = frames.to(device=self.device, dtype=self.image_proj.weight.dtype)
         last = self.backbone(frames)[-1]  # (B*F, C4, h, w)
         pooled = last.mean(dim=(2, 3))  # (B*F, C4)
+        if self.concepts is not None:
+            pooled = self.concepts(pooled)  # (B*F, H): a point in the text tower's space
         return pooled.reshape(b, f, -1).mean(dim=1)  # (B, C4)
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:

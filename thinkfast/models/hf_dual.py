@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,30 @@ def is_hf_dual_checkpoint(name_or_path: str) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(payload, dict) and payload.get("model_type") in SUPPORTED_TYPES and "thinkfast_model" not in payload
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hf_dual_reference(ref: str, s3_endpoint: str | None = None) -> bool:
+    """True when ``ref`` names a CLIP/SigLIP checkpoint rather than a thinkfast one: a local
+    or ``s3://`` directory whose ``config.json`` has such a ``model_type``, or a hub id
+    (``org/name``) that is not a local path. Reads at most one small file."""
+    from thinkfast.utils import fs
+
+    ref = str(ref)
+    if fs.is_s3(ref):
+        try:
+            with fs.fsspec_fs(ref, s3_endpoint).open(fs.strip_scheme(fs.join(ref, "config.json")), "rb") as f:
+                payload = json.loads(f.read(1 << 20))
+        except (OSError, ValueError):
+            return False  # let the thinkfast loader report what is wrong
+        return isinstance(payload, dict) and payload.get("model_type") in SUPPORTED_TYPES \
+            and "thinkfast_model" not in payload
+    local = fs.strip_scheme(ref)
+    if os.path.exists(local):
+        return is_hf_dual_checkpoint(local)
+    return bool(_HUB_ID.match(ref)) and not ref.startswith(("file://", ".", "~"))
 
 
 def _read_preprocessor(name_or_path: str) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Layout of a model directory (local path or ``s3://`` URI)::
 
-    config.json            {"thinkfast_model": "fast"|"slow", "format_version": 1, "config": {...}}
+    config.json            {"thinkfast_model": "fast"|"slow", "format_version": 2, "config": {...}}
     model.safetensors      every weight; nothing is ever unpickled (no torch.load)
     thinkfast_tokenizer.json + vocabulary / HF tokenizer files   (thinkfast.data.tokenizer)
     text_encoder/config.json   HF architecture config (fast model with an HF text tower only)
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from thinkfast.errors import CheckpointError, ThinkfastError
-from thinkfast.models.config import config_to_dict
+from thinkfast.models.config import config_to_dict, identity_dict
 from thinkfast.models.preflight import CONFIG_FILE, FORMAT_VERSION, TEXT_ENCODER_DIR, preflight_checkpoint
 from thinkfast.utils import fs
 
@@ -208,7 +208,7 @@ class PretrainedMixin:
         same string, any change in weights gives another. Written into manifests so an index
         built with one model is never queried with another."""
         digest = state_dict_digest(self)  # type: ignore[arg-type]
-        digest.update(json.dumps(config_to_dict(self.config), sort_keys=True).encode())
+        digest.update(json.dumps(identity_dict(self.config), sort_keys=True).encode())
         with tempfile.TemporaryDirectory(prefix="thinkfast-id-") as tmp:
             self.tokenizer.save(tmp)
             for name in sorted(os.listdir(tmp)):

@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 TEXT_ENCODER_DIR = "text_encoder"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: vision.backbone / frozen_stages, image_head / concept_top_k
+READABLE_VERSIONS = (1, 2)  # 1 is upgraded on read (thinkfast.models.config.upgrade_config_dict)
 MAX_CONFIG_BYTES = 1 << 20  # a model config is a few KB; a bigger file is not one
 
 
@@ -93,11 +94,14 @@ def preflight_checkpoint(dir_or_uri: str, kind: str, *, max_params: int | None =
         raise CheckpointError(f"{label} is not a thinkfast model config (no 'thinkfast_model' field)")
     if payload["thinkfast_model"] != kind:
         raise CheckpointError(f"{origin} holds a {payload['thinkfast_model']!r} model, not a {kind!r} model")
-    if payload.get("format_version") != FORMAT_VERSION:
+    if payload.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{label}: unsupported format_version {payload.get('format_version')!r}")
     if "config" not in payload:
         raise CheckpointError(f"{label}: config is missing")
-    config = config_from_dict(_config_class(kind), payload["config"], source=label)
+    from thinkfast.models.config import upgrade_config_dict
+
+    raw_config = upgrade_config_dict(payload["config"], int(payload["format_version"]), kind)
+    config = config_from_dict(_config_class(kind), raw_config, source=label)
 
     hf_text_config = None
     if kind == "fast" and config.text.kind == "hf":

@@ -34,7 +34,7 @@ from thinkfast.models.bounds import check_param_budget
 from thinkfast.models.config import DecoderConfig, SlowConfig, slow_preset
 from thinkfast.models.io import PretrainedMixin
 from thinkfast.models.outputs import CaptionLikelihood, TokenLogProbs
-from thinkfast.models.vision import FineGrainedTokens, ResNetBackbone, check_pixels, feature_map_side
+from thinkfast.models.vision import FineGrainedTokens, build_backbone, check_pixels, feature_map_side
 
 if TYPE_CHECKING:
     from thinkfast.data.tokenizer import Tokenizer
@@ -145,8 +145,8 @@ class SlowModel(PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
-        self.backbone = ResNetBackbone(config.vision, load_pretrained=load_pretrained)
-        self.tokens = FineGrainedTokens(config.vision.hidden_sizes, config.width, config.levels, config.max_frames)
+        self.backbone = build_backbone(config.vision, load_pretrained=load_pretrained)
+        self.tokens = FineGrainedTokens(self.backbone.channels, config.width, config.levels, config.max_frames)
         self.forward_decoder = CaptionDecoder(config.vocab_size, config.width, config.max_text_length, config.decoder)
         self.backward_decoder = CaptionDecoder(config.vocab_size, config.width, config.max_text_length, config.decoder)
 

@@ -1,4 +1,5 @@
-"""Vision side of both models: a ResNet backbone and the FPN fine-grained tokens phi(x).
+"""Vision side of both models: a ResNet (or EfficientNet-Lite) backbone and the FPN
+fine-grained tokens phi(x).
 
 The backbone is ``transformers.ResNetModel`` (no torchvision): ``output_hidden_states``
 returns the stem and the four stages; stages 1..4 have strides 4/8/16/32. Any depth and
@@ -79,8 +80,24 @@ class ResNetBackbone(nn.Module):
         )
         self.resnet = ResNetModel(hf_config)
         self.channels = tuple(config.hidden_sizes)  # channels of C1..C4
+        self.frozen_stages = config.frozen_stages
         if load_pretrained and config.pretrained:
             self._load_pretrained(config.pretrained)
+        for module in self.frozen_modules():
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The stem and the first ``frozen_stages`` stages."""
+        if self.frozen_stages == 0:
+            return []
+        return [self.resnet.embedder, *self.resnet.encoder.stages[: self.frozen_stages]]
+
+    def train(self, mode: bool = True) -> "ResNetBackbone":
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()  # frozen BatchNorm statistics stay the pretrained ones
+        return self
 
     def _load_pretrained(self, name_or_path: str) -> None:
         """Copy weights of a transformers ResNet (hub id or local dir) into this backbone.
@@ -104,6 +121,16 @@ class ResNetBackbone(nn.Module):
         out = self.resnet(frames, output_hidden_states=True, return_dict=True)
         # hidden_states = (stem, stage1, stage2, stage3, stage4)
         return list(out.hidden_states[1:])
+
+
+def build_backbone(config: VisionConfig, load_pretrained: bool = True) -> nn.Module:
+    """The backbone ``config.backbone`` names: ``forward(frames) -> [C1..C4]``, ``.channels``."""
+    if config.backbone == "resnet":
+        return ResNetBackbone(config, load_pretrained=load_pretrained)
+    from thinkfast.models.efficientnet import EfficientNetBackbone
+
+    pretrained = config.pretrained if load_pretrained else None
+    return EfficientNetBackbone(config.backbone, pretrained=pretrained, frozen_stages=config.frozen_stages)
 
 
 def sincos_2d(height: int, width: int, dim: int, device: torch.device) -> torch.Tensor:
