@@ -197,7 +197,8 @@ def _client(url: str, queries: list[str], stop: threading.Event, out: list[Answe
 
 def kill_trial(url: str, app: str, deployment: str, queries: list[str], *, scenario: str = "", replicas: int = 2,
                clients: int = 4, warmup_s: float = 1.5, after_s: float = 6.0, recover_within_s: float = 45.0,
-               client_timeout_s: float = 30.0, rerank: int = 8, freeze_s: float = 1.0, mode: str = "kill") -> Trial:
+               client_timeout_s: float = 30.0, rerank: int = 8, freeze_s: float = 1.0, mode: str = "kill",
+               wait_recovery: bool = True) -> Trial:
     """Load ``url`` with ``clients`` threads, SIGKILL one replica of ``deployment`` after
     ``warmup_s``, keep loading for ``after_s`` (longer, up to ``recover_within_s``, until a
     request sent after the kill is answered 200), then wait for Serve to report the
@@ -211,7 +212,10 @@ def kill_trial(url: str, app: str, deployment: str, queries: list[str], *, scena
 
     ``mode="hang"`` only stops the replica (SIGSTOP) and leaves it so: a replica that hangs
     (a wedged process, a lost node) without dying. Serve's health check has to find and
-    replace it; until then its calls never answer."""
+    replace it; until then its calls never answer.
+
+    ``wait_recovery=False`` returns when the load ends (``recovered_s`` stays None): a
+    short test need not wait for the restart of a stage that had a twin."""
     if mode not in ("kill", "hang"):
         raise ValueError(f"mode must be kill or hang, not {mode!r}")
     trial = Trial(scenario or deployment, deployment, replicas, clients)
@@ -252,7 +256,8 @@ def kill_trial(url: str, app: str, deployment: str, queries: list[str], *, scena
     if ok_after:
         trial.first_ok_after_kill_s = min(a.sent + a.latency_s for a in ok_after)
     try:
-        _wait_recovered(trial, app, deployment, replicas, t_kill[0], deadline)
+        if wait_recovery:
+            _wait_recovered(trial, app, deployment, replicas, t_kill[0], deadline)
     finally:
         if mode == "hang" and trial.killed_pid in replica_pids(app, deployment):
             os.kill(trial.killed_pid, signal.SIGKILL)  # never leave a stopped process behind
@@ -297,13 +302,14 @@ def flood(url: str, queries: list[str], concurrent: int, timeout_s: float = 30.0
 
 
 SCENARIOS = {
-    # name: (deployment, replicas of the retriever and the re-ranker, kill or hang)
-    "retriever-2": ("Retriever_0", 2, "kill"),
-    "rerank-2": ("Reranker", 2, "kill"),
-    "retriever-2-hang": ("Retriever_0", 2, "hang"),
-    "rerank-2-hang": ("Reranker", 2, "hang"),
-    "retriever-1": ("Retriever_0", 1, "kill"),
-    "rerank-1": ("Reranker", 1, "kill"),
+    # name: (deployment, replicas of the retriever and the re-ranker, replicas of the victim, kill or hang)
+    "retriever-2": ("Retriever_0", 2, 2, "kill"),
+    "rerank-2": ("Reranker", 2, 2, "kill"),
+    "retriever-2-hang": ("Retriever_0", 2, 2, "hang"),
+    "rerank-2-hang": ("Reranker", 2, 2, "hang"),
+    "encoder-1": ("TextEncoder", 2, 1, "kill"),  # the encoder always has one replica here
+    "retriever-1": ("Retriever_0", 1, 1, "kill"),
+    "rerank-1": ("Reranker", 1, 1, "kill"),
 }
 
 
@@ -340,9 +346,9 @@ def main(argv: list[str] | None = None) -> int:
             app = f"faults-{replicas}"
             url = serve(service_args(art, replicas, limits=args.limits), host="127.0.0.1", port=8123, name=app)
             for name in names:
-                deployment, _, mode = SCENARIOS[name]
+                deployment, _, victims, mode = SCENARIOS[name]
                 for i in range(args.trials):
-                    trial = kill_trial(url, app, deployment, art.captions, scenario=name, replicas=replicas,
+                    trial = kill_trial(url, app, deployment, art.captions, scenario=name, replicas=victims,
                                        clients=args.clients, after_s=args.after, freeze_s=args.freeze, mode=mode)
                     row = {**trial.summary(), "trial": i}
                     rows.append(row)

