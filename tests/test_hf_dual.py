@@ -99,6 +99,9 @@ def test_save_round_trip_keeps_identity_and_outputs(tmp_path) -> None:
     fast.save_pretrained(str(tmp_path / "copy"))
     again = HFDualEncoder.from_pretrained(str(tmp_path / "copy"))
     assert again.identity == fast.identity and fast.identity.startswith("fast-")
+    before = fast.identity
+    fast.tokenize(["a much longer query than any before it, to change the padding"])
+    assert fast.identity == before  # tokenizing (which sets the tokenizer's padding state) is not a new model
     tok = fast.tokenize(TEXTS)
     with torch.no_grad():
         torch.testing.assert_close(again.encode_text(**tok), fast.encode_text(**tok))
@@ -118,3 +121,35 @@ def test_not_a_dual_encoder_is_refused(tmp_path) -> None:
         HFDualEncoder.from_pretrained(str(tmp_path))
     with pytest.raises(CheckpointError):
         HFDualEncoder.from_pretrained(str(tmp_path / "missing"))
+
+
+@pytest.mark.ray
+def test_clip_fast_model_through_embed_index_and_eval(ray_session, tmp_path) -> None:
+    """A CLIP checkpoint directory as ``--fast`` everywhere a thinkfast fast model goes."""
+    from thinkfast_pipelines.embed import EmbedConfig, embed
+    from thinkfast_pipelines.evaluate import evaluate
+    from thinkfast_pipelines.index import build_index
+    from thinkfast_pipelines.synth import synth
+
+    from thinkfast import SlowModel
+    from thinkfast.data.reader import read_table
+    from thinkfast.data.tokenizer import WordTokenizer
+
+    corpus, emb, index = str(tmp_path / "corpus"), str(tmp_path / "emb"), str(tmp_path / "index")
+    synth(corpus, images=24, captions_per_image=2, image_size=64, seed=2, image_format="png", workers=1,
+          test_fraction=0.5)
+    _save_tiny("clip", str(tmp_path / "clip"), image_size=64)
+    caps = [c for cs in read_table(corpus, columns=["captions"]).column("captions").to_pylist() for c in cs]
+    torch.manual_seed(0)
+    SlowModel.from_preset("tiny", tokenizer=WordTokenizer.build(caps), image_size=64).save_pretrained(str(tmp_path / "slow"))
+    embed(corpus, emb, fast=str(tmp_path / "clip"), slow=str(tmp_path / "slow"),
+          config=EmbedConfig(batch_size=8, progress=False))
+    manifest = build_index(emb, index, shards=1, factory="Flat")
+    assert manifest.count == 24
+    via_index = evaluate(corpus, str(tmp_path / "clip"), str(tmp_path / "slow"), index=index, embeddings=emb,
+                         rerank=[5])
+    in_process = evaluate(corpus, str(tmp_path / "clip"), None, rerank=[])
+    assert via_index["fast_model"] == HFDualEncoder.from_pretrained(str(tmp_path / "clip")).identity
+    # the embed job's CLIP vectors rank exactly as CLIP run here on the decoded gallery
+    assert via_index["methods"][0]["R@1"] == in_process["methods"][0]["R@1"]
+    assert via_index["methods"][0]["median_rank"] == in_process["methods"][0]["median_rank"]

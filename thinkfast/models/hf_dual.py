@@ -265,7 +265,7 @@ class HFDualEncoder(nn.Module):
     @property
     def identity(self) -> str:
         """Stable hash of weights, config and tokenizer files (same role as ``FastModel.identity``)."""
-        from thinkfast.models.io import state_dict_digest
+        from thinkfast.models.io import state_dict_digest, tokenizer_file_bytes
 
         digest: hashlib._Hash = state_dict_digest(self.model)
         fields = dataclasses.asdict(self.config)
@@ -276,8 +276,7 @@ class HFDualEncoder(nn.Module):
             for name in sorted(os.listdir(tmp)):
                 path = os.path.join(tmp, name)
                 if os.path.isfile(path):
-                    with open(path, "rb") as f:
-                        digest.update(name.encode() + b"|" + f.read())
+                    digest.update(name.encode() + b"|" + tokenizer_file_bytes(path))
         return f"fast-{digest.hexdigest()[:16]}"
 
     @property

@@ -40,6 +40,25 @@ __all__ = ["CONFIG_FILE", "FORMAT_VERSION", "TEXT_ENCODER_DIR", "WEIGHTS_FILE", 
 M = TypeVar("M", bound="PretrainedMixin")
 
 
+def tokenizer_file_bytes(path: str) -> bytes:
+    """A saved tokenizer file as it enters a model's identity. A fast HF tokenizer's
+    ``tokenizer.json`` records the truncation and padding of its *last call*, which is
+    runtime state, not the model: those two entries are left out, so tokenizing a query
+    never changes a model's identity."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if os.path.basename(path) == "tokenizer.json":
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return data
+        if isinstance(payload, dict):
+            payload.pop("truncation", None)
+            payload.pop("padding", None)
+            return json.dumps(payload, sort_keys=True).encode()
+    return data
+
+
 def state_dict_digest(module: nn.Module) -> "hashlib._Hash":
     """SHA-256 over every tensor (name, dtype, shape, bytes) in sorted name order."""
     digest = hashlib.sha256()
@@ -214,8 +233,7 @@ class PretrainedMixin:
             for name in sorted(os.listdir(tmp)):
                 path = os.path.join(tmp, name)
                 if os.path.isfile(path) and name != "thinkfast_tokenizer.json":
-                    with open(path, "rb") as f:
-                        digest.update(name.encode() + b"|" + f.read())
+                    digest.update(name.encode() + b"|" + tokenizer_file_bytes(path))
         return f"{self.model_kind}-{digest.hexdigest()[:16]}"
 
     @property
