@@ -135,6 +135,7 @@ def _data_context(config: EmbedConfig, row_bytes: int) -> Iterator[None]:
 
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.enable_progress_bars, ctx.execution_options.resource_limits, ctx.target_max_block_size)
+    saved_retries = fs.bound_ray_data_retries(ctx)  # a dead endpoint fails in bounded time, not 10 x 32 s
     ctx.enable_progress_bars = config.progress
     ctx.target_max_block_size = max(MIN_BLOCK_BYTES, config.batch_size * row_bytes)
     if config.object_store_limit_mb:
@@ -144,6 +145,7 @@ def _data_context(config: EmbedConfig, row_bytes: int) -> Iterator[None]:
         yield
     finally:
         ctx.enable_progress_bars, ctx.execution_options.resource_limits, ctx.target_max_block_size = saved
+        ctx.retried_io_errors = list(saved_retries)
 
 
 def _actor_resources(config: EmbedConfig) -> dict[str, float]:

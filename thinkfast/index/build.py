@@ -353,6 +353,10 @@ def append_embeddings(embeddings: str, index_uri: str, shard_size: int | None = 
     index = ShardedIndex.load(index_uri, s3_endpoint=s3_endpoint)
     index.check_compatible(model_identity=identity_from_embeddings(embeddings, s3_endpoint))
     keys, vectors = read_embeddings(embeddings, s3_endpoint)
+    clash = sorted(set(keys).intersection(index.keys()))
+    if clash:  # before the first shard: a refused append adds nothing (not the shards before the clash)
+        raise ThinkfastError(f"{len(clash)} key(s) of {embeddings} already in the index (e.g. {clash[:3]}); "
+                             "remove them first; nothing was added")
     size = shard_size or max(1, int(np.ceil(index.manifest.count / max(1, index.num_shards))))
     for start in range(0, len(keys), size):
         index.add(keys[start : start + size], vectors[start : start + size])
