@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("thinkfast_pipelines.synth", "write a generated compositional corpus (images or videos) as Parquet"),
+    "corpus": ("thinkfast_pipelines.corpus", "write a public caption collection (Tux Paint photos, Karpathy, VATEX) as a corpus"),
     "embed": ("thinkfast_pipelines.embed", "Ray Data: decode a corpus, write fast embeddings, slow tokens and rejected rows"),
     "train-slow": ("thinkfast_pipelines.train.run", "Ray Train: train the slow cross-attention model (L_CA)"),
     "train-fast": ("thinkfast_pipelines.train.run", "Ray Train: train the fast dual encoder (L_DE, NCE)"),

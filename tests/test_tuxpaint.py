@@ -102,3 +102,17 @@ def test_a_cached_download_is_reused(tmp_path) -> None:
     stamps = tmp_path / "cache" / "usr" / "share" / "tuxpaint" / "stamps"
     stamps.mkdir(parents=True)
     assert fetch_tuxpaint(str(tmp_path / "cache")) == str(stamps)  # no apt-get call when unpacked already
+
+
+def test_cli_writes_the_corpus_from_relative_paths(tmp_path, monkeypatch, capsys) -> None:
+    from thinkfast_pipelines.cli import main
+
+    _stamp(str(tmp_path / "stamps"), "animals/mammals/zebra", _photo_like(0), "A zebra.\n")
+    _stamp(str(tmp_path / "stamps"), "space/rocket", None, "A rocket.\n", svg=True)
+    monkeypatch.chdir(tmp_path)
+    assert main(["corpus", "tuxpaint", "--stamps-dir", "stamps", "--out", "corpus"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 1 rows to " + str(tmp_path / "corpus") in out and "rejected: unsupported 1" in out
+    assert pq.read_table(glob.glob(str(tmp_path / "corpus" / "part-*.parquet"))[0]).num_rows == 1
+    assert main(["corpus", "tuxpaint", "--stamps-dir", "nowhere", "--out", "c2"]) == 2
+    assert "is not a directory of Tux Paint stamps" in capsys.readouterr().err
