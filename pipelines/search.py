@@ -17,23 +17,37 @@ from thinkfast.errors import ThinkfastError
 logger = logging.getLogger(__name__)
 
 
+TOKEN_ENV = "THINKFAST_API_TOKEN"  # the same variable a protected service reads its token from
+
+
 def search(query: str, url: str = "http://127.0.0.1:8000", k: int = 10, rerank: int | None = None,
-           timeout_s: float = 60.0) -> dict[str, Any]:
-    """POST ``{"query", "k", "rerank"}`` to ``URL/search``; the decoded JSON response."""
+           timeout_s: float = 60.0, token: str | None = None) -> dict[str, Any]:
+    """POST ``{"query", "k", "rerank"}`` to ``URL/search``; the decoded JSON response.
+
+    ``token`` (default ``$THINKFAST_API_TOKEN``) is sent as ``Authorization: Bearer`` to a
+    service that requires one; it is never logged or printed."""
+    import os
+
     import requests
+
+    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     body: dict[str, Any] = {"query": query, "k": k}
     if rerank is not None:
         body["rerank"] = rerank
     endpoint = url.rstrip("/") + "/search"
     try:
-        resp = requests.post(endpoint, json=body, timeout=timeout_s)
+        resp = requests.post(endpoint, json=body, timeout=timeout_s, headers=headers)
     except requests.RequestException as exc:
         raise ThinkfastError(f"no search service reachable at {endpoint}: {type(exc).__name__}") from None
     try:
         data = resp.json()
     except ValueError:
         raise ThinkfastError(f"{endpoint} answered HTTP {resp.status_code} without JSON") from None
+    if resp.status_code == 401:
+        hint = "the token was refused" if token else f"it needs an access token: set {TOKEN_ENV}"
+        raise ThinkfastError(f"the service refused the query (HTTP 401): {hint}")
     if resp.status_code != 200:
         raise ThinkfastError(f"the service refused the query (HTTP {resp.status_code}): {_detail(data)}")
     return data

@@ -73,3 +73,7 @@ def test_serve_args_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
     assert args.fast == str(tmp_path / "fast") and args.slow == str(tmp_path / "slow")
     assert args.index == str(tmp_path / "index") and args.corpus == str(tmp_path / "corpus")
     assert args.embeddings == "s3://b/emb"
+    assert args.api_token_file is None
+    with_token = absolute_args(ServeArgs(fast="fast", slow="slow", index="index", embeddings="emb", corpus="corpus",
+                                         api_token_file="secrets/token"))
+    assert with_token.api_token_file == str(tmp_path / "secrets" / "token")  # replicas run elsewhere

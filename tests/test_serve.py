@@ -406,5 +406,13 @@ def test_access_token_end_to_end(service, artifacts, tmp_path) -> None:
         assert browser.get(f"{url}/media/{urllib.parse.quote(key)}", timeout=30).content == data
         spec = requests.get(url + "/openapi.json", headers={"X-API-Key": token}, timeout=30).json()
         assert set(spec["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+        # the Python / CLI client sends the token of THINKFAST_API_TOKEN (or token=)
+        from thinkfast.errors import ThinkfastError
+        from thinkfast_pipelines.search import search
+
+        assert [r["key"] for r in search(body["query"], url, k=3, rerank=6, token=token)["results"]] == \
+            [r["key"] for r in ok.json()["results"]]
+        with pytest.raises(ThinkfastError, match="needs an access token"):
+            search(body["query"], url, k=3, rerank=6, token="")
     finally:
         ray_serve.delete("thinkfast-auth")

@@ -114,6 +114,7 @@ def absolute_args(args: ServeArgs) -> ServeArgs:
         "fast": absolute_model_ref(args.fast), "slow": absolute_model_ref(args.slow),
         "index": absolute_uri(args.index), "embeddings": absolute_uri(args.embeddings),
         "corpus": absolute_uri(args.corpus),
+        "api_token_file": os.path.abspath(os.path.expanduser(args.api_token_file)) if args.api_token_file else None,
     })
 
 
