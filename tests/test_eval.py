@@ -192,31 +192,31 @@ def test_sign_test_matches_hand_computed_binomial():
 @pytest.mark.slow
 @pytest.mark.ray
 def test_accuracy_experiment_tiny_produces_complete_table(ray_session, tmp_path):
-    """benchmarks/accuracy.py's code path (real training through thinkfast_pipelines.train) on a tiny
-    corpus: every row and claim of the table is there. Values are measured, not asserted."""
+    """benchmarks/accuracy.py's code path on a tiny corpus: every row and claim of the table is
+    there. Values are measured, not asserted. Trained in-process (``--trainer inprocess``, which
+    tests/test_training_equivalence.py shows gives Ray Train's losses), to keep the suite's budget."""
     import dataclasses
     from pathlib import Path
 
     acc = _accuracy_module()
-    cfg = dataclasses.replace(acc.QUICK, images=60, betas=(0.0, 1.0), hard_negatives=True)
+    # hard negatives need Ray Train's index-neighbour batches: tests/test_train_distill_sources.py covers them
+    cfg = dataclasses.replace(acc.QUICK, images=60, betas=(0.0, 1.0), hard_negatives=False)
     result = acc.run_experiment(cfg, str(tmp_path / "work"), video=False, plots_prefix=tmp_path / "acc",
-                                out=tmp_path / "acc.json")
+                                out=tmp_path / "acc.json", trainer="inprocess")
     methods = [r["method"] for r in result["images"]["rows"]]
     assert methods[0] == "fast (NCE)" and methods[1].startswith("slow exhaustive, all levels")
     assert methods[2].startswith("slow exhaustive, fine") and methods[3].startswith("slow exhaustive, coarse")
     assert methods[4] == "fast distilled"
-    assert methods[5:-1] == [f"fast distilled+slow rerank@{k}" for k in cfg.rerank]
-    assert methods[-1] == "fast distilled, hard negatives"
+    assert methods[5:] == [f"fast distilled+slow rerank@{k}" for k in cfg.rerank]
     for row in result["images"]["rows"]:
         assert METRIC_KEYS <= set(row) and row["queries"] == result["images"]["num_queries"]
     assert [c["claim"] for c in result["claims"]][:3] == ["slow beats fast", "fine-grained beats coarse",
                                                           "distillation improves fast"]
-    assert result["claims"][3]["claim"] == "distillation with hard negatives improves fast"
     ranks = result["images"]["ranks"]  # every row's per-query ranks: the claims' sign tests use them
     assert set(methods) <= set(ranks) and all(len(ranks[m]) == result["images"]["num_queries"] for m in methods)
-    assert all("sign_test" in c for c in result["claims"][:4])
-    assert result["claims"][5]["claim"].startswith("more visual tokens")
-    assert len(result["claims"]) == 6 and all(isinstance(c["held"], bool) for c in result["claims"])
+    assert all("sign_test" in c for c in result["claims"][:3])
+    assert result["claims"][4]["claim"].startswith("more visual tokens")
+    assert len(result["claims"]) == 5 and all(isinstance(c["held"], bool) for c in result["claims"])
     assert result["images"]["beta"] in cfg.betas
     assert all(Path(p).stat().st_size > 0 for p in result["plots"]) and len(result["plots"]) == 2
     assert "| claim | held? |" in acc.markdown(result)
