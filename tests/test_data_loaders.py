@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from thinkfast.data.image import decode_image
-from thinkfast.data.loaders import REJECTED_NAME, load_karpathy, load_vatex, main
+from thinkfast.data.loaders import REJECTED_NAME, load_karpathy, load_vatex
 from thinkfast.data.reader import inspect_corpus, read_table
 from thinkfast.data.video import decode_video, encode_video
 from thinkfast.errors import ThinkfastError
@@ -108,6 +108,8 @@ def test_bad_annotation_files(tmp_path, capsys):
     (tmp_path / "y.json").write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "weird"}]}))
     with pytest.raises(ThinkfastError, match="unknown split"):
         load_karpathy(str(tmp_path / "y.json"), str(tmp_path), str(tmp_path / "o"))
-    assert main(["karpathy", "--json", str(tmp_path / "y.json"), "--images", str(tmp_path),
+    from thinkfast_pipelines.cli import main
+
+    assert main(["corpus", "karpathy", "--json", str(tmp_path / "y.json"), "--images", str(tmp_path),
                  "--out", str(tmp_path / "o")]) == 2
     assert "unknown split" in capsys.readouterr().err

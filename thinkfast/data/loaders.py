@@ -12,15 +12,13 @@ A row whose file is missing, unreadable or has no caption is not dropped silentl
 to ``_rejected.parquet`` (key, reason, detail) next to the shards, and the counts come back.
 Output is written shard by shard, so a 30k-image set never sits in memory.
 
-Run as ``python -m thinkfast.data.loaders karpathy|vatex ...`` (``--help``).
+From the command line: ``thinkfast corpus karpathy|vatex|tuxpaint ...`` (``thinkfast_pipelines.corpus``).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -219,39 +217,3 @@ def load_vatex(json_uri: str, video_dir: str, out: str, split: str | None = None
                shard_size: int = 200, s3_endpoint: str | None = None) -> LoadResult:
     """VATEX JSON + clip folder -> corpus Parquet (``mp4`` column) with ``split``."""
     return write_corpus(vatex_items(json_uri, video_dir, split), out, "mp4", embed, shard_size, s3_endpoint)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m thinkfast.data.loaders", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="format", required=True)
-    k = sub.add_parser("karpathy", help="Flickr30K / COCO Karpathy-split JSON + image folder")
-    k.add_argument("--json", required=True)
-    k.add_argument("--images", required=True, help="image folder (local or s3://)")
-    v = sub.add_parser("vatex", help="VATEX JSON + clip folder")
-    v.add_argument("--json", required=True)
-    v.add_argument("--videos", required=True, help="clip folder (local or s3://)")
-    v.add_argument("--split", choices=("train", "val", "test"), default=None)
-    for p in (k, v):
-        p.add_argument("--out", required=True)
-        p.add_argument("--no-embed", action="store_true", help="store a url column instead of the bytes")
-        p.add_argument("--shard-size", type=int, default=None)
-        p.add_argument("--s3-endpoint", default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.format == "karpathy":
-            result = load_karpathy(args.json, args.images, args.out, not args.no_embed, args.shard_size or 1000,
-                                   args.s3_endpoint)
-        else:
-            result = load_vatex(args.json, args.videos, args.out, args.split, not args.no_embed,
-                                args.shard_size or 200, args.s3_endpoint)
-    except ThinkfastError as exc:
-        print(f"loaders: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {result.num_rows} rows to {result.out} ({len(result.files)} files); "
-          f"splits {result.splits}; rejected {result.rejected or 'none'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

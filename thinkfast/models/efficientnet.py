@@ -41,6 +41,7 @@ from thinkfast.models.efficientnet_spec import (  # noqa: F401 - re-exported
 )
 from thinkfast.models.efficientnet_spec import channels as variant_channels
 from thinkfast.models.efficientnet_spec import taps as variant_taps
+from thinkfast.models.freezing import FrozenStagesMixin
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01  # TF's 0.99 decay, in torch's convention
@@ -183,7 +184,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class EfficientNetBackbone(nn.Module):
+class EfficientNetBackbone(FrozenStagesMixin):
     """EfficientNet-Lite behind the backbone interface of ``ResNetBackbone``:
     ``forward(frames) -> [C1, C2, C3, C4]`` at strides 4/8/16/32, ``channels``.
 
@@ -206,9 +207,7 @@ class EfficientNetBackbone(nn.Module):
         self.frozen_stages = frozen_stages
         self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        for module in self.frozen_modules():
-            for p in module.parameters():
-                p.requires_grad_(False)
+        self.freeze()
 
     def frozen_modules(self) -> list[nn.Module]:
         """Stem, blocks and (at 4) the head that ``frozen_stages`` freezes."""
@@ -221,12 +220,6 @@ class EfficientNetBackbone(nn.Module):
         if self.frozen_stages == 4:
             out += [net._conv_head, net._bn1]
         return out
-
-    def train(self, mode: bool = True) -> "EfficientNetBackbone":
-        super().train(mode)
-        for module in self.frozen_modules():
-            module.eval()  # frozen BatchNorm statistics stay ImageNet's
-        return self
 
     def forward(self, frames: torch.Tensor) -> list[torch.Tensor]:
         unit = frames * self._std.to(frames.dtype) + self._mean.to(frames.dtype)

@@ -265,18 +265,13 @@ class HFDualEncoder(nn.Module):
     @property
     def identity(self) -> str:
         """Stable hash of weights, config and tokenizer files (same role as ``FastModel.identity``)."""
-        from thinkfast.models.io import state_dict_digest, tokenizer_file_bytes
+        from thinkfast.models.io import digest_saved_files, state_dict_digest
 
         digest: hashlib._Hash = state_dict_digest(self.model)
         fields = dataclasses.asdict(self.config)
         fields.pop("source")  # the same weights loaded from another place are the same model
         digest.update(json.dumps(fields, sort_keys=True).encode())
-        with tempfile.TemporaryDirectory(prefix="thinkfast-id-") as tmp:
-            self.tokenizer.save_pretrained(tmp)
-            for name in sorted(os.listdir(tmp)):
-                path = os.path.join(tmp, name)
-                if os.path.isfile(path):
-                    digest.update(name.encode() + b"|" + tokenizer_file_bytes(path))
+        digest_saved_files(digest, self.tokenizer.save_pretrained)
         return f"fast-{digest.hexdigest()[:16]}"
 
     @property

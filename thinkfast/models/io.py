@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import nn
@@ -57,6 +57,16 @@ def tokenizer_file_bytes(path: str) -> bytes:
             payload.pop("padding", None)
             return json.dumps(payload, sort_keys=True).encode()
     return data
+
+
+def digest_saved_files(digest: "hashlib._Hash", save: Callable[[str], None], skip: tuple[str, ...] = ()) -> None:
+    """Add what ``save(directory)`` writes (a tokenizer's files, by sorted name) to ``digest``."""
+    with tempfile.TemporaryDirectory(prefix="thinkfast-id-") as tmp:
+        save(tmp)
+        for name in sorted(os.listdir(tmp)):
+            path = os.path.join(tmp, name)
+            if os.path.isfile(path) and name not in skip:
+                digest.update(name.encode() + b"|" + tokenizer_file_bytes(path))
 
 
 def state_dict_digest(module: nn.Module) -> "hashlib._Hash":
@@ -228,12 +238,7 @@ class PretrainedMixin:
         built with one model is never queried with another."""
         digest = state_dict_digest(self)  # type: ignore[arg-type]
         digest.update(json.dumps(identity_dict(self.config), sort_keys=True).encode())
-        with tempfile.TemporaryDirectory(prefix="thinkfast-id-") as tmp:
-            self.tokenizer.save(tmp)
-            for name in sorted(os.listdir(tmp)):
-                path = os.path.join(tmp, name)
-                if os.path.isfile(path) and name != "thinkfast_tokenizer.json":
-                    digest.update(name.encode() + b"|" + tokenizer_file_bytes(path))
+        digest_saved_files(digest, self.tokenizer.save, skip=("thinkfast_tokenizer.json",))
         return f"{self.model_kind}-{digest.hexdigest()[:16]}"
 
     @property

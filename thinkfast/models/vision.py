@@ -33,6 +33,7 @@ from torch import nn
 
 from thinkfast.errors import CheckpointError, ThinkfastError
 from thinkfast.models.config import STAGE_STRIDES, VisionConfig
+from thinkfast.models.freezing import FrozenStagesMixin
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def check_pixels(pixel_values: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return frames, b, f
 
 
-class ResNetBackbone(nn.Module):
+class ResNetBackbone(FrozenStagesMixin):
     """ResNet feature pyramid: ``forward(frames) -> [C1, C2, C3, C4]`` at strides 4/8/16/32."""
 
     def __init__(self, config: VisionConfig, load_pretrained: bool = True) -> None:
@@ -83,21 +84,13 @@ class ResNetBackbone(nn.Module):
         self.frozen_stages = config.frozen_stages
         if load_pretrained and config.pretrained:
             self._load_pretrained(config.pretrained)
-        for module in self.frozen_modules():
-            for p in module.parameters():
-                p.requires_grad_(False)
+        self.freeze()
 
     def frozen_modules(self) -> list[nn.Module]:
         """The stem and the first ``frozen_stages`` stages."""
         if self.frozen_stages == 0:
             return []
         return [self.resnet.embedder, *self.resnet.encoder.stages[: self.frozen_stages]]
-
-    def train(self, mode: bool = True) -> "ResNetBackbone":
-        super().train(mode)
-        for module in self.frozen_modules():
-            module.eval()  # frozen BatchNorm statistics stay the pretrained ones
-        return self
 
     def _load_pretrained(self, name_or_path: str) -> None:
         """Copy weights of a transformers ResNet (hub id or local dir) into this backbone.
