@@ -8,7 +8,7 @@ satisfies all of them.
 
 The grammar is that of the generated captions, with the size optional::
 
-    single:    [a|an|the] [SIZE] COLOUR SHAPE
+    single:    [there is | an image of | a picture with] [a|an|the] [SIZE] COLOUR SHAPE
     two:       NP and NP
     relation:  NP [is] REL NP        (REL: "to the left of", "above", "under", ...)
 
@@ -57,9 +57,18 @@ def _noun_phrase(words: list[str], i: int) -> tuple[ObjSpec, int] | None:
     return None
 
 
+# lead-ins the captions (and people) put before the description; they constrain nothing
+_LEAD_INS = (("there", "is"), ("an", "image", "of"), ("a", "picture", "with"), ("a", "photo", "of"),
+             ("a", "picture", "of"))
+
+
 def parse_query(text: str) -> Constraints | None:
     """The query's constraints, or ``None`` when it is outside the grammar (no precision then)."""
     words = text.lower().replace(",", " ").strip().rstrip(".").split()
+    for lead in _LEAD_INS:
+        if tuple(words[:len(lead)]) == lead and len(words) > len(lead):
+            words = words[len(lead):]
+            break
     first = _noun_phrase(words, 0)
     if first is None:
         return None
