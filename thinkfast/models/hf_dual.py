@@ -161,7 +161,9 @@ class HFDualEncoder(nn.Module):
         try:
             hf_config = AutoConfig.from_pretrained(name_or_path)
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read a Hugging Face config from {origin!r}: {exc}") from exc
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{origin} is neither a local model directory nor a Hugging Face checkpoint "
+                                  f"that can be loaded here ({first[:200]})") from exc
         model_type = getattr(hf_config, "model_type", None)
         if model_type not in SUPPORTED_TYPES:
             raise CheckpointError(f"{origin}: model_type {model_type!r} is not a dual encoder thinkfast supports "
