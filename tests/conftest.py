@@ -97,3 +97,23 @@ def ray_session(s3_server):
     except Exception:  # noqa: BLE001 - serve may never have started
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Untrained tiny fast + slow models over a small word vocabulary, saved once per
+    session (seeded, so every module sees the same weights); returns (fast_dir, slow_dir).
+    A module that needs other models defines its own ``models`` fixture."""
+    import torch
+
+    from thinkfast.data.tokenizer import WordTokenizer
+    from thinkfast.models.fast import FastModel
+    from thinkfast.models.slow import SlowModel
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    words = ["a", "red", "blue", "green", "circle", "square", "triangle", "left", "of", "above", "the"]
+    tokenizer = WordTokenizer.build([" ".join(words)])
+    torch.manual_seed(0)
+    FastModel.from_preset("tiny", tokenizer=tokenizer).save_pretrained(str(root / "fast"))
+    SlowModel.from_preset("tiny", tokenizer=tokenizer).save_pretrained(str(root / "slow"))
+    return str(root / "fast"), str(root / "slow")

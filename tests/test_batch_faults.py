@@ -40,22 +40,6 @@ RAY_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] ")  # e
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Untrained tiny fast + slow models; returns (fast_dir, slow_dir)."""
-    from thinkfast.data.tokenizer import WordTokenizer
-    from thinkfast.models.fast import FastModel
-    from thinkfast.models.slow import SlowModel
-
-    root = tmp_path_factory.mktemp("fault_models")
-    words = ["a", "red", "blue", "green", "circle", "square", "triangle", "left", "of", "above", "the"]
-    tokenizer = WordTokenizer.build([" ".join(words)])
-    torch.manual_seed(0)
-    FastModel.from_preset("tiny", tokenizer=tokenizer).save_pretrained(str(root / "fast"))
-    SlowModel.from_preset("tiny", tokenizer=tokenizer).save_pretrained(str(root / "slow"))
-    return str(root / "fast"), str(root / "slow")
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     from thinkfast.data.synth import SynthConfig, write_synth
 

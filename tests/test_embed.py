@@ -40,22 +40,6 @@ def _write_synth(out: str, n: int, video: bool = False) -> None:
     write_synth(out, config, workers=1)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Untrained tiny fast + slow models saved to a temp dir; returns (fast_dir, slow_dir)."""
-    from thinkfast.data.tokenizer import WordTokenizer
-    from thinkfast.models.fast import FastModel
-    from thinkfast.models.slow import SlowModel
-
-    root = tmp_path_factory.mktemp("embed_models")
-    words = ["a", "red", "blue", "green", "circle", "square", "triangle", "left", "of", "above", "the"]
-    tokenizer = WordTokenizer.build([" ".join(words)])
-    torch.manual_seed(0)
-    FastModel.from_preset("tiny", tokenizer=tokenizer).save_pretrained(str(root / "fast"))
-    SlowModel.from_preset("tiny", tokenizer=tokenizer).save_pretrained(str(root / "slow"))
-    return str(root / "fast"), str(root / "slow")
-
-
 def _png(side: int, seed: int = 0) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)
     buf = io.BytesIO()

@@ -26,22 +26,6 @@ from thinkfast_pipelines.embed import EmbedConfig, embed
 IMAGE_SIZE = 32
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Untrained tiny fast + slow models; returns (fast_dir, slow_dir)."""
-    from thinkfast.data.tokenizer import WordTokenizer
-    from thinkfast.models.fast import FastModel
-    from thinkfast.models.slow import SlowModel
-
-    root = tmp_path_factory.mktemp("dup_models")
-    words = ["a", "red", "blue", "green", "circle", "square", "triangle", "left", "of", "above", "the"]
-    tokenizer = WordTokenizer.build([" ".join(words)])
-    torch.manual_seed(0)
-    FastModel.from_preset("tiny", tokenizer=tokenizer).save_pretrained(str(root / "fast"))
-    SlowModel.from_preset("tiny", tokenizer=tokenizer).save_pretrained(str(root / "slow"))
-    return str(root / "fast"), str(root / "slow")
-
-
 def _read_dir(path: str, suffix: str = ".parquet") -> pa.Table:
     files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(suffix))
     return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
