@@ -5,8 +5,13 @@ sample, then fans the shards out as Ray tasks: each reads its own row range stra
 from the Parquet files (local or S3), adds it to a clone of the trained index and
 writes its files to ``--out``. The manifest is written last, after a check that keys are
 unique over all shards, so a directory with a manifest is always a complete index.
-``--append`` adds a new batch of embeddings to an existing index as new shards (no
-retraining); ``--remove-keys`` tombstones keys. Both rewrite the manifest.
+``--append`` adds the keys of an embeddings directory that the index does not hold yet as
+new shards (no retraining; known keys are skipped and counted, changed vectors reported or,
+with ``--replace-changed``, replaced) and says whether the quantizer has drifted enough that
+a rebuild is due (:mod:`thinkfast.index.drift`); ``--remove-keys`` tombstones keys, and with
+``--embeddings`` also removes them from the embeddings directory (fast/, tokens/, texts/,
+digests) and records them in its ``removed.parquet``, which the serving catalog and
+``embed --incremental`` honour. Every change rewrites the manifest.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--embeddings", default=None, help="embed output (its fast/ inside) or a Parquet dir, URI (not with --remove-keys)"
+        "--embeddings", default=None,
+        help="embed output (its fast/ inside) or a Parquet dir, URI; with --remove-keys: also remove the keys there"
     )
     parser.add_argument("--out", required=True, help="index directory, local path or s3://")
     parser.add_argument("--shards", type=int, default=1, help="number of shards, built in parallel Ray tasks")
@@ -41,7 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exact-below", type=int, default=B.EXACT_BELOW, help="corpus size below which Flat is used")
     parser.add_argument("--model-identity", default=None, help="override the fast model identity from the embed manifest")
     parser.add_argument("--no-store-vectors", action="store_true", help="do not keep raw vectors (no exact re-scoring)")
-    parser.add_argument("--append", action="store_true", help="add --embeddings to the existing index at --out")
+    parser.add_argument("--append", action="store_true",
+                        help="add the keys of --embeddings that the index at --out does not hold yet (others skipped)")
+    parser.add_argument("--replace-changed", action="store_true",
+                        help="with --append: replace indexed keys whose vector in --embeddings differs")
+    parser.add_argument("--drift", action="store_true", help="only report whether the index's quantizer drifted")
     parser.add_argument("--remove-keys", default=None, help="file of keys (one per line) to remove from --out")
     parser.add_argument("--local", action="store_true", help="build shards in local threads instead of Ray tasks")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: local Ray or RAY_ADDRESS)")
@@ -51,14 +61,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from thinkfast.index.append import describe_change
+
+    if args.drift:
+        from thinkfast.index.sharded import ShardedIndex
+
+        print(ShardedIndex.load(args.out, s3_endpoint=args.s3_endpoint).drift().describe())
+        return 0
     if args.remove_keys:
-        count = remove_keys(args.out, _read_key_file(args.remove_keys), s3_endpoint=args.s3_endpoint)
+        keys = _read_key_file(args.remove_keys)
+        if args.embeddings:
+            counts = remove_everywhere(args.out, args.embeddings, keys, s3_endpoint=args.s3_endpoint)
+            print(f"removed {counts['index']} key(s) from {args.out}; from {args.embeddings}: "
+                  f"{counts['fast']} fast, {counts['tokens']} token, {counts['texts']} caption row(s); "
+                  f"{len(keys)} recorded as removed")
+            return 0
+        count = remove_keys(args.out, keys, s3_endpoint=args.s3_endpoint)
         print(f"removed {count} key(s) from {args.out}")
         return 0
     if not args.embeddings:
         raise ThinkfastError("--embeddings is required to build or append")
     if args.append:
-        manifest = append_to_index(args.embeddings, args.out, s3_endpoint=args.s3_endpoint)
+        manifest = append_to_index(args.embeddings, args.out, s3_endpoint=args.s3_endpoint,
+                                   replace_changed=args.replace_changed)
+        print(f"append {args.embeddings} -> {args.out}: {describe_change(manifest.last_change)}")
+        from thinkfast.index.drift import DriftReport
+
+        drift = manifest.last_change.get("drift") or {}
+        if drift.get("applicable"):
+            print(DriftReport(**drift).describe())
     else:
         manifest = build_index(
             args.embeddings,
@@ -148,11 +179,14 @@ def _ray_mapper(address: str | None, cpus_per_task: float) -> ShardMapper:
 
 @user_paths("embeddings", "index_uri")
 def append_to_index(
-    embeddings: str, index_uri: str, shard_size: int | None = None, s3_endpoint: str | None = None
+    embeddings: str, index_uri: str, shard_size: int | None = None, s3_endpoint: str | None = None,
+    replace_changed: bool = False,
 ) -> IndexManifest:
-    """Add the embeddings at ``embeddings`` to the existing index as new shards of about
-    ``shard_size`` vectors (default: the existing mean shard size); no retraining."""
-    return B.append_embeddings(embeddings, index_uri, shard_size, s3_endpoint)
+    """Add the keys of ``embeddings`` that the index lacks as new shards of about
+    ``shard_size`` vectors (default: the existing mean shard size); no retraining. The
+    returned manifest's ``last_change`` counts added / skipped / changed / replaced keys
+    and holds the drift verdict."""
+    return B.append_embeddings(embeddings, index_uri, shard_size, s3_endpoint, replace_changed=replace_changed)
 
 
 @user_paths("index_uri")
@@ -161,6 +195,24 @@ def remove_keys(index_uri: str, keys: Sequence[str], s3_endpoint: str | None = N
     from thinkfast.index.sharded import ShardedIndex
 
     return ShardedIndex.load(index_uri, s3_endpoint=s3_endpoint).remove(keys)
+
+
+@user_paths("index_uri", "embeddings")
+def remove_everywhere(index_uri: str, embeddings: str, keys: Sequence[str],
+                      s3_endpoint: str | None = None) -> dict[str, int]:
+    """Remove ``keys`` from the index and from the embeddings directory: index first (a
+    service reloading it stops returning them), then fast/, tokens/, texts/ and the digests,
+    then ``removed.parquet`` (the catalog hides them; ``embed --incremental`` skips them).
+    Keys the index does not hold are fine here: a takedown list may name keys of shards
+    not indexed yet. Returns ``{"index": n, "fast": n, "tokens": n, "texts": n, ...}``."""
+    from thinkfast.index.sharded import ShardedIndex
+    from thinkfast.store.incremental import remove_from_embeddings
+
+    index = ShardedIndex.load(index_uri, s3_endpoint=s3_endpoint)
+    removed = index.remove(keys, missing_ok=True)
+    index.record_change({"kind": "remove", "asked": len(keys), "removed": removed})
+    counts = remove_from_embeddings(embeddings, keys, s3_endpoint)
+    return {"index": removed, **counts}
 
 
 def _read_key_file(path: str) -> list[str]:
@@ -174,4 +226,4 @@ def _read_key_file(path: str) -> list[str]:
     return keys
 
 
-__all__ = ["add_arguments", "run", "build_index", "append_to_index", "remove_keys"]
+__all__ = ["add_arguments", "run", "build_index", "append_to_index", "remove_keys", "remove_everywhere"]

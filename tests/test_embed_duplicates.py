@@ -244,9 +244,10 @@ def test_on_duplicate_first_then_reject_then_rerun(ray_session, models, tmp_path
 # --------------------------------------------------------------------------- index --append
 
 
-def test_index_append_with_known_keys_adds_nothing(tmp_path):
+def test_index_append_with_known_keys_adds_only_the_new_ones(tmp_path):
     """A batch whose later rows repeat keys already in the index used to be added up to
-    the clash (30 of 35 rows in, then the error): now refused before the first shard."""
+    the clash (30 of 35 rows in, then the error); since issue 17 the known keys are
+    skipped (and, their vectors differing, reported as changed), never added twice."""
     from thinkfast.index import build as B
     from thinkfast.index.sharded import ShardedIndex
     from thinkfast.store import write_embeddings
@@ -257,7 +258,8 @@ def test_index_append_with_known_keys_adds_nothing(tmp_path):
     B.build_from_embeddings(str(tmp_path / "e1"), str(tmp_path / "idx"), shards=2)
     keys = [f"n{i}" for i in range(30)] + [f"k{i}" for i in range(5)]
     write_embeddings(str(tmp_path / "e2"), keys, rng.standard_normal((35, 16)).astype("float32"))
-    with pytest.raises(ThinkfastError, match="5 key\\(s\\) .* already in the index"):
-        append_to_index(str(tmp_path / "e2"), str(tmp_path / "idx"), shard_size=10)
+    change = append_to_index(str(tmp_path / "e2"), str(tmp_path / "idx"), shard_size=10).last_change
+    assert (change["added"], change["skipped"], change["changed"]) == (30, 5, 5)
     manifest = ShardedIndex.read_manifest(str(tmp_path / "idx"))
-    assert manifest.count == 40 and len(manifest.shards) == 2
+    assert manifest.count == 70 and len(manifest.shards) == 5
+    assert sorted(ShardedIndex.load(str(tmp_path / "idx")).keys()) == sorted({f"k{i}" for i in range(40)} | set(keys))

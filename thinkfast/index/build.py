@@ -202,13 +202,19 @@ def sample_rows(plan: BuildPlan, size: int, seed: int = 0) -> np.ndarray:
     return np.concatenate(out)
 
 
-def train_on_sample(plan: BuildPlan, train_sample: int | None = None, seed: int = 0) -> tuple[faiss.Index, dict, int]:
-    """Train once on a sample; save ``trained.faiss``; return it, tuned defaults, sample size."""
+def train_on_sample(plan: BuildPlan, train_sample: int | None = None, seed: int = 0,
+                    stats: dict[str, Any] | None = None) -> tuple[faiss.Index, dict, int]:
+    """Train once on a sample; save ``trained.faiss``; return it, tuned defaults, sample size.
+    ``stats``, when given, receives the quantizer's drift baseline (:mod:`thinkfast.index.drift`)."""
+    from thinkfast.index.drift import training_stats
+
     size = min(plan.count, train_sample or default_train_size(plan.factory, plan.dim, plan.count))
     sample = prepare_vectors(sample_rows(plan, max(size, min(plan.count, TUNE_SAMPLE)), seed), plan.dim)
     order = np.random.default_rng(seed).permutation(len(sample))  # sample_rows keeps file order
     trained = train_index(plan.factory, plan.dim, sample[np.sort(order[:size])], seed)
     save_trained(plan.out_uri, trained, plan.s3_endpoint)
+    if stats is not None:
+        stats.update(training_stats(trained, sample[np.sort(order[:size])]))
     return trained, tune_search_defaults(trained, sample, seed=seed), size
 
 
@@ -236,6 +242,7 @@ def finalize_build(
     model_identity: str | None,
     timings: dict[str, float] | None = None,
     s3_endpoint: str | None = None,
+    quantizer: dict[str, Any] | None = None,
 ) -> IndexManifest:
     """Check keys are unique over all shards, then write the manifest (the commit point)."""
     seen: set[str] = set()
@@ -262,6 +269,7 @@ def finalize_build(
         train_count=train_count,
         timings=dict(timings or {}),
         build_id=uuid.uuid4().hex,
+        quantizer=dict(quantizer or {}),
     )
     write_manifest(plan_out_uri, manifest, s3_endpoint)
     logger.info("index %s: %d vectors in %d shard(s), factory %s", plan_out_uri, manifest.count, len(records), factory)
@@ -328,36 +336,25 @@ def build_from_embeddings(
         plan.count, plan.dim, plan.factory, len(plan.ranges), identity,
     )
     forget_previous(out, s3_endpoint)
+    quantizer: dict[str, Any] = {}
     with timer.stage("train"):
-        trained, defaults, train_count = train_on_sample(plan, train_sample, seed)
+        trained, defaults, train_count = train_on_sample(plan, train_sample, seed, stats=quantizer)
     with timer.stage("add"):
         records = (mapper or thread_mapper)(plan, serialize(trained))
     with timer.stage("finalize"):
         manifest = finalize_build(
-            out, plan.dim, plan.factory, records, defaults, train_count, identity, timer.as_dict(), s3_endpoint
+            out, plan.dim, plan.factory, records, defaults, train_count, identity, timer.as_dict(), s3_endpoint,
+            quantizer=quantizer,
         )
     delete_stale_shards(out, manifest, s3_endpoint)
     return manifest
 
 
 def append_embeddings(embeddings: str, index_uri: str, shard_size: int | None = None,
-                      s3_endpoint: str | None = None) -> IndexManifest:
-    """Add the embeddings at ``embeddings`` to the existing index as new shards of about
-    ``shard_size`` vectors (default: the existing mean shard size); no retraining. The
-    embeddings' fast model must be the index's."""
-    from thinkfast.index.manifest import read_manifest
-    from thinkfast.index.sharded import ShardedIndex
-    from thinkfast.store import read_embeddings
+                      s3_endpoint: str | None = None, replace_changed: bool = False) -> IndexManifest:
+    """Add the keys of ``embeddings`` the index does not hold yet (see
+    :func:`thinkfast.index.append.append_new_keys`); returns the manifest, whose
+    ``last_change`` says how many were added, skipped, changed and replaced."""
+    from thinkfast.index.append import append_new_keys
 
-    fs.check_writable(index_uri, s3_endpoint)
-    index = ShardedIndex.load(index_uri, s3_endpoint=s3_endpoint)
-    index.check_compatible(model_identity=identity_from_embeddings(embeddings, s3_endpoint))
-    keys, vectors = read_embeddings(embeddings, s3_endpoint)
-    clash = sorted(set(keys).intersection(index.keys()))
-    if clash:  # before the first shard: a refused append adds nothing (not the shards before the clash)
-        raise ThinkfastError(f"{len(clash)} key(s) of {embeddings} already in the index (e.g. {clash[:3]}); "
-                             "remove them first; nothing was added")
-    size = shard_size or max(1, int(np.ceil(index.manifest.count / max(1, index.num_shards))))
-    for start in range(0, len(keys), size):
-        index.add(keys[start : start + size], vectors[start : start + size])
-    return read_manifest(index_uri, s3_endpoint)
+    return append_new_keys(embeddings, index_uri, shard_size, s3_endpoint, replace_changed=replace_changed)

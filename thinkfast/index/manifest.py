@@ -67,6 +67,8 @@ class IndexManifest:
     train_count: int = 0  # vectors the quantizers were trained on
     timings: dict[str, float] = field(default_factory=dict)  # build stage seconds (StageTimer)
     build_id: str = ""  # new per build: shard files are immutable within one build (cache key)
+    quantizer: dict[str, Any] = field(default_factory=dict)  # drift statistics (thinkfast.index.drift); {} if no IVF
+    last_change: dict[str, Any] = field(default_factory=dict)  # what the last append / remove did (counts, drift)
     format: str = INDEX_FORMAT
     version: int = INDEX_VERSION
 
@@ -128,6 +130,8 @@ class IndexManifest:
                 train_count=int(data.get("train_count", 0)),
                 timings=dict(data.get("timings") or {}),
                 build_id=str(data.get("build_id", "")),
+                quantizer=dict(data.get("quantizer") or {}),
+                last_change=dict(data.get("last_change") or {}),
                 format=INDEX_FORMAT,
                 version=int(data["version"]),
             )

@@ -81,6 +81,9 @@ def build_in_memory(
                 range(len(ranges)),
             )
         )
+    from thinkfast.index.drift import training_stats
+
     B.finalize_build(
-        out_uri, dim, factory, records, defaults, len(sample), model_identity, timer.as_dict(), s3_endpoint
+        out_uri, dim, factory, records, defaults, len(sample), model_identity, timer.as_dict(), s3_endpoint,
+        quantizer=training_stats(trained, sample),
     )

@@ -24,6 +24,7 @@ import numpy as np
 
 from thinkfast.errors import IndexMismatchError, ThinkfastError
 from thinkfast.index import build as B
+from thinkfast.index.drift import DriftReport, after_append, drift_report
 from thinkfast.index.manifest import (
     TRAINED_NAME,
     IndexManifest,
@@ -37,7 +38,6 @@ from thinkfast.index.shard import Shard, UnknownIndexKeys, read_local_shard
 from thinkfast.utils import fs
 
 logger = logging.getLogger(__name__)
-
 
 
 class ShardedIndex:
@@ -324,7 +324,9 @@ class ShardedIndex:
                     if os.path.exists(os.path.join(self.local_dir, file_name)):
                         fs.write_bytes(fs.join(self.uri, file_name), read_file(self.local_dir, file_name), self.s3_endpoint)
             shard = read_local_shard(self.local_dir, record, self.dim, mmap=True)
-            self._commit(self.manifest.replace(shards=self.manifest.shards + (record,)), self._shards + [shard])
+            quantizer = after_append(self.manifest.quantizer, trained, x)  # drift: the running residual sums
+            self._commit(self.manifest.replace(shards=self.manifest.shards + (record,), quantizer=quantizer),
+                         self._shards + [shard])
         logger.info("added %d vectors to %s as %s", len(keys), self.uri, name)
         return record
 
@@ -361,6 +363,16 @@ class ShardedIndex:
             count = sum(len(rows) for rows in touched.values())
         logger.info("removed %d key(s) from %s", count, self.uri)
         return count
+
+    def drift(self) -> DriftReport:
+        """Whether appends have moved the data away from the trained quantizer (rebuild due)."""
+        with self._lock:
+            return drift_report(self.manifest.quantizer, [s.index for s in self._shards])
+
+    def record_change(self, change: dict[str, Any]) -> None:
+        """Write ``change`` (counts of an append or remove) as the manifest's ``last_change``."""
+        with self._lock:
+            self._commit(self.manifest.replace(last_change=dict(change)), self._shards)
 
     def _require_full(self, what: str) -> None:
         if self.partial:

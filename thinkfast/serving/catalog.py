@@ -16,7 +16,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -95,11 +95,23 @@ class CorpusCatalog:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, uri: str, s3_endpoint: str | None = None, cache_groups: int = 8) -> "CorpusCatalog":
-        """Read keys, captions and media locations (not media bytes) of every Parquet file."""
+    def open(cls, uri: str, s3_endpoint: str | None = None, cache_groups: int = 8, *,
+             exclude: "Iterable[str]" = (), embeddings: str | None = None) -> "CorpusCatalog":
+        """Read keys, captions and media locations (not media bytes) of every Parquet file.
+
+        Keys in ``exclude``, and the keys removed from the corpus that ``embeddings``'s
+        ``removed.parquet`` lists (``thinkfast index --remove-keys --embeddings``), are
+        left out: a deleted item has no caption and its media is an unknown key (404),
+        even while its row is still in the corpus files."""
         from thinkfast.data.media import captions_of
         from thinkfast.data.reader import list_parquet_files
         from thinkfast.data.schema import validate_corpus_schema
+
+        hidden = set(exclude)
+        if embeddings:
+            from thinkfast.store.incremental import read_removed
+
+            hidden |= read_removed(embeddings, s3_endpoint)
 
         files = list_parquet_files(uri, s3_endpoint=s3_endpoint)
         keys: list[str] = []
@@ -126,6 +138,8 @@ class CorpusCatalog:
                     key = row["key"]
                     if key is None or key in seen:
                         duplicates += 1
+                        continue
+                    if key in hidden:
                         continue
                     seen.add(key)
                     caps = captions_of(row, columns)
@@ -157,6 +171,12 @@ class CorpusCatalog:
 
     def __contains__(self, key: object) -> bool:
         return key in self._position
+
+    def remove(self, keys: "Iterable[str]") -> int:
+        """Forget ``keys`` (deleted from the corpus): unknown from now on; returns how many went."""
+        with self._lock:
+            gone = [k for k in set(keys) if self._position.pop(k, None) is not None]
+        return len(gone)
 
     def keys(self) -> list[str]:
         """Every key of the corpus, in file / row order."""

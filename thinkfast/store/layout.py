@@ -35,6 +35,13 @@ EMBED_MANIFEST = "manifest.json"
 FAILED_EMBED_MANIFEST = "failed_manifest.json"
 # every directory an embed run owns (and a re-run replaces)
 EMBED_OUTPUT_DIRS = (FAST_DIR, TOKENS_DIR, REJECTED_DIR, TEXTS_DIR)
+# key -> content digest of every embedded key (what ``embed --incremental`` compares), and
+# the keys removed from the corpus (``index --remove-keys --embeddings``): files, replaced whole
+DIGESTS_FILE = "digests.parquet"
+REMOVED_FILE = "removed.parquet"
+# an incremental run in progress: the previous manifest, kept while manifest.json is absent
+INCREMENTAL_MARKER = "incremental_in_progress.json"
+EMBED_OUTPUT_FILES = (DIGESTS_FILE, REMOVED_FILE, INCREMENTAL_MARKER)
 EMBED_FORMAT = "thinkfast-embeddings"
 EMBED_VERSION = 1
 
@@ -166,12 +173,13 @@ class EmbedCounts:
     rejected_by_reason: dict[str, int] | None = None  # "stage:reason" -> rows
     texts: int | None = None  # caption rows in texts/
     texts_skipped_blank: int | None = None  # null or blank captions not embedded
+    skipped: int | None = None  # --incremental: rows whose key is already embedded (or was removed)
 
     def adds_up(self) -> bool:
-        """Every input row is embedded or rejected exactly once (trivially so without media)."""
+        """Every input row is embedded, rejected or skipped exactly once (trivially so without media)."""
         if self.embedded is None:
             return True
-        return self.embedded + (self.rejected or 0) == self.rows_in
+        return self.embedded + (self.rejected or 0) + (self.skipped or 0) == self.rows_in
 
     def problem(self, duplicates_dropped: int = 0) -> str | None:
         """Why these counts make the run unusable (None: they are fine). A key kept once
@@ -180,7 +188,7 @@ class EmbedCounts:
             return f"{duplicates_dropped} key(s) occur more than once in the corpus; keys must be unique"
         if not self.adds_up():
             return (f"counts do not add up: {self.rows_in} in, {self.embedded} embedded, "
-                    f"{self.rejected} rejected")
+                    f"{self.rejected} rejected, {self.skipped or 0} skipped")
         return None
 
     @classmethod
@@ -219,6 +227,7 @@ class EmbedCounts:
             rejected_by_reason=None if by_reason is None else {str(k): int(v) for k, v in by_reason.items()},
             texts=opt("texts"),
             texts_skipped_blank=opt("texts_skipped_blank"),
+            skipped=opt("skipped"),
         )
 
 
@@ -249,6 +258,7 @@ class EmbedManifest:
     media_steady_rows_per_s: float | None = None  # media throughput once the stream flowed
     timings_s: dict[str, float] = field(default_factory=dict)  # StageTimer stages
     error: str | None = None  # only in failed_manifest.json: why the run was refused
+    incremental: dict[str, Any] | None = None  # --incremental: what was skipped / changed, and the totals
     format: str = EMBED_FORMAT
     version: int = EMBED_VERSION
 
@@ -282,6 +292,8 @@ class EmbedManifest:
         }
         if self.error is not None:
             out["error"] = self.error
+        if self.incremental is not None:
+            out["incremental"] = dict(self.incremental)
         return out
 
     @classmethod
@@ -311,6 +323,7 @@ class EmbedManifest:
                 media_steady_rows_per_s=None if steady is None else float(steady),
                 timings_s={str(k): float(v) for k, v in (data.get("timings_s") or {}).items()},
                 error=data.get("error"),
+                incremental=dict(data["incremental"]) if data.get("incremental") else None,
                 format=EMBED_FORMAT,
                 version=int(data.get("version", EMBED_VERSION)),
             )

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from thinkfast.store.embeddings import keys_digest as _keys_digest
@@ -150,13 +151,14 @@ def finalize_token_store(uri: str, s3_endpoint: str | None = None) -> dict[str, 
             raise StoreError(f"{key_file}: token shape {this} differs from {shape} in other shards")
         data_path = posixpath.join(root, name + _SHARD_DATA_SUFFIX)
         size = filesystem.size(data_path) if filesystem.exists(data_path) else -1
-        if size != table.num_rows * shape.record_bytes:
+        records = _shard_records(table)  # rows in the data file; the key table may have dropped some
+        if size != records * shape.record_bytes:
             raise StoreError(
-                f"{data_path}: {size} bytes, expected {table.num_rows * shape.record_bytes} "
-                f"({table.num_rows} records); the shard is truncated or missing"
+                f"{data_path}: {size} bytes, expected {records * shape.record_bytes} "
+                f"({records} records); the shard is truncated or missing"
             )
         shard_index = len(shards)
-        shards.append({"name": name, "count": table.num_rows})
+        shards.append({"name": name, "count": records})
         for key, row in zip(table.column("key").to_pylist(), table.column("row").to_pylist()):
             if key in seen:
                 dropped += 1
@@ -192,6 +194,50 @@ def finalize_token_store(uri: str, s3_endpoint: str | None = None) -> dict[str, 
         logger.warning("token store %s: %d duplicate key(s) from re-run batches ignored", uri, dropped)
     logger.info("token store %s: %d keys in %d shards, shape (%d, %d)", uri, len(out_keys), len(shards), *(t, d))
     return manifest
+
+
+def _shard_records(table: pa.Table) -> int:
+    """Records in a shard's data file: the key table's ``thinkfast.records`` once keys were
+    removed from it (:func:`remove_token_keys`), else its row count."""
+    value = (table.schema.metadata or {}).get(b"thinkfast.records")
+    return int(value) if value is not None else table.num_rows
+
+
+def remove_token_keys(uri: str, keys: "set[str] | frozenset[str]", s3_endpoint: str | None = None,
+                      *, finalize: bool = True) -> int:
+    """Drop ``keys`` from every shard's key table under ``uri`` (``<emb>/tokens``) and
+    re-index the store; returns how many (shard, key) entries went.
+
+    Data files are never rewritten: a removed key's record stays as dead bytes (a
+    running service's memmaps stay valid) and its key-table row goes, with the data
+    file's record count kept in the table's ``thinkfast.records`` metadata. Each key
+    table is replaced whole (temp + rename, one PUT on S3), so a crash leaves every shard
+    either before or after; re-running finishes the job."""
+    filesystem = fs.fsspec_fs(uri, s3_endpoint)
+    root = fs.strip_scheme(uri).rstrip("/")
+    if not keys or not filesystem.isdir(root):
+        return 0
+    local = not fs.is_s3(uri)
+    removed = 0
+    for key_file in sorted(p for p in filesystem.ls(root, detail=False) if p.endswith(_SHARD_KEYS_SUFFIX)):
+        with filesystem.open(key_file, "rb") as f:
+            table = pq.read_table(f)
+        hit = pa.compute.is_in(table.column("key"), value_set=pa.array(sorted(keys), pa.string()))
+        n = int(pa.compute.sum(hit).as_py() or 0)
+        if not n:
+            continue
+        kept = table.filter(pa.compute.invert(hit))
+        meta = dict(table.schema.metadata or {})
+        meta[b"thinkfast.records"] = str(_shard_records(table)).encode()
+        kept = kept.replace_schema_metadata(meta)
+        sink = io.BytesIO()
+        pq.write_table(kept, sink)
+        _atomic_put(filesystem, key_file, sink.getvalue(), local=local)
+        removed += n
+    if removed and finalize:
+        finalize_token_store(uri, s3_endpoint)
+    logger.info("token store %s: removed %d key entr(ies)", uri, removed)
+    return removed
 
 
 class TokenStore:

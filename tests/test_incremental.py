@@ -1,0 +1,159 @@
+"""A corpus that grows and shrinks (issue 17): incremental embed, incremental index with a
+drift verdict, and deletes that reach the index, the token store and the serving catalog.
+
+In-process except the one embed test (Ray Data is the only way embed runs), so the file
+costs a few seconds: the index and delete tests build small FAISS indexes in threads,
+and the two-stage search runs the session's tiny untrained models.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from thinkfast.errors import ThinkfastError
+from thinkfast.index.drift import MAX_RESIDUAL_RATIO
+from thinkfast.index.sharded import ShardedIndex
+from thinkfast.index.synthetic import clustered_vectors
+from thinkfast.store import TokenStore, TokenStoreWriter, finalize_token_store, read_embeddings, write_embeddings
+from thinkfast_pipelines.index import append_to_index, build_index, remove_everywhere
+
+# --------------------------------------------------------------------------- incremental index
+
+
+def _emb(path, keys, x):
+    write_embeddings(os.path.join(path, "fast"), keys, x)
+    return str(path)
+
+
+def test_append_adds_only_new_keys_and_reports_changed_ones(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 16)).astype(np.float32)
+    keys = [f"k{i:03d}" for i in range(60)]
+    e1 = _emb(tmp_path / "e1", keys[:40], x[:40])
+    out = str(tmp_path / "idx")
+    build_index(e1, out, shards=2, use_ray=False)
+    # the grown directory: every old key again (k005 with new media -> a new vector) plus 20 new
+    grown = x.copy()
+    grown[5] = rng.standard_normal(16)
+    e2 = _emb(tmp_path / "e2", keys, grown)
+    manifest = append_to_index(e2, out, shard_size=8)
+    change = manifest.last_change
+    assert manifest.count == 60
+    assert (change["added"], change["skipped"], change["changed"], change["replaced"]) == (20, 40, 1, 0)
+    assert change["added"] + change["skipped"] == change["input"] == 60
+    assert change["changed_examples"] == ["k005"]
+    index = ShardedIndex.load(out)
+    assert sorted(index.keys()) == keys  # nothing twice
+    q = grown[5] / np.linalg.norm(grown[5])
+    assert index.search(q, 1)[0][0][0] != "k005"  # the old vector is still the indexed one
+    # again: nothing new; then with --replace-changed the new vector replaces the old
+    again = append_to_index(e2, out).last_change
+    assert (again["added"], again["skipped"], again["changed"]) == (0, 60, 1)
+    replaced = append_to_index(e2, out, replace_changed=True)
+    assert replaced.last_change["replaced"] == 1 and replaced.count == 60
+    index = ShardedIndex.load(out)
+    assert sorted(index.keys()) == keys and index.search(q, 1)[0][0][0] == "k005"
+
+
+def test_drift_report_flags_a_shifted_distribution_not_more_of_the_same(tmp_path):
+    """IVF centroids trained on the first build: more vectors from the same clusters keep
+    the residual ratio near 1; vectors from new clusters push it past the limit."""
+    x, _ = clustered_vectors(9000, 32, clusters=40, seed=0)
+    keys = [f"a{i}" for i in range(9000)]
+    out = str(tmp_path / "idx")
+    build_index(_emb(tmp_path / "e1", keys[:6000], x[:6000]), out, factory="IVF64,Flat", use_ray=False)
+    same = append_to_index(_emb(tmp_path / "e2", keys, x), out).last_change["drift"]
+    assert same["applicable"] and same["appended"] == 3000
+    assert 0.8 < same["residual_ratio"] < 1.2 and not same["rebuild_due"], same
+    shifted, _ = clustered_vectors(2000, 32, clusters=5, spread=0.9, seed=7)
+    drift = append_to_index(_emb(tmp_path / "e3", [f"b{i}" for i in range(2000)], shifted), out).last_change["drift"]
+    assert drift["appended"] == 5000 and drift["residual_ratio"] > MAX_RESIDUAL_RATIO and drift["rebuild_due"], drift
+    assert "rebuild due" in ShardedIndex.load(out).drift().describe()
+    # an exact index has no quantizer: never due
+    flat = str(tmp_path / "flat")
+    build_index(_emb(tmp_path / "e4", keys[:100], x[:100]), flat, use_ray=False)
+    assert not ShardedIndex.load(flat).drift().applicable
+
+
+def test_cli_append_prints_counts_and_drift(tmp_path, capsys):
+    from thinkfast_pipelines.cli import main
+
+    x, _ = clustered_vectors(3000, 16, clusters=10, seed=1)
+    keys = [f"c{i}" for i in range(3000)]
+    out = str(tmp_path / "idx")
+    build_index(_emb(tmp_path / "e1", keys[:2000], x[:2000]), out, factory="IVF16,Flat", use_ray=False)
+    rc = main(["index", "--append", "--embeddings", _emb(tmp_path / "e2", keys, x), "--out", out])
+    text = capsys.readouterr().out
+    assert rc == 0 and "added 1000, skipped 2000 already indexed" in text and "quantizer drift" in text, text
+    assert main(["index", "--drift", "--out", out]) == 0
+    assert "no rebuild needed" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- deletes reach every artifact
+
+
+def _corpus(root, keys):
+    from thinkfast.data.synth import SynthConfig, write_synth
+
+    write_synth(str(root), SynthConfig(num_images=len(keys), captions_per_image=1, image_size=32, seed=3,
+                                       image_format="png"), workers=1)
+    return str(root)
+
+
+def test_deleted_key_leaves_index_tokens_and_catalog_and_search_never_returns_it(models, tmp_path):
+    import torch
+
+    from thinkfast.models.fast import FastModel
+    from thinkfast.models.slow import SlowModel
+    from thinkfast.rerank import two_stage_search
+    from thinkfast.serving.catalog import CorpusCatalog
+    from thinkfast.serving.errors import UnknownMediaKey
+    from thinkfast.store.incremental import read_removed
+
+    fast, slow = FastModel.from_pretrained(models[0]).eval(), SlowModel.from_pretrained(models[1]).eval()
+    corpus = _corpus(tmp_path / "corpus", range(12))
+    table = pq.read_table(corpus)
+    keys = table.column("key").to_pylist()
+    n = len(keys)
+    torch.manual_seed(0)
+    pixels = torch.rand(n, 3, fast.config.image_size, fast.config.image_size)
+    with torch.inference_mode():
+        vectors = fast.encode_image(pixels).numpy()
+        tokens = slow.encode_visual(pixels).numpy()
+    emb = str(tmp_path / "emb")
+    write_embeddings(os.path.join(emb, "fast"), keys, vectors)
+    TokenStoreWriter(os.path.join(emb, "tokens")).write(keys[:6], tokens[:6])
+    TokenStoreWriter(os.path.join(emb, "tokens")).write(keys[6:], tokens[6:])
+    finalize_token_store(os.path.join(emb, "tokens"))
+    out = str(tmp_path / "idx")
+    build_index(emb, out, use_ray=False)
+
+    def search():
+        index, store = ShardedIndex.load(out), TokenStore.open(emb)
+        hits = two_stage_search(["a red circle", "the blue square"], fast, slow, index, store.get,
+                                k=len(index), rerank_k=len(index))
+        return [{h.key for h in q} for q in hits]
+
+    assert all(found == set(keys) for found in search())
+    gone = [keys[2], keys[7], "never-embedded"]
+    counts = remove_everywhere(out, emb, gone)
+    assert (counts["index"], counts["fast"], counts["tokens"]) == (2, 2, 2)
+    live = set(keys) - set(gone)
+    assert all(found == live for found in search())  # every live key, no deleted one
+    store = TokenStore.open(emb)
+    assert len(store) == n - 2 and keys[2] not in store and keys[7] not in store
+    np.testing.assert_array_equal(store.get([keys[8]]), tokens[8:9].astype(np.float16))  # records kept in place
+    assert sorted(read_embeddings(emb)[0]) == sorted(live)
+    assert read_removed(emb) == set(gone)
+    catalog = CorpusCatalog.open(corpus, embeddings=emb)
+    assert keys[2] not in catalog and keys[3] in catalog and len(catalog) == n - 2
+    with pytest.raises(UnknownMediaKey):
+        catalog.media(keys[7])
+    assert catalog.remove([keys[3]]) == 1 and keys[3] not in catalog
+    # a second removal of the same keys changes nothing and does not fail
+    assert remove_everywhere(out, emb, gone)["index"] == 0
