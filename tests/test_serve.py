@@ -416,3 +416,33 @@ def test_access_token_end_to_end(service, artifacts, tmp_path) -> None:
             search(body["query"], url, k=3, rerank=6, token="")
     finally:
         ray_serve.delete("thinkfast-auth")
+
+
+def test_image_queries_and_explain_over_http(service, artifacts, offline, tmp_path, capsys) -> None:
+    """Query by image (JSON base64, and the CLI's multipart upload) and ``explain`` on the
+    running app; the library-level checks are in tests/test_serve_queries.py."""
+    import base64
+
+    from thinkfast_pipelines.cli import main
+
+    key, png = list(artifacts.media.items())[5]
+    resp = _post(service, {"image": base64.b64encode(png).decode(), "k": 3, "explain": True})
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    assert data["image"] and data["query"] is None and data["rerank"] == 0 and data["beta"] is None
+    assert key in [r["key"] for r in data["results"] if r["fast_score"] > 0.9999]  # the image finds itself
+    assert [(r["explain"]["rank"], r["explain"]["fast_rank"], r["slow_score"]) for r in data["results"]] == \
+        [(1, 1, None), (2, 2, None), (3, 3, None)]
+    (tmp_path / "q.png").write_bytes(png)
+    assert main(["search", "--image", str(tmp_path / "q.png"), "--url", service, "--k", "3", "--json"]) == 0
+    assert [r["key"] for r in json.loads(capsys.readouterr().out)["results"]] == [r["key"] for r in data["results"]]
+    # a text query explained: final order as offline, fast ranks as the fast-only order
+    query = artifacts.captions[9]
+    text = _post(service, {"query": query, "k": 4, "rerank": 12, "explain": True, "beta": BETA}).json()
+    fast_keys = [h.key for h in offline(query, 12, 0)]
+    assert [r["key"] for r in text["results"]] == [h.key for h in offline(query, 4, 12)] and text["beta"] == BETA
+    assert [r["explain"]["fast_rank"] for r in text["results"]] == [fast_keys.index(r["key"]) + 1 for r in text["results"]]
+    for body, words in (({"image": base64.b64encode(png[:40]).decode()}, "query image cannot be used"),
+                        ({"image": base64.b64encode(png).decode(), "rerank": 10}, "slow model scores captions")):
+        bad = _post(service, body)
+        assert bad.status_code == 422 and words in bad.text, bad.text

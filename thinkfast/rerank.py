@@ -67,6 +67,34 @@ class SearchHit:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class HitExplanation:
+    """Why a result sits where it does: its place in the fast ranking next to its final
+    place, so a user sees what re-ranking changed (``"explain": true`` of the service)."""
+
+    rank: int  # final position, 1-based
+    fast_rank: int  # position among the fast candidates (by s_fast), 1-based
+    fast_score: float  # s_fast
+    slow_score: float | None  # h; None when not re-ranked
+
+    def to_dict(self) -> dict[str, int | float | None]:
+        return asdict(self)
+
+
+def explain_hits(
+    hits: Sequence[SearchHit], candidate_keys: Sequence[CandidateKey], fast_scores: Sequence[float]
+) -> list[HitExplanation]:
+    """Each hit's final and fast rank. ``candidate_keys`` / ``fast_scores`` are the stage-1
+    list the hits were chosen from, cleaned as ``rerank`` / ``fast_hits`` clean it (empty
+    keys and repeats dropped), so fast ranks count the candidates the slow model saw."""
+    keys, _ = _clean_candidates(candidate_keys, fast_scores)
+    fast_rank = {key: i + 1 for i, key in enumerate(keys)}
+    missing = [h.key for h in hits if h.key not in fast_rank]
+    if missing:
+        raise ThinkfastError(f"{len(missing)} hit(s) are not among the fast candidates, e.g. {missing[0]!r}")
+    return [HitExplanation(i + 1, fast_rank[h.key], h.fast_score, h.slow_score) for i, h in enumerate(hits)]
+
+
 def combined_score(h: Score, s_fast: Score, beta: float) -> Score:
     """``h + beta * s_fast`` (tensors, arrays or floats)."""
     return h + beta * s_fast

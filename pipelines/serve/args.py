@@ -67,8 +67,8 @@ class RerankerSize(_Strict):
 
 
 class ServiceLimits(_Strict):
-    """Deadlines, retries and health checks: what bounds a request when a replica dies,
-    hangs or is overloaded (issue 20). The stages are idempotent, so a call that a dead
+    """Deadlines, retries, health checks and the size of a query image: what bounds a
+    request when a replica dies, hangs or is overloaded (issue 20), or when it uploads. The stages are idempotent, so a call that a dead
     replica will never answer is abandoned after its attempt timeout and sent again;
     Serve routes the retry to another replica where one exists."""
 
@@ -88,6 +88,20 @@ class ServiceLimits(_Strict):
     )
     health_check_timeout_s: float = Field(
         5.0, gt=0, description="a replica that does not answer a probe within this is restarted"
+    )
+    max_image_bytes: int = Field(
+        10 * 1024 * 1024,
+        ge=1024,
+        le=100 * 1024 * 1024,
+        description="largest image file a query by image may send (decoded bytes; a JSON body carries 4/3 of it"
+        " as base64); larger is a 413 before any decoding",
+    )
+    max_image_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        le=64 * 1024 * 1024,  # thinkfast.data.image.DEFAULT_MAX_PIXELS: embed's own bound
+        description="most pixels (width x height, read from the header before decoding) of a query image; more is"
+        " a 422, so a decompression bomb never reaches memory",
     )
     graceful_shutdown_timeout_s: float = Field(
         15.0,

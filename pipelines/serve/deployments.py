@@ -1,5 +1,5 @@
-"""The Serve deployments behind the ingress: text encoder, per-shard retrievers, the
-batched slow re-ranker and the corpus catalog.
+"""The Serve deployments behind the ingress: query encoder (text and image towers of the
+fast model), per-shard retrievers, the batched slow re-ranker and the corpus catalog.
 
 Only Ray wiring lives here: each deployment loads one stage of ``thinkfast.serving``
 (from URIs, in ``__init__``; nothing at import) and runs it off the event loop, batched
@@ -39,19 +39,28 @@ def _set_threads(n: int) -> None:
 
 @serve.deployment
 class TextEncoder:
-    """g(y): the fast model's text tower. Batches concurrent queries into one forward pass."""
+    """The fast model's query towers: g(y) of texts and, for a query by image, f(x) of
+    images, each batching its concurrent queries into one forward pass. One deployment
+    for both (its name is kept from when it held the text tower only): the fast model is
+    loaded once per replica, under the same thread setting."""
 
     def __init__(self, args: ServeArgs, torch_threads: int = 1) -> None:
         from thinkfast.serving.stages import QueryEncoder
 
         _set_threads(torch_threads)
         self.stage = QueryEncoder.load(args.fast, args.index, args.s3_endpoint)
-        logger.info("text encoder ready: %s (identity %s)", args.fast, self.stage.identity)
+        self.max_image_pixels = args.limits.max_image_pixels
+        logger.info("query encoder ready: %s (identity %s)", args.fast, self.stage.identity)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def encode(self, queries: list[str]) -> list[Outcome[np.ndarray]]:
         """``(d,)`` per query, or ``UnscorableQuery``."""
         return await asyncio.to_thread(self.stage.encode, queries)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def encode_image(self, images: list[bytes]) -> list[Outcome[np.ndarray]]:
+        """``(d,)`` per encoded image file, or ``UnreadableImage`` (answered 422)."""
+        return await asyncio.to_thread(self.stage.encode_images, images, self.max_image_pixels)
 
     def model_identity(self) -> str:
         return self.stage.identity

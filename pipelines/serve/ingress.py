@@ -1,9 +1,12 @@
 """The HTTP face of the service: a FastAPI app served by the ``Ingress`` deployment.
 
-``POST /search`` runs the two stages by composing deployment handles: text encoder ->
-every retriever shard in parallel -> merged top-K (``thinkfast.serving.merge``) ->
-re-ranker (with the captions of the K candidates fetched from the catalog at the same
-time), or ``thinkfast.rerank.fast_hits`` when fast only. ``GET /media/{key}`` answers only
+``POST /search`` runs the two stages by composing deployment handles: encoder (the fast
+model's text tower, or its image tower for a query by image) -> every retriever shard in
+parallel -> merged top-K (``thinkfast.serving.merge``) -> re-ranker (with the captions of
+the K candidates fetched from the catalog at the same time), or
+``thinkfast.rerank.fast_hits`` when fast only (always, for an image query). The body is
+JSON or ``multipart/form-data`` (``forms.py``); ``"explain": true`` adds each result's fast
+and final rank (``thinkfast.rerank.explain_hits``). ``GET /media/{key}`` answers only
 keys the catalog's table holds. Every client error is a 4xx JSON ``{"detail": ...}``: a
 malformed request (``http_api.RequestError``) or a ``ServingError`` a stage handed back.
 The ingress itself holds no model (nor torch), so it stays cheap to replicate.
@@ -30,19 +33,22 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from thinkfast.rerank import SearchHit, fast_hits
+from thinkfast.rerank import SearchHit, explain_hits, fast_hits
 from thinkfast.serving.deadline import Deadline, RetryPolicy, call_with_retries, within
 from thinkfast.serving.errors import ServiceUnavailable, ServingError, raise_if_error
 from thinkfast.serving.merge import merge_query
 from thinkfast.serving.stages import RerankItem
 from thinkfast_pipelines.serve.args import ServeArgs
 from thinkfast_pipelines.serve import auth
+from thinkfast_pipelines.serve.forms import FORM_SCHEMA, is_form, parse_search_form
 from thinkfast_pipelines.serve.http_api import (
     MAX_BODY_BYTES,
+    Explanation,
     RequestError,
     SearchRequest,
     SearchResponse,
     SearchResult,
+    body_limit,
     check_media_key,
     parse_search_body,
     request_error_of,
@@ -190,13 +196,22 @@ class Ingress:
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": SearchRequest.model_json_schema()}},
+                "content": {
+                    "application/json": {"schema": SearchRequest.model_json_schema()},
+                    "multipart/form-data": {"schema": FORM_SCHEMA},
+                },
             }
         },
     )
     async def search(self, request: Request) -> SearchResponse:
         start = time.perf_counter()
-        req = parse_search_body(await read_body_limited(request), request.headers.get("content-type"))
+        max_image_bytes = self.args.limits.max_image_bytes
+        body = await read_body_limited(request, body_limit(max_image_bytes))
+        content_type = request.headers.get("content-type")
+        if is_form(content_type):
+            req = parse_search_form(body, content_type, max_image_bytes)
+        else:
+            req = parse_search_body(body, content_type, max_image_bytes)
         return await self.run_query(req, start)
 
     async def _stage(self, stage: str, method: DeploymentHandle, arg, deadline: Deadline, timeout_s: float):
@@ -224,7 +239,12 @@ class Ingress:
         stage_s, rerank_s = self.args.limits.stage_timeout_s, self.args.limits.rerank_timeout_s
 
         t = time.perf_counter()
-        vector = raise_if_error(await self._stage("encoder", self.encoder.encode, req.query, deadline, stage_s))  # (d,)
+        if req.image is not None:  # f(x) of the query image: the index holds f(x) of the corpus
+            image = req.image_bytes(self.args.limits.max_image_bytes)
+            outcome = await self._stage("encoder", self.encoder.encode_image, image, deadline, stage_s)
+        else:
+            outcome = await self._stage("encoder", self.encoder.encode, req.query, deadline, stage_s)
+        vector = raise_if_error(outcome)  # (d,)
         timings["encode"] = _ms(t)
 
         t = time.perf_counter()
@@ -246,9 +266,8 @@ class Ingress:
                 self._stage("catalog", self.catalog.captions, cands.keys, deadline, stage_s)
             )
             try:
-                ranked = await self._stage(
-                    "re-ranker", self.reranker.rerank, RerankItem(req.query, cands, req.k), deadline, rerank_s
-                )
+                item = RerankItem(req.query, cands, req.k, beta=req.beta)
+                ranked = await self._stage("re-ranker", self.reranker.rerank, item, deadline, rerank_s)
             except BaseException:
                 caption_call.cancel()
                 raise
@@ -256,12 +275,19 @@ class Ingress:
             timings["rerank"] = _ms(t)
             by_key = dict(zip(cands.keys, await caption_call))
             captions = [by_key.get(h.key, "") for h in hits]
-        results = [SearchResult(caption=caption, **h.to_dict()) for h, caption in zip(hits, captions)]
+        explained = explain_hits(hits, cands.keys, cands.fast_scores) if req.explain else [None] * len(hits)
+        results = [
+            SearchResult(caption=caption, explain=None if why is None else Explanation(**why.to_dict()), **h.to_dict())
+            for h, caption, why in zip(hits, captions, explained)
+        ]
         timings["total"] = _ms(start)
+        reranked = not req.fast_only and bool(cands.keys)
         return SearchResponse(
             query=req.query,
+            image=req.image is not None,
             k=req.k,
-            rerank=0 if req.fast_only else len(cands.keys),
+            rerank=len(cands.keys) if reranked else 0,
+            beta=(self.args.beta if req.beta is None else req.beta) if reranked else None,
             results=results,
             timings_ms=timings,
         )

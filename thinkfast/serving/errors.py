@@ -55,6 +55,22 @@ class MediaUnavailable(ServingError, DecodeError):
         return type(self), (self.reason, self.detail)
 
 
+class UnreadableImage(ServingError, DecodeError):
+    """An image query whose bytes cannot be used: not an image, truncated, or more pixels
+    than the service accepts. Still a ``DecodeError`` (``reason`` is the same tag embed
+    writes to ``rejected/``: ``empty``, ``corrupt``, ``truncated``, ``too_large``, ...), so a
+    query image is refused for the reason a corpus image would be; told to the client as
+    a 422 that names the problem (never a 500: the cause is the upload)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        detail = " ".join(str(detail).split())[:300]  # PIL's messages can be long; this is one line
+        DecodeError.__init__(self, reason, detail)
+        self.args = (f"the query image cannot be used ({reason})" + (f": {detail}" if detail else ""),)
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.reason, self.detail)
+
+
 class ServiceUnavailable(ThinkfastError):
     """The service could not answer in time: a stage's replicas died, hung or were
     overloaded past the request's deadline, and retries did not help. Not the request's
@@ -83,4 +99,5 @@ def raise_if_error(outcome: Outcome[T]) -> T:
     return outcome
 
 
-__all__ = ["MediaUnavailable", "Outcome", "ServiceUnavailable", "ServingError", "UnknownMediaKey", "UnscorableQuery", "raise_if_error"]
+__all__ = ["MediaUnavailable", "Outcome", "ServiceUnavailable", "ServingError", "UnknownMediaKey", "UnreadableImage",
+           "UnscorableQuery", "raise_if_error"]

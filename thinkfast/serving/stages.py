@@ -1,7 +1,8 @@
 """The search service's stages, without Ray: what each Serve deployment computes.
 
-* :class:`QueryEncoder`: ``g(y)`` of a batch of queries, checked at load time against
-  the fast model that embedded the index (other weights would score in another space);
+* :class:`QueryEncoder`: ``g(y)`` of a batch of text queries, or ``f(x)`` of a batch of
+  query images (decoded and preprocessed exactly as embed does), checked at load time
+  against the fast model that embedded the index (other weights would score in another space);
 * :class:`ShardSearcher`: one index shard's top-k for a batch of query vectors;
 * :class:`CandidateReranker`: the slow model over cached phi(x) tokens, through
   ``thinkfast.rerank.rerank_many``, the code path of ``thinkfast eval``, so the service
@@ -21,10 +22,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from thinkfast.encode import text_vectors
-from thinkfast.errors import IndexMismatchError
+from thinkfast.encode import image_vectors, text_vectors
+from thinkfast.errors import DecodeError, IndexMismatchError
 from thinkfast.rerank import SearchHit, rerank_many
-from thinkfast.serving.errors import Outcome, UnscorableQuery
+from thinkfast.serving.errors import Outcome, UnreadableImage, UnscorableQuery
 from thinkfast.serving.merge import Candidates, ShardHits
 
 if TYPE_CHECKING:
@@ -43,10 +44,13 @@ class RerankItem:
     query: str
     candidates: Candidates
     k: int  # results wanted (<= K)
+    beta: float | None = None  # weight of s_fast for this query; None: the re-ranker's own (the served beta)
 
 
 class QueryEncoder:
-    """``g(y)``: the fast model's text tower, one forward pass per batch of queries."""
+    """The fast model's two towers for queries: ``g(y)`` of texts, ``f(x)`` of images (query
+    by image), one forward pass per batch. Both land in the index's space: the index holds
+    ``f(x)`` of the corpus, so an image query is an image-to-image search."""
 
     def __init__(self, model: FastModel) -> None:
         self.model = model
@@ -80,6 +84,40 @@ class QueryEncoder:
             UnscorableQuery("fast") if empty[i] or not np.isfinite(vectors[i]).all() else vectors[i]
             for i in range(len(queries))
         ]
+
+    def encode_images(self, images: Sequence[bytes], max_pixels: int | None = None) -> list[Outcome[np.ndarray]]:
+        """``f(x)`` ``(d,)`` float32 per encoded image file, or :class:`UnreadableImage` for one
+        that cannot be decoded or has more than ``max_pixels`` pixels (checked from the
+        header, before its pixels are decoded). The pixels are made as embed makes them
+        (``thinkfast.data.image``: EXIF orientation, alpha on white, shorter side resized to
+        the fast model's ``image_size``, centre crop, ImageNet normalisation), so an image of
+        the corpus finds itself."""
+        import torch
+
+        from thinkfast.data.image import DEFAULT_MAX_PIXELS, decode_image, preprocess_image
+
+        limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        size = int(self.model.config.image_size)
+        out: list[Outcome[np.ndarray]] = []
+        good: list[int] = []
+        pixels = []
+        for data in images:
+            try:
+                pixels.append(preprocess_image(decode_image(bytes(data), max_pixels=limit), size))  # (3, S, S)
+            except DecodeError as exc:
+                out.append(UnreadableImage(exc.reason, exc.detail))
+                continue
+            except Exception as exc:  # noqa: BLE001 - an upload that trips Pillow is still the upload's fault
+                logger.warning("unexpected failure decoding a query image: %r", exc)
+                out.append(UnreadableImage("corrupt", type(exc).__name__))
+                continue
+            good.append(len(out))
+            out.append(None)  # type: ignore[arg-type]  # filled below
+        if good:
+            vectors = image_vectors(self.model, torch.stack(pixels), batch_size=len(good))  # (B, d), one pass
+            for slot, vector in zip(good, vectors):
+                out[slot] = UnreadableImage("corrupt", "non-finite embedding") if not np.isfinite(vector).all() else vector
+        return out
 
 
 class ShardSearcher:
@@ -150,19 +188,26 @@ class CandidateReranker:
                 continue
             good.append(i)
             queries.append(tokens)
-        if good:
-            k_max = max(items[i].k for i in good)
+        # one batched slow pass per beta: queries almost always use the served one, so
+        # per-query beta (the request's "beta") costs a second pass only when it is used
+        groups: dict[float, list[int]] = {}
+        for slot, i in enumerate(good):
+            beta = self.beta if items[i].beta is None else float(items[i].beta)
+            groups.setdefault(beta, []).append(slot)
+        for beta, slots in groups.items():
+            members = [good[s] for s in slots]
+            k_max = max(items[i].k for i in members)
             hits = rerank_many(
                 self.model,
                 self.store.get,
-                queries,
-                [items[i].candidates.keys for i in good],
-                [items[i].candidates.fast_scores for i in good],
+                [queries[s] for s in slots],
+                [items[i].candidates.keys for i in members],
+                [items[i].candidates.fast_scores for i in members],
                 k_max,
-                beta=self.beta,
+                beta=beta,
                 max_pairs=self.max_pairs,
             )
-            for i, ranked in zip(good, hits):
+            for i, ranked in zip(members, hits):
                 out[i] = ranked[: items[i].k]  # top-k is a prefix of top-k_max (same stable order)
         return out  # type: ignore[return-value]  # every slot is filled
 
