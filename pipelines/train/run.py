@@ -75,7 +75,8 @@ def distill(corpus: str, out: str, teacher: str | None = None, *, teacher_scores
     ``teacher_scores``: the output of ``thinkfast_pipelines.train.teacher_scores.precompute_teacher_scores``
     (batches are its blocks; no teacher forward at all). ``hard_negatives``: a fast index URI
     (with ``embeddings``, the embed output holding its vectors) to build batches from index
-    neighbours. ``init``: start the student from a trained fast model instead of scratch."""
+    neighbours. ``init``: start the student from a trained fast model, or a Hugging Face
+    CLIP / SigLIP checkpoint (directory or hub id), instead of scratch."""
     config = build_config(overrides, config_file)
     if not teacher and not teacher_scores:
         raise ThinkfastError("distill needs --teacher (a slow model dir) or --teacher-scores (precomputed)")
@@ -112,7 +113,7 @@ def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, 
     _start_ray(config)
     info = inspect_corpus(corpus)
     image_size = image_size_for(objective, config, init)
-    tokenizer = build_tokenizer(config, info, init)
+    tokenizer = build_tokenizer(config, info, init, objective)
     datasets, layout = _datasets(objective, config, info, image_size, teacher_scores, hard_negatives, embeddings)
     name = _run_name(objective, storage, resume, run_name)
     storage_path, storage_fs = _storage(storage)
@@ -317,7 +318,8 @@ def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-name", help="explicit run name under --storage (resumes it if it exists)")
     parser.add_argument("--config", dest="config_file", help="YAML/JSON file of training config fields")
     kind = "slow" if name == "train-slow" else "fast"
-    parser.add_argument("--init", help=f"start from this {kind} model dir instead of a fresh preset")
+    parser.add_argument("--init", help=f"start from this {kind} model dir instead of a fresh preset" + (
+        "" if kind == "slow" else " (or a Hugging Face CLIP / SigLIP checkpoint: directory or hub id)"))
     if name == "distill":
         parser.add_argument("--teacher", help="frozen slow teacher model dir (local or s3://)")
         parser.add_argument("--teacher-scores", help="precomputed teacher scores (thinkfast_pipelines.train.teacher_scores)")

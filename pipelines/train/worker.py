@@ -29,6 +29,7 @@ import torch
 
 from thinkfast.training.config import TrainConfig
 from thinkfast.training.data import ShardRows
+from thinkfast.training.frozen import cache_frozen, freeze_text_tower
 from thinkfast.training.loop import (
     build_model,
     load_teacher,
@@ -59,6 +60,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     steps_per_epoch: int = loop_config["steps_per_epoch"]
 
     state, model, optimizer_state = _restore_or_build(loop_config, config, rank)
+    if config.freeze_text and objective_kind != "slow":
+        freeze_text_tower(model)
     state.starts.append(state.step)
     teacher = load_teacher(loop_config["teacher"]) if loop_config.get("teacher") else None
     objective = build_objective(objective_kind, model, teacher, config)
@@ -82,13 +85,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     # rank 0 tells the driver's progress line how far training is (a no-op without one)
     progress = ProgressReporter(loop_config.get("progress") if rank == 0 else None)
     run_epochs(objective, optimizer, config, state, steps_per_epoch=steps_per_epoch, device=device, rank=rank,
-               validation=validation, report=report, batches=_batch_source(config, loop_config), on_step=progress)
+               validation=validation, report=report, batches=_batch_source(config, loop_config, model, teacher),
+               on_step=progress)
     return {"history": state.history, "step": state.step, "starts": state.starts, "rejected": state.rejected,
             "losses": state.losses}
 
 
-def _batch_source(config: TrainConfig, loop_config: dict[str, Any]):
-    """(epoch, start) -> batches: the held, permuted shard, or the streamed one."""
+def _batch_source(config: TrainConfig, loop_config: dict[str, Any], model: torch.nn.Module,
+                  teacher: torch.nn.Module | None):
+    """(epoch, start) -> batches: the held, permuted shard (with what ``cache_frozen``
+    precomputes), or the streamed one."""
     import ray.train
 
     from thinkfast_pipelines.train.data import shard_batches
@@ -101,6 +107,8 @@ def _batch_source(config: TrainConfig, loop_config: dict[str, Any]):
         whole = ray.train.get_dataset_shard("train")  # not split: every rank gets the whole split
         rows = ShardRows.concat(whole.iter_batches(batch_size=1024, batch_format="numpy"))
         logger.info("rank %d/%d: holding the %d train rows (permutation order)", rank, world, len(rows))
+        if config.cache_frozen:
+            cache_frozen(rows, model, teacher)
         return lambda epoch, start: rows.batches(epoch, rows_per_step, config.seed, start, rank, world)
     return lambda epoch, start: shard_batches(config, rows_per_step, images_per_row, epoch, start)
 

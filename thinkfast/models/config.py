@@ -40,7 +40,7 @@ from thinkfast.models.bounds import (
     validate_fields,
 )
 
-PRESETS = ("tiny", "small", "paper")
+PRESETS = ("tiny", "small", "paper", "photo")
 
 # strides of the four ResNet stages (stage1..stage4) for the standard stem (conv s2 + pool s2)
 STAGE_STRIDES = (4, 8, 16, 32)
@@ -191,6 +191,9 @@ _TINY_VISION = VisionConfig(embedding_size=8, hidden_sizes=(8, 16, 16, 32), dept
 _SMALL_VISION = VisionConfig(embedding_size=16, hidden_sizes=(16, 32, 64, 128), depths=(1, 1, 1, 1), layer_type="basic")
 # ResNet-50 exactly as microsoft/resnet-50 (v1.5: stride in the 3x3 conv)
 _PAPER_VISION = VisionConfig(pretrained="microsoft/resnet-50")
+# photo: ImageNet EfficientNet-Lite0 from the PyPI wheel, the whole trunk frozen (so training
+# on 2 CPU cores runs on cached trunk features: TrainConfig.cache_frozen)
+_PHOTO_VISION = VisionConfig(backbone="efficientnet_lite0", pretrained="package", frozen_stages=4)
 
 
 def fast_preset(name: str) -> FastConfig:
@@ -206,6 +209,11 @@ def fast_preset(name: str) -> FastConfig:
 
         return FastConfig(vision=_PAPER_VISION, text=TextConfig(kind="hf", hf_name_or_path=minilm_path(), pooling="mean"),
                           embed_dim=256, image_size=224, max_text_length=32)
+    if name == "photo":
+        from thinkfast.data.tokenizer import minilm_path
+
+        return FastConfig(vision=_PHOTO_VISION, text=TextConfig(kind="hf", hf_name_or_path=minilm_path(), pooling="mean"),
+                          embed_dim=256, image_size=224, max_text_length=32, image_head="concepts", concept_top_k=10)
     raise ThinkfastError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 
@@ -223,6 +231,9 @@ def slow_preset(name: str) -> SlowConfig:
         return SlowConfig(vision=_PAPER_VISION, decoder=DecoderConfig(num_layers=4, num_heads=8, ffn_size=2048, dropout=0.1),
                           width=512, levels=(32, 16), max_frames=16, image_size=224, max_text_length=32,
                           hf_tokenizer=minilm_path())
+    if name == "photo":
+        return SlowConfig(vision=_PHOTO_VISION, decoder=DecoderConfig(num_layers=2, num_heads=4, ffn_size=512, dropout=0.1),
+                          width=128, levels=(32, 16), max_frames=16, image_size=224, max_text_length=32)
     raise ThinkfastError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 

@@ -130,19 +130,37 @@ class FastModel(PretrainedMixin, nn.Module):
             self.text_encoder.hf_config.save_pretrained(os.path.join(directory, TEXT_ENCODER_DIR))
 
     # ------------------------------------------------------------ encoders
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features before projection ``(B, C4)``; frames averaged for videos."""
+    def pooled_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled stride-32 map per frame ``(B, F, C4)``: everything before the
+        first part that can train when the trunk is frozen, so ``thinkfast.training.frozen``
+        can compute it once per image instead of once per step."""
         frames, b, f = check_pixels(pixel_values)
         frames = frames.to(device=self.device, dtype=self.image_proj.weight.dtype)
         last = self.backbone(frames)[-1]  # (B*F, C4, h, w)
-        pooled = last.mean(dim=(2, 3))  # (B*F, C4)
+        return last.mean(dim=(2, 3)).reshape(b, f, -1)  # (B, F, C4)
+
+    def image_features_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``(B, F, C4)`` pooled frames -> features before projection ``(B, C4)`` (or ``(B, H)``
+        through the concepts head); frames averaged for videos."""
+        pooled = pooled.to(device=self.device, dtype=self.image_proj.weight.dtype)
+        b, f, c = pooled.shape
+        flat = pooled.reshape(b * f, c)
         if self.concepts is not None:
-            pooled = self.concepts(pooled)  # (B*F, H): a point in the text tower's space
-        return pooled.reshape(b, f, -1).mean(dim=1)  # (B, C4)
+            flat = self.concepts(flat)  # (B*F, H): a point in the text tower's space
+        return flat.reshape(b, f, -1).mean(dim=1)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features before projection ``(B, C4)``; frames averaged for videos."""
+        return self.image_features_from_pooled(self.pooled_frames(pixel_values))
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """f(x): images ``(B, 3, H, W)`` or videos ``(B, F, 3, H, W)`` -> ``(B, d)``."""
-        emb = self.image_proj(self.image_features(pixel_values))  # (B, d)
+        return self.encode_pooled(self.pooled_frames(pixel_values), normalize=normalize)
+
+    def encode_pooled(self, pooled: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """f(x) from :meth:`pooled_frames` ``(B, F, C4)`` -> ``(B, d)``: the same result as
+        :meth:`encode_image` on the pixels they came from."""
+        emb = self.image_proj(self.image_features_from_pooled(pooled))  # (B, d)
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:

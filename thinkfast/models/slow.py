@@ -31,7 +31,7 @@ from torch import nn
 
 from thinkfast.errors import ThinkfastError
 from thinkfast.models.bounds import check_param_budget
-from thinkfast.models.config import DecoderConfig, SlowConfig, slow_preset
+from thinkfast.models.config import STAGE_STRIDES, DecoderConfig, SlowConfig, slow_preset
 from thinkfast.models.io import PretrainedMixin
 from thinkfast.models.outputs import CaptionLikelihood, TokenLogProbs
 from thinkfast.models.vision import FineGrainedTokens, build_backbone, check_pixels, feature_map_side
@@ -184,6 +184,22 @@ class SlowModel(PretrainedMixin, nn.Module):
         frames, b, f = check_pixels(pixel_values)
         frames = frames.to(device=self.device, dtype=self.tokens.norm.weight.dtype)
         return self.tokens(self.backbone(frames), num_frames=f)  # (B, F*T1, D)
+
+    def trunk_maps(self, pixel_values: torch.Tensor) -> list[torch.Tensor | None]:
+        """The backbone maps the FPN reads, per frame: ``[C1..C4]`` with ``None`` where the top-down
+        path never goes. With a frozen trunk this is all of phi(x) that cannot train, which
+        ``thinkfast.training.frozen`` computes once per image."""
+        frames, _, _ = check_pixels(pixel_values)
+        frames = frames.to(device=self.device, dtype=self.tokens.norm.weight.dtype)
+        maps = self.backbone(frames)
+        used = {STAGE_STRIDES.index(s) for s in self.tokens.path}
+        return [m if i in used else None for i, m in enumerate(maps)]
+
+    def encode_trunk_maps(self, maps: list[torch.Tensor | None], num_frames: int = 1) -> torch.Tensor:
+        """phi(x) from :meth:`trunk_maps` ``(B*F, C, h, w)`` each -> ``(B, T, D)``."""
+        dtype = self.tokens.norm.weight.dtype
+        maps = [None if m is None else m.to(device=self.device, dtype=dtype) for m in maps]
+        return self.tokens(maps, num_frames=num_frames)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ text side
     def token_log_probs(

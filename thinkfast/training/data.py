@@ -203,10 +203,12 @@ class PairBatch:
 
     keys: list[str]  # image key of each pair
     captions: list[str]  # the caption of each pair (sampled for this epoch)
-    pixels: "torch.Tensor"  # (B, 3, S, S) or (B, F, 3, S, S) float32
+    pixels: "torch.Tensor"  # (B, 3, S, S) or (B, F, 3, S, S) float32; (B, 0) when the trunk is cached
     teacher_scores: "torch.Tensor | None"  # (B, B) precomputed h(x_j, y_i), or None
     rejected: dict[str, str]  # key -> reason of rows skipped in this batch
     weight: float = 1.0  # 0.0 when every row was rejected: the step still runs (DDP's collectives) but learns nothing
+    trunk: "dict[str, torch.Tensor] | None" = None  # cached frozen-trunk outputs (thinkfast.training.frozen)
+    teacher_tokens: "torch.Tensor | None" = None  # (B, T, D) cached teacher phi(x) (distill with cache_frozen)
 
 
 def to_pairs(batch: Mapping[str, np.ndarray], seed: int, epoch: int, rank: int = 0) -> PairBatch:
@@ -214,6 +216,8 @@ def to_pairs(batch: Mapping[str, np.ndarray], seed: int, epoch: int, rank: int =
     blocks: ``pixels`` (G, ...) per row, JSON lists per row) are flattened to pairs.
     ``rank`` does not change the result (captions are drawn per key)."""
     import torch
+
+    from thinkfast.training.frozen import batch_fields
 
     grouped = "group_size" in batch
     if grouped:
@@ -241,6 +245,7 @@ def to_pairs(batch: Mapping[str, np.ndarray], seed: int, epoch: int, rank: int =
         idx = torch.as_tensor(keep, dtype=torch.long)
         scores = full[idx][:, idx]  # (B, B)
     captions = sample_captions([caps_json[i] for i in keep], [keys[i] for i in keep], seed, epoch)
+    trunk, tokens = (None, None) if grouped else batch_fields(batch, keep)
     return PairBatch(
         keys=[keys[i] for i in keep],
         captions=captions,
@@ -248,4 +253,6 @@ def to_pairs(batch: Mapping[str, np.ndarray], seed: int, epoch: int, rank: int =
         teacher_scores=scores,
         rejected=rejected,
         weight=weight,
+        trunk=trunk,
+        teacher_tokens=tokens,
     )

@@ -84,6 +84,7 @@ def fit(objective: str, corpus: str, out: str, config: TrainConfig | None = None
         steps_per_epoch,
         torch_threads,
     )
+    from thinkfast.training.frozen import cache_frozen, freeze_text_tower
     from thinkfast.training.objectives import build_objective
     from thinkfast.training.state import LoopState
     from thinkfast.training.validate import ValidationSet
@@ -100,7 +101,7 @@ def fit(objective: str, corpus: str, out: str, config: TrainConfig | None = None
     check_model_kinds(objective, init, teacher)
     info = inspect_corpus(corpus)
     image_size = image_size_for(objective, config, init)
-    tokenizer = build_tokenizer(config, info, init)
+    tokenizer = build_tokenizer(config, info, init, objective)
     explode = config.caption_sampling == "all"
     rows = ShardRows(read_split(info, "train", image_size, config.num_frames, explode))
     steps = steps_per_epoch(train_rows(info, config), 1, config.batch_size)
@@ -110,9 +111,13 @@ def fit(objective: str, corpus: str, out: str, config: TrainConfig | None = None
     try:
         # the order of what follows is a Ray Train worker's: the seeded init comes first
         model = build_model(objective, config, tokenizer=tokenizer, init=init)
+        if config.freeze_text and objective != "slow":
+            freeze_text_tower(model)
         state = LoopState()
         state.starts.append(state.step)
         frozen = load_teacher(teacher) if teacher else None
+        if config.cache_frozen:
+            cache_frozen(rows, model, frozen)
         module = build_objective(objective, model, frozen, config).to(where)
         if frozen is not None:
             frozen.to(where)

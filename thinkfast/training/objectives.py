@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from thinkfast.training.frozen import encode_images, encode_visual
+
 if TYPE_CHECKING:
     from thinkfast.models.fast import FastModel
     from thinkfast.models.slow import SlowModel
@@ -38,7 +40,7 @@ class FastObjective(nn.Module):
                 teacher_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         from thinkfast.losses import nce_loss
 
-        image = self.model.encode_image(pixels)  # (B, d)
+        image = encode_images(self.model, pixels)  # (B, d)
         text = self.model.encode_text(input_ids, attention_mask)  # (B, d)
         loss = nce_loss(image, text, temperature=self.temperature)  # negatives: every worker's batch
         return loss, {"nce": float(loss.detach())}
@@ -55,7 +57,7 @@ class SlowObjective(nn.Module):
                 teacher_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         from thinkfast.losses import caption_loss
 
-        tokens = self.model.encode_visual(pixels)  # (B, T, D)
+        tokens = encode_visual(self.model, pixels)  # (B, T, D)
         h_fwd, h_bwd = self.model.log_likelihood(tokens, input_ids, attention_mask)  # (B,), (B,)
         loss = caption_loss(h_fwd, h_bwd, attention_mask)
         return loss, {"caption": float(loss.detach())}
@@ -81,17 +83,19 @@ class DistillObjective(nn.Module):
     def teacher(self) -> "SlowModel | None":
         return self._teacher[0]
 
-    def teacher_matrix(self, pixels: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """h[i, j] = h(x_j, y_i) of the frozen teacher over the batch: (B_text, B_image)."""
+    def teacher_matrix(self, pixels: torch.Tensor, captions: list[str],
+                       tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """h[i, j] = h(x_j, y_i) of the frozen teacher over the batch: (B_text, B_image);
+        ``tokens``: the teacher's cached phi(x) of these images, if any."""
         if self.teacher is None:
             raise RuntimeError("no teacher model and no precomputed teacher scores for this batch")
-        return teacher_score_matrix(self.teacher, pixels, captions)
+        return teacher_score_matrix(self.teacher, pixels, captions, tokens=tokens)
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 teacher_scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         from thinkfast.losses import fast_distill_loss
 
-        image = self.model.encode_image(pixels)  # (B, d)
+        image = encode_images(self.model, pixels)  # (B, d)
         text = self.model.encode_text(input_ids, attention_mask)  # (B, d)
         out = fast_distill_loss(image, text, teacher_scores, alpha=self.alpha, temperature=self.temperature,
                                 teacher_temperature=self.teacher_temperature)
@@ -99,13 +103,16 @@ class DistillObjective(nn.Module):
 
 
 @torch.no_grad()
-def teacher_score_matrix(teacher: "SlowModel", pixels: torch.Tensor, captions: list[str]) -> torch.Tensor:
+def teacher_score_matrix(teacher: "SlowModel", pixels: torch.Tensor, captions: list[str],
+                         tokens: torch.Tensor | None = None) -> torch.Tensor:
     """All B x B slow scores of a batch: h[i, j] = h(x_j, y_i) (B_text, B_image).
 
-    Each image's visual tokens are computed once, then paired with every caption: the
-    decoders are the cost (B^2 passes), which is why precomputing them pays off."""
+    Each image's visual tokens are computed once (or come cached, ``tokens``), then paired
+    with every caption: the decoders are the cost (B^2 passes), which is why precomputing
+    them pays off."""
     teacher.eval()
-    tokens = teacher.encode_visual(pixels)  # (B, T, D)
+    if tokens is None:
+        tokens = teacher.encode_visual(pixels)  # (B, T, D)
     enc = teacher.tokenize(list(captions))
     return teacher.score_matrix(tokens, enc["input_ids"], enc["attention_mask"]).float()  # (B_text, B_image)
 
