@@ -312,3 +312,22 @@ def test_ingress_answers_image_queries_and_explains_in_process(ingress, corpus) 
         handler = next(app.exception_handlers[c] for c in type(info.value).__mro__ if c in app.exception_handlers)
         answer = asyncio.run(handler(None, info.value))
         assert answer.status_code == 422 and reason in json.loads(answer.body)["detail"]
+
+
+def test_search_client_prints_fast_ranks_and_image_queries() -> None:
+    from thinkfast_pipelines.search import print_results
+
+    explained = {"query": None, "image": True, "k": 2, "rerank": 0, "beta": None, "timings_ms": {"total": 3.0},
+                 "results": [{"key": "img7", "score": 0.9, "fast_score": 0.9, "slow_score": None, "caption": "a dog",
+                              "explain": {"rank": 1, "fast_rank": 1, "fast_score": 0.9, "slow_score": None}}]}
+    out = io.StringIO()
+    print_results(explained, out)
+    lines = out.getvalue().splitlines()
+    assert "(an image)" in lines[0] and "fast#" in lines[1] and lines[2].split()[:2] == ["1", "img7"]
+    reranked = {**explained, "image": False, "query": "a dog", "rerank": 10, "beta": 0.5,
+                "results": [{**explained["results"][0], "slow_score": -2.0,
+                             "explain": {"rank": 1, "fast_rank": 7, "fast_score": 0.9, "slow_score": -2.0}}]}
+    out = io.StringIO()
+    print_results(reranked, out)
+    lines = out.getvalue().splitlines()
+    assert "beta 0.5" in lines[0] and lines[2].split()[5] == "7"  # rank 1 came from fast rank 7
