@@ -153,3 +153,153 @@ def test_clip_fast_model_through_embed_index_and_eval(ray_session, tmp_path) -> 
     # the embed job's CLIP vectors rank exactly as CLIP run here on the decoded gallery
     assert via_index["methods"][0]["R@1"] == in_process["methods"][0]["R@1"]
     assert via_index["methods"][0]["median_rank"] == in_process["methods"][0]["median_rank"]
+
+
+# ---------------------------------------------------------------- a CLIP / SigLIP checkpoint as the student
+
+STUDENT_FIT = {"preset": "tiny", "batch_size": 8, "epochs": 3, "seed": 0, "torch_threads": 1, "lr": 1e-3,
+               "warmup_steps": 1, "val_images": 8, "val_pool": 8}
+
+
+@pytest.fixture(scope="module")
+def student_corpus(tmp_path_factory) -> str:
+    from thinkfast.data.synth import SynthConfig, write_synth
+
+    out = str(tmp_path_factory.mktemp("hf_student") / "corpus")
+    write_synth(out, SynthConfig(num_images=40, captions_per_image=2, image_size=32, image_format="png",
+                                 val_fraction=0.2, test_fraction=0.2, seed=5))
+    return out
+
+
+def _train_pairs(corpus: str, image_size: int):
+    """The train split's pairs, one caption each (epoch 0's draw): a fixed set to score a model on."""
+    from thinkfast.training.data import inspect_corpus, read_split, to_pairs
+
+    return to_pairs(read_split(inspect_corpus(corpus), "train", image_size, 1), seed=0, epoch=0)
+
+
+def _objective_loss(objective, pairs, teacher_scores=None) -> float:
+    """The objective's loss over ``pairs`` in fixed batches of 8 (mean), without gradients."""
+    model = objective.model.eval()
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(pairs.captions) - 7, 8):
+            pixels, caps = pairs.pixels[start:start + 8], pairs.captions[start:start + 8]
+            tok = model.tokenize(caps)
+            scores = objective.teacher_matrix(pixels, caps) if teacher_scores else None
+            losses.append(float(objective(pixels, tok["input_ids"], tok["attention_mask"], scores)[0]))
+    return sum(losses) / len(losses)
+
+
+def test_clip_student_distils_into_a_new_checkpoint(student_corpus, models, tmp_path) -> None:
+    """``distill --init CLIP_DIR``: L_DE + alpha*L_distill trains the CLIP towers, and OUT is
+    a CLIP checkpoint again, loaded as the fast model everywhere, with a new identity."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from thinkfast.evaluate import evaluate
+    from thinkfast.models.fast import FastModel
+    from thinkfast.training import build_config, fit
+    from thinkfast.training.loop import load_teacher
+    from thinkfast.training.objectives import build_objective
+
+    _, slow = models
+    init, out = str(tmp_path / "clip"), str(tmp_path / "student")
+    _save_tiny("clip", init, image_size=32)
+    result = fit("distill", student_corpus, out, teacher=slow, init=init, **STUDENT_FIT)
+    assert result.steps > 0 and all(map(torch.isfinite, torch.tensor(result.losses)))
+    assert "train_distill" in result.history[-1] and "val_r1" in result.history[-1]
+
+    before, after = FastModel.from_pretrained(init), FastModel.from_pretrained(out)
+    assert isinstance(after, HFDualEncoder) and after.config == dataclasses_replace(before.config, source=out)
+    assert after.identity != before.identity  # an index built with the init model is refused for this one
+    old, new = before.model.state_dict(), after.model.state_dict()
+    assert old.keys() == new.keys()
+    changed = [k for k in old if not torch.equal(old[k], new[k])]
+    assert any("vision_model" in k for k in changed) and any("text_model" in k for k in changed)
+    assert torch.equal(old["logit_scale"], new["logit_scale"])  # the objectives' temperature is used instead
+
+    # the objective it was trained on is lower on the train pairs than the init's
+    teacher, config = load_teacher(slow), build_config(STUDENT_FIT)
+    pairs = _train_pairs(student_corpus, 32)
+    losses = [_objective_loss(build_objective("distill", m, teacher, config), pairs, teacher_scores=True)
+              for m in (before, after)]
+    assert losses[1] < losses[0], losses
+
+    # its text embeddings are still the saved checkpoint's own get_text_features, normalised
+    reference, tok = AutoModel.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    ref_tok = tok(TEXTS, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        want = reference.get_text_features(input_ids=ref_tok["input_ids"], attention_mask=ref_tok["attention_mask"])
+        ours = after.tokenize(TEXTS)
+        torch.testing.assert_close(after.encode_text(ours["input_ids"], ours["attention_mask"]),
+                                   F.normalize(getattr(want, "pooler_output", want), dim=-1), atol=1e-5, rtol=1e-5)
+    report = evaluate(student_corpus, out, None, rerank=[])
+    assert report["fast_model"] == after.identity and report["methods"][0]["R@1"] >= 0
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def test_siglip_student_fine_tunes_with_nce_and_refuses_the_wrong_roles(student_corpus, models, tmp_path) -> None:
+    """``train-fast --init SIGLIP_DIR`` by the same path; a dual encoder is never a slow model."""
+    from thinkfast.training import fit
+    from thinkfast.training.loop import check_model_kinds, image_size_for
+
+    init, out = str(tmp_path / "siglip"), str(tmp_path / "tuned")
+    _save_tiny("siglip", init, image_size=32)
+    assert image_size_for("fast", None, init) == 32  # read from its files, not a thinkfast config.json
+    result = fit("fast", student_corpus, out, init=init, **{**STUDENT_FIT, "epochs": 1})
+    assert result.steps > 0 and "train_nce" in result.history[-1]
+    tuned = HFDualEncoder.from_pretrained(out)
+    assert tuned.config.model_type == "siglip" and tuned.identity != HFDualEncoder.from_pretrained(init).identity
+    _, slow = models
+    with pytest.raises(CheckpointError, match="not a slow model"):
+        check_model_kinds("slow", init, None)
+    with pytest.raises(CheckpointError, match="not a slow model"):
+        check_model_kinds("distill", None, init)
+    check_model_kinds("distill", init, slow)  # the student's role is fine
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_ddp_wrapped_student_steps_with_every_trainable_weight_used(kind: str, tmp_path) -> None:
+    """Ray Train wraps the objective in DDP, which stops at the second step if a trainable
+    parameter gets no gradient (CLIP's logit_scale, SigLIP's logit_bias would not)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from thinkfast.training import build_config
+    from thinkfast.training.data import PairBatch
+    from thinkfast.training.loop import make_optimizer, train_step
+    from thinkfast.training.objectives import build_objective
+
+    _save_tiny(kind, str(tmp_path / "m"), image_size=32)
+    model = HFDualEncoder.from_pretrained(str(tmp_path / "m")).train()
+    config = build_config({"preset": "tiny", "lr": 1e-3, "warmup_steps": 0})
+    torch.manual_seed(0)
+    batch = PairBatch(keys=list("abcd"), captions=TEXTS, pixels=torch.randn(4, 3, 32, 32), teacher_scores=None,
+                      rejected={})
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        objective = DistributedDataParallel(build_objective("fast", model, None, config))
+        optimizer = make_optimizer(model, config)
+        losses = [train_step(objective, optimizer, batch, step=s, total_steps=3, config=config)[0] for s in range(3)]
+    finally:
+        dist.destroy_process_group()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_text_encoder_is_the_text_tower_below_its_projection(kind: str, tmp_path) -> None:
+    """``freeze_text`` freezes ``model.text_encoder``: the words the checkpoint knows stay, its
+    text projection (CLIP's text_projection, SigLIP's text head) and image tower still train."""
+    _save_tiny(kind, str(tmp_path), image_size=32)
+    model = HFDualEncoder.from_pretrained(str(tmp_path))
+    model.text_encoder.requires_grad_(False)
+    trainable = {n for n, p in model.model.named_parameters() if p.requires_grad}
+    projection = "text_projection" if kind == "clip" else "text_model.head"
+    assert any(n.startswith(projection) for n in trainable) and any(n.startswith("vision_model.") for n in trainable)
+    assert not [n for n in trainable if n.startswith("text_model.") and not n.startswith(projection)]

@@ -15,6 +15,12 @@ Texts use the checkpoint's tokenizer with its training padding: SigLIP pools the
 position, so it pads to ``max_length`` as it was trained; CLIP pads to the longest text.
 
 A video is the mean of its frame embeddings before normalisation, as in ``FastModel``.
+
+As a student (``train-fast`` / ``distill --init``) the trainers call the same
+``tokenize`` / ``encode_*`` on thinkfast's decoded batches and update every weight except
+the checkpoint's own ``logit_scale`` / ``logit_bias`` (the objectives bring their own
+temperature); ``save_pretrained`` then writes the trained model in the checkpoint's layout,
+and ``identity`` (a hash of the weights) tells it from the checkpoint it started from.
 """
 
 from __future__ import annotations
@@ -115,6 +121,64 @@ def _read_preprocessor(name_or_path: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def read_hf_dual_config(name_or_path: str) -> HFDualConfig:
+    """The :class:`HFDualConfig` of a checkpoint (hub id, local or ``s3://`` directory) from
+    its two small JSON files, without its weights: what a trainer needs before any worker
+    starts (the side its data path decodes to, and that it is a dual encoder at all)."""
+    from thinkfast.utils import fs
+
+    if not fs.is_s3(name_or_path):
+        local = fs.strip_scheme(name_or_path) if str(name_or_path).startswith("file://") else name_or_path
+        return _describe(local, origin=name_or_path)
+    with tempfile.TemporaryDirectory(prefix="thinkfast-hf-config-") as tmp:
+        for name in ("config.json", PREPROCESSOR_FILE):
+            uri = fs.join(name_or_path, name)
+            try:
+                if name == "config.json" or fs.exists(uri):
+                    with open(os.path.join(tmp, name), "wb") as f:
+                        f.write(fs.read_bytes(uri))
+            except OSError as exc:
+                raise CheckpointError(f"cannot read {uri}: {exc}") from exc
+        return _describe(tmp, origin=name_or_path)
+
+
+def _describe(name_or_path: str, origin: str) -> HFDualConfig:
+    """Config and preprocessor of a checkpoint -> :class:`HFDualConfig` (CheckpointError
+    when it is not a CLIP / SigLIP model or its side does not suit thinkfast's decoders)."""
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{origin} is neither a local model directory nor a Hugging Face checkpoint "
+                              f"that can be loaded here ({first[:200]})") from exc
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_TYPES:
+        raise CheckpointError(f"{origin}: model_type {model_type!r} is not a dual encoder thinkfast supports "
+                              f"({', '.join(SUPPORTED_TYPES)})")
+    try:
+        processor = _read_preprocessor(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the preprocessor of {model_type} checkpoint {origin!r}: {exc}") from exc
+    vision, text = hf_config.vision_config, hf_config.text_config
+    mean, std = DEFAULT_MEAN_STD[model_type]
+    config = HFDualConfig(
+        source=str(origin),
+        model_type=model_type,
+        embed_dim=int(getattr(hf_config, "projection_dim", None) or text.hidden_size),
+        image_size=_side(processor.get("crop_size"), _side(processor.get("size"), int(vision.image_size))),
+        max_text_length=int(text.max_position_embeddings),
+        image_mean=tuple(float(v) for v in processor.get("image_mean", mean)),
+        image_std=tuple(float(v) for v in processor.get("image_std", std)),
+        pad_to_max_length=model_type == "siglip",
+    )
+    if config.image_size % 32:
+        raise CheckpointError(f"{origin}: input side {config.image_size} is not a multiple of 32, "
+                              "which thinkfast's decoders need")
+    return config
+
+
 def _side(value: Any, fallback: int) -> int:
     """A processor size entry: an int, or ``{"height", "width"}`` / ``{"shortest_edge"}``."""
     if isinstance(value, int):
@@ -136,6 +200,13 @@ class HFDualEncoder(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
+        # CLIP's logit_scale (and SigLIP's logit_bias) only scale the checkpoint's own
+        # contrastive loss; thinkfast's objectives bring their temperature, so these get no
+        # gradient, and an unused trainable parameter stops DDP at its second step
+        for name in ("logit_scale", "logit_bias"):
+            param = getattr(model, name, None)
+            if isinstance(param, nn.Parameter):
+                param.requires_grad_(False)
         self.register_buffer("_in_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_in_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_mean", torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False)
@@ -156,41 +227,17 @@ class HFDualEncoder(nn.Module):
 
     @classmethod
     def _load(cls, name_or_path: str, origin: str) -> "HFDualEncoder":
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer
 
-        try:
-            hf_config = AutoConfig.from_pretrained(name_or_path)
-        except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{origin} is neither a local model directory nor a Hugging Face checkpoint "
-                                  f"that can be loaded here ({first[:200]})") from exc
-        model_type = getattr(hf_config, "model_type", None)
-        if model_type not in SUPPORTED_TYPES:
-            raise CheckpointError(f"{origin}: model_type {model_type!r} is not a dual encoder thinkfast supports "
-                                  f"({', '.join(SUPPORTED_TYPES)})")
+        config = _describe(name_or_path, origin)
         try:
             model = AutoModel.from_pretrained(name_or_path)
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            processor = _read_preprocessor(name_or_path)
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot load {model_type} checkpoint {origin!r}: {exc}") from exc
-        vision, text = hf_config.vision_config, hf_config.text_config
-        mean, std = DEFAULT_MEAN_STD[model_type]
-        config = HFDualConfig(
-            source=str(origin),
-            model_type=model_type,
-            embed_dim=int(getattr(hf_config, "projection_dim", None) or text.hidden_size),
-            image_size=_side(processor.get("crop_size"), _side(processor.get("size"), int(vision.image_size))),
-            max_text_length=int(text.max_position_embeddings),
-            image_mean=tuple(float(v) for v in processor.get("image_mean", mean)),
-            image_std=tuple(float(v) for v in processor.get("image_std", std)),
-            pad_to_max_length=model_type == "siglip",
-        )
-        if config.image_size % 32:
-            raise CheckpointError(f"{origin}: input side {config.image_size} is not a multiple of 32, "
-                                  "which thinkfast's decoders need")
+            raise CheckpointError(f"cannot load {config.model_type} checkpoint {origin!r}: {exc}") from exc
         encoder = cls(model, tokenizer, config).eval()
-        logger.info("loaded %s dual encoder from %s (d=%d, %d px)", model_type, origin, config.embed_dim, config.image_size)
+        logger.info("loaded %s dual encoder from %s (d=%d, %d px)", config.model_type, origin, config.embed_dim,
+                    config.image_size)
         return encoder
 
     def save_pretrained(self, dir_or_uri: str) -> None:
@@ -262,6 +309,16 @@ class HFDualEncoder(nn.Module):
                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both embeddings in one call (what DDP wraps): ``((B, d) images, (B, d) texts)``."""
         return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        """The text tower below its projection, what ``freeze_text`` freezes (as
+        ``FastModel.text_encoder``): CLIP's ``text_model`` (``text_projection`` is outside
+        it); SigLIP's without its ``head``, which is SigLIP's text projection."""
+        tower = self.model.text_model
+        if getattr(tower, "head", None) is None:
+            return tower
+        return nn.ModuleList([module for name, module in tower.named_children() if name != "head"])
 
     # ------------------------------------------------------------ identity
     @property

@@ -61,10 +61,18 @@ def model_class(objective: str) -> "type[FastModel] | type[SlowModel]":
 
 def check_model_kinds(objective: str, init: str | None, teacher: str | None) -> None:
     """``--init`` is the objective's model kind, ``--teacher`` a slow model: a mix-up fails
-    before any data is read (or Ray worker started)."""
+    before any data is read (or Ray worker started). A Hugging Face CLIP / SigLIP checkpoint
+    (directory or hub id; it has no thinkfast ``config.json``) is a fast model."""
+    from thinkfast.models.hf_dual import is_hf_dual_reference
+
     for name, uri, kind in (("--teacher", teacher, "slow"), ("--init", init, MODEL_KIND[objective])):
         if not uri:
             continue
+        if is_hf_dual_reference(uri):
+            if kind == "fast":
+                continue
+            raise CheckpointError(f"{name} {uri} is a Hugging Face dual encoder (a fast model), not a {kind} "
+                                  f"model (objective {objective})")
         try:
             saved_kind = fs.read_json(fs.join(uri, "config.json")).get("thinkfast_model")
         except FileNotFoundError as exc:
@@ -74,8 +82,14 @@ def check_model_kinds(objective: str, init: str | None, teacher: str | None) -> 
 
 
 def image_size_for(objective: str, config: TrainConfig, init: str | None) -> int:
-    """The input size of the model to be trained (the init model's, else the preset's)."""
+    """The input size of the model to be trained (the init model's, else the preset's):
+    what the data path decodes every image to. A CLIP / SigLIP init's is its processor's
+    crop size (its encoder renormalises the decoded pixels to the checkpoint's own)."""
     if init:
+        from thinkfast.models.hf_dual import is_hf_dual_reference, read_hf_dual_config
+
+        if is_hf_dual_reference(init):
+            return read_hf_dual_config(init).image_size
         return int(fs.read_json(fs.join(init, "config.json"))["config"]["image_size"])
     from thinkfast.models.config import fast_preset, slow_preset
 
