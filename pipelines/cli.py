@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-fast": ("thinkfast_pipelines.train.run", "Ray Train: train the fast dual encoder (L_DE, NCE)"),
     "distill": ("thinkfast_pipelines.train.run", "Ray Train: distil a frozen slow teacher into the fast model"),
     "index": ("thinkfast_pipelines.index", "build a sharded FAISS index from fast embeddings"),
+    "export": ("thinkfast_pipelines.export", "write fast embeddings as clip-retrieval's layout (img_emb/, metadata/)"),
     "eval": ("thinkfast_pipelines.evaluate", "text-to-visual retrieval metrics: fast, slow, re-ranked"),
     "serve": ("thinkfast_pipelines.serve.run", "Ray Serve: two-stage search service with HTTP API and page"),
     "search": ("thinkfast_pipelines.search", "query a running service"),

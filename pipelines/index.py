@@ -26,7 +26,7 @@ from thinkfast.index import build as B
 from thinkfast.index.build import ShardMapper, identity_from_embeddings  # noqa: F401 - identity_from_embeddings: old home
 from thinkfast.index.manifest import IndexManifest, ShardRecord
 from thinkfast.utils import fs
-from thinkfast.utils.paths import user_paths
+from thinkfast.utils.paths import absolute_model_ref, user_paths
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--embeddings", default=None,
-        help="embed output (its fast/ inside) or a Parquet dir, URI; with --remove-keys: also remove the keys there"
+        help="embed output (its fast/ inside), a Parquet dir or a clip-retrieval dir (img_emb/ + metadata/), URI; "
+             "with --remove-keys: also remove the keys there"
     )
     parser.add_argument("--out", required=True, help="index directory, local path or s3://")
     parser.add_argument("--shards", type=int, default=1, help="number of shards, built in parallel Ray tasks")
@@ -46,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-sample", type=int, default=None, help="vectors to train quantizers on")
     parser.add_argument("--exact-below", type=int, default=B.EXACT_BELOW, help="corpus size below which Flat is used")
     parser.add_argument("--model-identity", default=None, help="override the fast model identity from the embed manifest")
+    parser.add_argument("--model-identity-from", default=None, metavar="FAST",
+                        help="record this fast model's identity (directory or hub id; e.g. for clip-retrieval input)")
     parser.add_argument("--no-store-vectors", action="store_true", help="do not keep raw vectors (no exact re-scoring)")
     parser.add_argument("--append", action="store_true",
                         help="add the keys of --embeddings that the index at --out does not hold yet (others skipped)")
@@ -81,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.embeddings:
         raise ThinkfastError("--embeddings is required to build or append")
+    identity = args.model_identity
+    if args.model_identity_from:  # loads the model: its identity is a hash of the weights
+        from thinkfast.models.fast import FastModel
+
+        identity = FastModel.from_pretrained(absolute_model_ref(args.model_identity_from)).identity
     if args.append:
         manifest = append_to_index(args.embeddings, args.out, s3_endpoint=args.s3_endpoint,
                                    replace_changed=args.replace_changed)
@@ -97,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             shards=args.shards,
             factory=args.factory,
             train_sample=args.train_sample,
-            model_identity=args.model_identity,
+            model_identity=identity,
             store_vectors=not args.no_store_vectors,
             exact_below=args.exact_below,
             seed=args.seed,
@@ -137,10 +145,14 @@ def build_index(
     is :func:`thinkfast.index.build.build_from_embeddings`."""
     if mapper is None:
         mapper = _ray_mapper(address, cpus_per_task) if use_ray else B.thread_mapper
-    return B.build_from_embeddings(
-        embeddings, out, shards=shards, factory=factory, train_sample=train_sample, model_identity=model_identity,
-        store_vectors=store_vectors, exact_below=exact_below, seed=seed, s3_endpoint=s3_endpoint, mapper=mapper,
-    )
+    from thinkfast.store.clip_retrieval import staged_for_index  # clip-retrieval input: a Parquet copy first
+
+    with staged_for_index(embeddings, out, s3_endpoint) as (source, recorded_identity):
+        return B.build_from_embeddings(
+            source, out, shards=shards, factory=factory, train_sample=train_sample,
+            model_identity=model_identity or recorded_identity, store_vectors=store_vectors,
+            exact_below=exact_below, seed=seed, s3_endpoint=s3_endpoint, mapper=mapper,
+        )
 
 
 def _ray_mapper(address: str | None, cpus_per_task: float) -> ShardMapper:

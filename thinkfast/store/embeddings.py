@@ -123,7 +123,13 @@ def iter_embeddings(
     """Stream ``(keys, vectors (B, d) float32)`` batches from ``<emb>/fast`` or a Parquet dir/file.
 
     Memory stays at one batch, so an index build over a corpus larger than RAM can add
-    shard by shard. Raises :class:`StoreError` on a wrong schema, nulls, or mixed dims."""
+    shard by shard. Raises :class:`StoreError` on a wrong schema, nulls, or mixed dims.
+    A clip-retrieval directory (``img_emb/*.npy`` + ``metadata/*.parquet``) reads too."""
+    from thinkfast.store import clip_retrieval
+
+    if clip_retrieval.is_clip_retrieval_layout(uri, s3_endpoint):
+        yield from clip_retrieval.iter_clip_embeddings(uri, batch_size, s3_endpoint)
+        return
     dim: int | None = None
     for file_uri in list_parquet_files(resolve_artifact_dir(uri, FAST_DIR, s3_endpoint), s3_endpoint):
         filesystem, path = fs.arrow_fs(file_uri, s3_endpoint)
