@@ -1,11 +1,13 @@
 """clip-retrieval's layout out (``thinkfast export``) and in (``thinkfast index --embeddings``).
 
-The layout is checked against the real consumer: autofaiss 2.18's own ``build_index`` on
-the exported ``img_emb/`` must return the neighbours thinkfast's exact search returns.
-autofaiss 2.18 pins numpy < 2 (this project: 2.4), so it runs in its own venv under
-``~/.cache/thinkfast/venvs/autofaiss-2.18``, created once (about 8 s here, pip from this
-venv with ``--no-compile``) and reused; ``pyarrow==15.0.2`` is pinned beside it because
-today's resolution picks pyarrow 26, which refuses numpy 1.26 at import. No Ray here.
+The layout is checked against the real tools: autofaiss 2.18's own ``build_index`` on the
+exported ``img_emb/`` must return the neighbours thinkfast's exact search returns, and
+thinkfast must read what clip-retrieval 2.45's own writer (``OutputSink``) wrote.
+autofaiss 2.18 pins numpy < 2 (this project: 2.4), so both run in their own venv under
+``~/.cache/thinkfast/venvs/autofaiss-2.18``, created once (8-15 s here: pip from this venv,
+``--no-compile``) and reused; ``pyarrow==15.0.2`` is pinned beside autofaiss because
+today's resolution picks pyarrow 26, which refuses numpy 1.26 at import, and clip-retrieval
+goes in ``--no-deps`` (its pins would pull torch 2.14 and CUDA). No Ray here.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from thinkfast_pipelines import index as index_cli
 N, DIM, IDENTITY = 230, 24, "fast-test-identity-0123"
 AUTOFAISS_VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "thinkfast" / "venvs" / "autofaiss-2.18"
 AUTOFAISS_PINS = ("autofaiss==2.18.0", "pyarrow==15.0.2")
+CLIP_RETRIEVAL_NO_DEPS = ("clip-retrieval==2.45.0",)  # only its writer runs: numpy, pandas, fsspec
 
 
 def _vectors(n: int, seed: int) -> np.ndarray:
@@ -173,61 +176,87 @@ def test_export_and_import_on_s3(emb, s3_bucket, tmp_path):
     assert len(ShardedIndex.load(f"{s3_bucket}/index", cache_dir=str(tmp_path / "cache"))) == N
 
 
-# --------------------------------------------------------------------------- autofaiss itself
+# --------------------------------------------------------------------------- autofaiss and clip-retrieval themselves
 
-_AUTOFAISS_SCRIPT = r"""
-import json, sys
+# Runs in the tools' venv: (1) clip-retrieval 2.45's own OutputSink (clip_inference/writer.py,
+# loaded by path: the package's __init__ imports its Flask back-end) writes a layout with
+# --enable_metadata as `clip-retrieval inference` does; (2) autofaiss' build_index indexes
+# every img_emb/ folder and answers the queries.
+_TOOLS_SCRIPT = r"""
+import importlib.util, json, sys
 import numpy as np
 from autofaiss import build_index
+cfg = json.loads(sys.argv[1])
+w = cfg["write"]
+spec = importlib.util.spec_from_file_location("writer", w["writer"])
+writer = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(writer)
+vectors, keys = np.load(w["vectors"]), w["keys"]
+bounds = np.linspace(0, len(keys), w["parts"] + 1).astype(int)
+for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    sink = writer.OutputSink(w["out"], False, True, True, i, w["parts"])
+    sink.add({"image_embs": vectors[a:b], "image_filename": [f"{k}.jpg" for k in keys[a:b]],
+              "metadata": [json.dumps({"key": k, "url": "http://127.0.0.1/" + k}) for k in keys[a:b]]})
+    sink.flush()
+queries = np.load(cfg["queries"]).astype("float32")
 out = {}
-for name, folder in json.loads(sys.argv[1]).items():
+for name, folder in cfg["indexes"].items():
     index, _ = build_index(embeddings=folder, file_format="npy", index_key="Flat", save_on_disk=False,
                            max_index_memory_usage="1G", current_memory_available="2G", metric_type="ip", verbose=40)
-    queries = np.load(sys.argv[2]).astype("float32")
     scores, ids = index.search(queries, 10)
     out[name] = {"ids": ids.tolist(), "scores": scores.tolist()}
 print(json.dumps(out))
 """
 
 
-def autofaiss_python() -> Path:
-    """The autofaiss venv's python, created on first use under a file lock (so parallel
+def tools_python() -> Path:
+    """The tools' venv python, created on first use under a file lock (so parallel
     sessions share one) and marked complete only once pip succeeded."""
     python, marker = AUTOFAISS_VENV / "bin" / "python", AUTOFAISS_VENV / ".complete"
+    wanted = " ".join(AUTOFAISS_PINS + CLIP_RETRIEVAL_NO_DEPS)
     AUTOFAISS_VENV.parent.mkdir(parents=True, exist_ok=True)
     with open(str(AUTOFAISS_VENV) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.exists() and marker.read_text() == " ".join(AUTOFAISS_PINS):
+        if marker.exists() and marker.read_text() == wanted:
             return python
         subprocess.run(["rm", "-rf", str(AUTOFAISS_VENV)], check=True)
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(AUTOFAISS_VENV)], check=True)
-        pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-compile",
-                              *AUTOFAISS_PINS], capture_output=True, text=True)
-        if pip.returncode:
-            pytest.fail(f"could not install {AUTOFAISS_PINS} into {AUTOFAISS_VENV}: {pip.stderr[-2000:]}")
-        marker.write_text(" ".join(AUTOFAISS_PINS))
+        pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-compile"]
+        for args in (list(AUTOFAISS_PINS), ["--no-deps", *CLIP_RETRIEVAL_NO_DEPS]):
+            done = subprocess.run(pip + args, capture_output=True, text=True)
+            if done.returncode:
+                pytest.fail(f"could not install {args} into {AUTOFAISS_VENV}: {done.stderr[-2000:]}")
+        marker.write_text(wanted)
     return python
 
 
-def test_autofaiss_build_index_finds_thinkfasts_exact_neighbours(emb, tmp_path):
+def test_autofaiss_and_clip_retrieval_agree_with_thinkfast(emb, tmp_path):
+    """autofaiss on thinkfast's export finds thinkfast's exact neighbours; thinkfast reads
+    what clip-retrieval's own writer wrote and finds autofaiss' neighbours on it."""
     exports = {}
     for dtype in ("float32", "float16"):
         exports[dtype] = tmp_path / dtype
         export_clip_retrieval(emb["root"], str(exports[dtype]), dtype=dtype, rows_per_file=50)
     queries = _unit(_vectors(16, 5))
     np.save(tmp_path / "queries.npy", queries)
+    foreign = _unit(_vectors(N, 6)).astype(np.float16)  # what clip-retrieval stores: normalised float16
+    np.save(tmp_path / "foreign.npy", foreign)
+    python = tools_python()
+    writer = next((python.parent.parent / "lib").glob("python3*/site-packages/clip_retrieval/clip_inference/writer.py"))
+    cfg = {"queries": str(tmp_path / "queries.npy"),
+           "write": {"writer": str(writer), "out": str(tmp_path / "foreign"), "vectors": str(tmp_path / "foreign.npy"),
+                     "keys": emb["keys"], "parts": 3},
+           "indexes": {**{d: str(p / "img_emb") for d, p in exports.items()}, "foreign": str(tmp_path / "foreign/img_emb")}}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    done = subprocess.run([str(autofaiss_python()), "-c", _AUTOFAISS_SCRIPT,
-                           json.dumps({d: str(p / "img_emb") for d, p in exports.items()}), str(tmp_path / "queries.npy")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([str(python), "-c", _TOOLS_SCRIPT, json.dumps(cfg)], capture_output=True, text=True,
+                          env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     exact = ShardedIndex.build(emb["keys"], emb["vectors"], str(tmp_path / "exact"), factory="Flat")
     ref_keys, ref_scores = exact.search(queries, k=10)
     for dtype, folder in exports.items():
         _, meta = _concat_clip(folder)
-        row_keys = np.array(meta.column("key").to_pylist(), dtype=object)
-        got = row_keys[np.array(found[dtype]["ids"])]
+        got = np.array(meta.column("key").to_pylist(), dtype=object)[np.array(found[dtype]["ids"])]
         if dtype == "float32":
             np.testing.assert_array_equal(got, ref_keys)
             np.testing.assert_allclose(found[dtype]["scores"], ref_scores, atol=1e-5)
@@ -235,3 +264,13 @@ def test_autofaiss_build_index_finds_thinkfasts_exact_neighbours(emb, tmp_path):
             imported = ShardedIndex.build(*read_embeddings(str(folder)), str(tmp_path / "exact16"), factory="Flat")
             np.testing.assert_array_equal(got, imported.search(queries, k=10)[0])
             assert np.mean(got == ref_keys) > 0.9  # and nearly those of the float32 vectors
+    # clip-retrieval's own files: names img_emb_0..2, metadata with img2dataset's key flattened in
+    assert sorted(p.name for p in (tmp_path / "foreign" / "metadata").iterdir())[0] == "metadata_0.parquet"
+    keys, vectors = read_embeddings(str(tmp_path / "foreign"))
+    assert keys == emb["keys"]
+    np.testing.assert_array_equal(vectors, foreign.astype(np.float32))
+    index_cli.build_index(str(tmp_path / "foreign"), str(tmp_path / "foreign_index"), use_ray=False, factory="Flat")
+    imported = ShardedIndex.load(str(tmp_path / "foreign_index"))
+    assert imported.model_identity is None  # clip-retrieval records no model: serve cannot check --fast
+    got = np.array(keys, dtype=object)[np.array(found["foreign"]["ids"])]
+    np.testing.assert_array_equal(imported.search(queries, k=10)[0], got)
