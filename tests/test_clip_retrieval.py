@@ -165,6 +165,18 @@ def test_export_then_index_answers_like_the_original_index(emb, tmp_path):
     assert ShardedIndex.load(str(tmp_path / "relabelled")).model_identity == "other"
 
 
+def test_an_imported_index_records_the_fast_model_it_is_told(tmp_path, models):
+    """clip-retrieval records no model; --model-identity-from FAST records FAST's identity,
+    which serve and eval then check their --fast against."""
+    from thinkfast.models.fast import FastModel
+
+    clip = _clip_dir(tmp_path / "clip", [(_unit(_vectors(6, 7)), {"image_path": [f"p{i}" for i in range(6)]})])
+    assert cli.main(["--log-file", str(tmp_path / "cli.log"), "index", "--local", "--embeddings", str(clip),
+                     "--model-identity-from", models[0], "--out", str(tmp_path / "index")]) == 0
+    identity = FastModel.from_pretrained(models[0]).identity
+    assert ShardedIndex.load(str(tmp_path / "index")).model_identity == identity
+
+
 def test_export_and_import_on_s3(emb, s3_bucket, tmp_path):
     out = f"{s3_bucket}/clip"
     summary = export_clip_retrieval(emb["root"], out, rows_per_file=100)
