@@ -52,14 +52,14 @@ def test_user_paths_refuses_unknown_parameter_names():
 def test_every_public_entry_point_is_marked():
     """The functions a user calls with paths all go through user_paths (functools.wraps
     leaves ``__wrapped__``)."""
-    from thinkfast_pipelines import corpus, demo, evaluate, index, synth
+    from thinkfast_pipelines import corpus, demo, evaluate, export, index, synth
     from thinkfast_pipelines.embed import embed
     from thinkfast_pipelines.train import distill, train_fast, train_slow
     from thinkfast_pipelines.train.teacher_scores import precompute_teacher_scores
 
     for fn in (demo.demo, evaluate.evaluate, index.build_index, index.append_to_index, index.remove_keys,
                synth.synth, embed, distill, train_fast, train_slow, precompute_teacher_scores,
-               corpus.tuxpaint_corpus, corpus.karpathy_corpus, corpus.vatex_corpus):
+               corpus.tuxpaint_corpus, corpus.karpathy_corpus, corpus.vatex_corpus, export.export):
         assert hasattr(fn, "__wrapped__"), fn.__qualname__
 
 
