@@ -86,7 +86,9 @@ def _log_path(args: argparse.Namespace) -> str | None:
     if args.log_file:
         return os.path.abspath(args.log_file)
     if args.command == "demo":
-        return os.path.join(os.path.abspath(args.workdir), "thinkfast.log")
+        from thinkfast_pipelines.demo import workdir_of
+
+        return os.path.join(os.path.abspath(workdir_of(args)), "thinkfast.log")
     if args.command in LONG_RUNNING:
         return console.default_log_file(args.command)
     return None

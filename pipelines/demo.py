@@ -3,6 +3,7 @@
     thinkfast demo                 # small preset: minutes on 2 CPU cores
     thinkfast demo --tiny          # tiny preset (CI): the same stages in a few minutes
     thinkfast demo --keep-serving  # leave the search page up and print its URL
+    thinkfast demo --real          # real photos (Debian's Tux Paint stamps) on pretrained parts
 
 Stages (each one the project's own public function, so the demo is also their smoke
 test): synth a corpus → train the slow model (L_CA) → train the fast model (L_DE) → distil
@@ -57,6 +58,12 @@ class DemoConfig:
     seed: int = option(0, "corpus and training seed")
 
 
+# --real: the Tux Paint photos on the photo preset (pretrained EfficientNet-Lite0 and MiniLM,
+# frozen, trained on cached trunk features); images / captions_per_image do not apply
+REAL = DemoConfig(preset="photo", images=0, captions_per_image=1, image_size=224, slow_epochs=10, fast_epochs=6,
+                  distill_epochs=2, batch_size=64, workers=1, shards=2, rerank=(5, 10, 20), serve_rerank=20)
+REAL_QUERIES = ("a zebra", "a red apple", "a musical instrument")
+
 TINY = DemoConfig(preset="tiny", images=64, captions_per_image=2, image_size=32, slow_epochs=1, fast_epochs=1,
                   distill_epochs=1, batch_size=16, workers=1, shards=2, rerank=(5, 10), serve_rerank=10)
 
@@ -103,15 +110,26 @@ class _Progress:
 
 
 STAGES = ["synth", "train-slow", "train-fast", "distill", "embed", "index", "eval", "serve", "queries"]
+REAL_STAGES = ["corpus", *STAGES[1:]]
 
 
-def _example_queries(corpus: str, n: int = 3) -> list[str]:
+def _example_queries(corpus: str, free: tuple[str, ...] = FREE_QUERIES, n: int = 3) -> list[str]:
     """A few test-split captions (their images are in the index) plus free-form queries."""
     from thinkfast.data.reader import read_table
 
     table = read_table(corpus, columns=["captions"], filter_split="test")
     captions = [caps[0] for caps in table.column("captions").to_pylist()[:n] if caps]
-    return captions + list(FREE_QUERIES)
+    return captions + list(free)
+
+
+def _unseen_rows(corpus: str, nce: dict[str, Any], report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The evaluation rows over the unseen-concept test queries (``thinkfast.evaluation.unseen``)."""
+    from thinkfast.evaluation.unseen import subset_rows, unseen_mask
+    from thinkfast.training.data import inspect_corpus
+
+    mask = unseen_mask(report["queries"], inspect_corpus(corpus).train_captions)
+    ranks = {**nce["ranks"], **report["ranks"]}
+    return subset_rows({"methods": report["methods"], "ranks": ranks}, mask)
 
 
 def _scenes(corpus: str) -> dict[str, dict[str, Any]]:
@@ -135,11 +153,13 @@ def _correct_results(query: str, keys: list[str], scenes: dict[str, dict[str, An
     return sum(1 for k in keys if k in scenes and satisfies(constraints, scenes[k]))
 
 
-@user_paths("workdir")
+@user_paths("workdir", "stamps_dir")
 def demo(
     workdir: str = "runs/demo",
     *,
     tiny: bool = False,
+    real: bool = False,
+    stamps_dir: str | None = None,
     keep_serving: bool = False,
     port: int = 8000,
     config: DemoConfig | None = None,
@@ -147,8 +167,11 @@ def demo(
 ) -> dict[str, Any]:
     """Run every stage under ``workdir``; returns (and writes) the summary.
 
-    ``config`` overrides the preset sizes (``TINY`` with ``tiny=True``). With
-    ``keep_serving`` the service stays up (blocking until Ctrl-C) after the summary."""
+    ``config`` overrides the preset sizes (``TINY`` with ``tiny=True``, ``REAL`` with
+    ``real=True``). ``real``: the Tux Paint photos (``thinkfast corpus tuxpaint``, fetched
+    into ``~/.cache/thinkfast``, or read from ``stamps_dir``, an unpacked copy) instead of
+    a generated corpus. With ``keep_serving`` the
+    service stays up (blocking until Ctrl-C) after the summary."""
     import ray
 
     from thinkfast_pipelines.embed import EmbedConfig, embed
@@ -160,22 +183,29 @@ def demo(
     from thinkfast_pipelines.synth import synth
     from thinkfast_pipelines.train import distill, train_fast, train_slow
 
-    cfg = config or (TINY if tiny else DemoConfig())
+    from thinkfast_pipelines.corpus import tuxpaint_corpus
+
+    cfg = config or (REAL if real else TINY if tiny else DemoConfig())
     os.makedirs(workdir, exist_ok=True)
     paths = {name: os.path.join(workdir, name) for name in ("corpus", "slow", "fast_nce", "fast", "emb", "index")}
     owns_ray = not ray.is_initialized()
     # 4 logical CPUs on a 2-core machine: Ray Data's read stage never starves behind the
     # embed actor pool and Train workers (STACK_NOTES pitfall 1); a joined cluster keeps its own
     init_ray(num_cpus=None if os.environ.get("RAY_ADDRESS") else max(4, os.cpu_count() or 1))
-    progress = _Progress(STAGES, echo)
+    progress = _Progress(REAL_STAGES if real else STAGES, echo)
     train = {"preset": cfg.preset, "batch_size": cfg.batch_size, "workers": cfg.workers, "seed": cfg.seed}
     started = time.perf_counter()
     url = None
     try:
-        res = progress.run("synth", lambda: _detail(
-            synth(paths["corpus"], images=cfg.images, captions_per_image=cfg.captions_per_image,
-                  image_size=cfg.image_size, seed=cfg.seed, overwrite=True),
-            lambda r: f"{r.num_rows} images, splits {r.splits}"))
+        if real:
+            res = progress.run("corpus", lambda: _detail(
+                tuxpaint_corpus(paths["corpus"], stamps_dir=stamps_dir),
+                lambda r: f"{r.num_rows} Tux Paint stamps, splits {r.splits}, rejected {r.rejected}"))
+        else:
+            res = progress.run("synth", lambda: _detail(
+                synth(paths["corpus"], images=cfg.images, captions_per_image=cfg.captions_per_image,
+                      image_size=cfg.image_size, seed=cfg.seed, overwrite=True),
+                lambda r: f"{r.num_rows} images, splits {r.splits}"))
         progress.run("train-slow", lambda: _detail(
             train_slow(paths["corpus"], paths["slow"], epochs=cfg.slow_epochs, **train), _trained))
         progress.run("train-fast", lambda: _detail(
@@ -193,12 +223,25 @@ def demo(
 
         def run_eval() -> tuple[dict[str, Any], str]:
             nce = evaluate(paths["corpus"], paths["fast_nce"], None, rerank=[], max_queries=cfg.max_eval_queries,
-                           fast_name="fast (NCE)")
+                           fast_name="fast (NCE)", per_query_ranks=real)
+            beta = 0.0  # generated captions use only words the slow model was trained on
+            if real:  # val concepts are new words to the slow model: how much the fast score counts is chosen on val
+                from thinkfast.evaluation.beta import choose_beta
+
+                beta, by_beta = choose_beta(paths["corpus"], paths["fast"], paths["slow"], k=max(cfg.rerank))
+                echo(f"  beta = {beta:g} (val R@1 at K={max(cfg.rerank)} for beta {by_beta})")
             report = evaluate(paths["corpus"], paths["fast"], paths["slow"], index=paths["index"],
                               embeddings=paths["emb"], rerank=cfg.rerank, max_queries=cfg.max_eval_queries,
-                              fast_name="fast distilled", out=os.path.join(workdir, "eval.json"))
+                              beta=beta, fast_name="fast distilled", per_query_ranks=real,
+                              out=os.path.join(workdir, "eval.json"))
             report["methods"] = nce["methods"] + report["methods"]
             echo(format_table(report))
+            if real:
+                report["unseen"] = _unseen_rows(paths["corpus"], nce, report)
+                if report["unseen"]:
+                    echo(f"the {report['unseen'][0]['queries']} test queries none of whose words occur in a "
+                         "training caption:")
+                    echo(format_table({"methods": report["unseen"]}))
             best = report["methods"][-1]
             return report, f"{report['num_queries']} queries; {best['method']} R@1 {best['R@1']:.1f}"
 
@@ -221,8 +264,8 @@ def demo(
 
         def run_queries() -> tuple[list[dict[str, Any]], str]:
             answers = []
-            scenes = _scenes(paths["corpus"])
-            for query in _example_queries(paths["corpus"]):
+            scenes = {} if real else _scenes(paths["corpus"])
+            for query in _example_queries(paths["corpus"], REAL_QUERIES if real else FREE_QUERIES):
                 data = search(query, url, k=5, rerank=cfg.serve_rerank)
                 print_results(data)
                 top = [r["key"] for r in data["results"]]
@@ -307,7 +350,13 @@ def _stop(url: str | None, owns_ray: bool) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny preset and corpus (CI): a few minutes")
-    parser.add_argument("--workdir", default="runs/demo", help="where the corpus, models, index, reports and log go")
+    parser.add_argument("--real", action="store_true",
+                        help="real photos (Debian's Tux Paint stamps, fetched into ~/.cache/thinkfast) on the "
+                             "photo preset: pretrained EfficientNet-Lite0 and MiniLM, frozen, cached trunk features")
+    parser.add_argument("--workdir", default=None,
+                        help="where the corpus, models, index, reports and log go (default runs/demo, "
+                             "runs/demo-real with --real)")
+    parser.add_argument("--stamps-dir", help="--real: an unpacked Tux Paint stamps directory instead of fetching it")
     parser.add_argument("--keep-serving", action="store_true", help="keep the search service up and print its URL")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of the search service")
     parser.add_argument("--epochs", type=int, help="override the epochs of every training stage")
@@ -315,11 +364,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(sizes, DemoConfig)
 
 
+def workdir_of(args: argparse.Namespace) -> str:
+    """``--workdir``, else the default of the demo chosen (the two never share a directory)."""
+    return args.workdir or ("runs/demo-real" if args.real else "runs/demo")
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(DemoConfig, args, base=TINY if args.tiny else DemoConfig())
+    if args.tiny and args.real:
+        raise ThinkfastError("--tiny and --real are two different demos; choose one")
+    cfg = config_from_args(DemoConfig, args, base=REAL if args.real else TINY if args.tiny else DemoConfig())
     if args.epochs:
         cfg = replace(cfg, slow_epochs=args.epochs, fast_epochs=args.epochs, distill_epochs=args.epochs)
-    if cfg.images < 20:
+    if cfg.images < 20 and not args.real:
         raise ThinkfastError("--images must be at least 20 (each split needs a few images)")
-    demo(args.workdir, tiny=args.tiny, keep_serving=args.keep_serving, port=args.port, config=cfg)
+    demo(workdir_of(args), tiny=args.tiny, real=args.real, stamps_dir=args.stamps_dir, keep_serving=args.keep_serving, port=args.port, config=cfg)
     return 0

@@ -129,7 +129,8 @@ def evaluate(
     of running the image towers here. ``exhaustive=False`` skips the slow-over-everything
     row (Q·N slow evaluations). ``gallery``: a pre-loaded gallery (reused across calls by
     the accuracy benchmark; ``corpus``/``split`` are then only recorded). ``per_query_ranks``
-    adds ``ranks``: method -> each query's rank of its image (for paired comparisons).
+    adds ``ranks``: method -> each query's rank of its image (for paired comparisons), and
+    ``queries``, their texts in the same order.
     ``precision``: on a corpus with a ``scene`` column, each row also gets ``P@5`` (and per
     query kind) over :mod:`thinkfast.evaluation.precision`'s fixed query set."""
     from thinkfast import encode, metrics
@@ -229,6 +230,7 @@ def evaluate(
     }
     if per_query_ranks:
         report["ranks"] = all_ranks
+        report["queries"] = list(queries.texts)
     if out:
         fs.write_json(out, report, s3_endpoint)
         logger.info("wrote %s", out)

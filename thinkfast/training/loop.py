@@ -97,10 +97,16 @@ def image_size_for(objective: str, config: TrainConfig, init: str | None) -> int
     return preset.image_size
 
 
-def build_tokenizer(config: TrainConfig, info: "CorpusInfo", init: str | None) -> "WordTokenizer | None":
-    """tiny / small: a word vocabulary from the train split's captions (saved with the
-    model). paper, or an init model: None (the model's own tokenizer)."""
+def build_tokenizer(config: TrainConfig, info: "CorpusInfo", init: str | None,
+                    objective: str = "slow") -> "WordTokenizer | None":
+    """A word vocabulary from the train split's captions (saved with the model) for presets
+    whose model has none of its own (tiny, small, photo's slow model). None for an init
+    model or a Hugging Face text tower / tokenizer (paper; photo's fast model)."""
     if init or config.preset == "paper":
+        return None
+    from thinkfast.models.config import fast_preset
+
+    if MODEL_KIND[objective] == "fast" and fast_preset(config.preset).text.kind == "hf":
         return None
     from thinkfast.data.tokenizer import WordTokenizer
 
@@ -164,14 +170,16 @@ def train_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
     for group in optimizer.param_groups:
         group["lr"] = lr
     pixels = batch.pixels.to(device)
+    visual = pixels if batch.trunk is None else {k: v.to(device) for k, v in batch.trunk.items()}
     enc = model.tokenize(batch.captions)
     input_ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     scores = batch.teacher_scores
     if scores is None and getattr(inner, "teacher", None) is not None:
-        scores = inner.teacher_matrix(pixels, batch.captions)
+        tokens = None if batch.teacher_tokens is None else batch.teacher_tokens.to(device)
+        scores = inner.teacher_matrix(pixels, batch.captions, tokens=tokens)
     if scores is not None:
         scores = scores.to(device)
-    loss, stats = objective(pixels, input_ids, mask, scores)
+    loss, stats = objective(visual, input_ids, mask, scores)
     loss = loss * batch.weight
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
