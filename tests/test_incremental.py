@@ -157,3 +157,73 @@ def test_deleted_key_leaves_index_tokens_and_catalog_and_search_never_returns_it
     assert catalog.remove([keys[3]]) == 1 and keys[3] not in catalog
     # a second removal of the same keys changes nothing and does not fail
     assert remove_everywhere(out, emb, gone)["index"] == 0
+
+
+# --------------------------------------------------------------------------- incremental embed (Ray)
+
+
+def _fast_rows(emb):
+    keys, vectors = read_embeddings(emb)
+    assert len(keys) == len(set(keys))  # nothing written twice
+    return dict(zip(keys, vectors))
+
+
+@pytest.mark.ray
+def test_incremental_embed_skips_known_keys_reports_changed_and_honours_removed(ray_session, models, tmp_path):
+    from thinkfast.data.synth import SynthConfig, write_synth
+    from thinkfast.store.incremental import read_digests, remove_from_embeddings
+    from thinkfast_pipelines.embed import EmbedConfig, embed
+
+    fast, slow = models
+    synth = tmp_path / "synth"
+    write_synth(str(synth), SynthConfig(num_images=17, captions_per_image=1, image_size=32, seed=5,
+                                        image_format="png"), workers=1)
+    table = pq.read_table(str(synth))
+    first, rest = table.slice(0, 12), table.slice(12)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(first, str(corpus / "part-00000.parquet"))
+    config = EmbedConfig(batch_size=8, decode_batch_size=8, progress=False)
+    out = str(tmp_path / "emb")
+    full = embed(str(corpus), out, fast=fast, slow=slow, config=config)
+    assert full["counts"]["embedded"] == 12 and full["incremental"]["mode"] == "full"
+    before = _fast_rows(out)
+    assert len(read_digests(out)) == 12
+
+    # the corpus grows: 5 new rows and a corrupt one in a new shard; key 0's media changes
+    keys = first.column("key").to_pylist()
+    changed_media = rest.column("jpg")[0].as_py()
+    rows = first.to_pylist()
+    rows[0]["jpg"] = changed_media
+    pq.write_table(pa.Table.from_pylist(rows, schema=first.schema), str(corpus / "part-00000.parquet"))
+    bad = {**rest.to_pylist()[0], "key": "bad-1", "jpg": b"\x00not an image" * 8}
+    pq.write_table(pa.Table.from_pylist(rest.to_pylist() + [bad], schema=rest.schema), str(corpus / "part-00001.parquet"))
+    grown = embed(str(corpus), out, fast=fast, slow=slow, config=EmbedConfig(**{**config.__dict__, "incremental": True}))
+    c, inc = grown["counts"], grown["incremental"]
+    assert (c["in"], c["embedded"], c["rejected"], c["skipped"]) == (18, 5, 1, 12)
+    assert c["embedded"] + c["rejected"] + c["skipped"] == c["in"]
+    assert (inc["skipped_unchanged"], inc["changed"], inc["changed_examples"], inc["total_embedded"]) == (11, 1, [keys[0]], 17)
+    after = _fast_rows(out)
+    assert sorted(after) == sorted(keys + rest.column("key").to_pylist())
+    for k in keys:  # old rows untouched, the changed key too (no --reembed-changed)
+        np.testing.assert_array_equal(after[k], before[k])
+    assert sorted(TokenStore.open(out).keys()) == sorted(after)
+
+    # a takedown, then the same shards again with --reembed-changed
+    remove_from_embeddings(out, [rest.column("key")[1].as_py()])
+    again = embed(str(corpus), out, fast=fast, slow=slow,
+                  config=EmbedConfig(**{**config.__dict__, "incremental": True, "reembed_changed": True}))
+    c, inc = again["counts"], again["incremental"]
+    assert (c["embedded"], c["rejected"], c["skipped"]) == (1, 1, 16), c  # key 0 re-embedded, bad-1 tried again
+    assert (inc["changed_reembedded"], inc["skipped_removed"], inc["total_embedded"]) == (1, 1, 16)
+    final = _fast_rows(out)
+    assert len(final) == 16 and rest.column("key")[1].as_py() not in final
+    assert not np.allclose(final[keys[0]], before[keys[0]]) and np.array_equal(final[keys[1]], before[keys[1]])
+    store = TokenStore.open(out)
+    assert sorted(store.keys()) == sorted(final)
+    rejected = pq.read_table(os.path.join(out, "rejected")).column("key").to_pylist()
+    assert rejected == ["bad-1"]  # the old reject replaced, not repeated
+    assert read_digests(out).keys() == final.keys()
+    # other models: one line, before any work
+    with pytest.raises(ThinkfastError, match="same models"):
+        embed(str(corpus), out, fast=fast, config=EmbedConfig(**{**config.__dict__, "incremental": True}))

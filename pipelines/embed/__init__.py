@@ -33,7 +33,13 @@ such a key; either way with reason ``duplicate_key`` in ``rejected/``, counted s
 ``embedded + rejected == in``, and no output holds a key twice (the rows of repeated keys
 are dropped from the stream by key, the kept copy is read back by position and added).
 
-Re-runs: before any output is written, the previous run's ``manifest.json`` is deleted
+Growing a directory: ``--incremental`` embeds only the keys ``--out`` does not hold yet
+(same models, else one line refuses), skips and counts the rest (``embedded + rejected +
+skipped == in``), reports keys whose media changed and re-embeds them only with
+``--reembed-changed``; keys listed in ``<out>/removed.parquet`` (``thinkfast index
+--remove-keys --embeddings``) are never embedded again, by any run. See ``incremental.py``.
+
+Re-runs (without ``--incremental``): before any output is written, the previous run's ``manifest.json`` is deleted
 first and then its ``fast/``, ``tokens/``, ``rejected/`` and ``texts/`` directories (nothing
 else under ``--out`` is touched); ``manifest.json`` is written last. So a re-run never
 duplicates rows, and an output directory without ``manifest.json`` is an unfinished run.
@@ -119,12 +125,21 @@ def run(args: argparse.Namespace) -> int:
         address=args.address,
     )
     counts = manifest["counts"]
+    inc = manifest.get("incremental") or {}
     print(
         f"embedded {counts.get('embedded', 0)} of {counts.get('in', 0)} rows, "
         f"rejected {counts.get('rejected', 0)}"
+        + (f", skipped {counts['skipped']}" if counts.get("skipped") else "")
         + (f", {counts.get('texts', 0)} captions" if "texts" in counts else "")
         + f" -> {args.out}"
     )
+    if inc.get("mode") == "incremental":
+        print(f"skipped {inc.get('skipped_unchanged', 0)} already embedded, {inc.get('skipped_removed', 0)} removed; "
+              f"{inc.get('total_embedded', 0)} keys in {args.out} now")
+    if inc.get("changed"):
+        what = ("re-embedded" if inc.get("changed_reembedded")
+                else "left as embedded (--reembed-changed re-embeds them)")
+        print(f"{inc['changed']} key(s) with new media {what}, e.g. {inc.get('changed_examples')}")
     return 0
 
 

@@ -44,6 +44,11 @@ class EmbedConfig:
     on_duplicate: Literal["error", "first", "reject"] = option(
         "error", "a key the corpus holds more than once: error (refuse before any work), first (keep the first "
         "occurrence in file then row order, reject the others), reject (reject every row of that key)")
+    incremental: bool = option(
+        False, "grow the embeddings directory at --out: embed only keys it does not hold yet (same models), "
+        "skip the rest (default: a run replaces --out)")
+    reembed_changed: bool = option(
+        False, "with --incremental: re-embed keys whose media changed (default: report them, keep the old rows)")
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.decode_batch_size < 1 or self.rows_per_write < 1:
@@ -58,6 +63,10 @@ class EmbedConfig:
             raise EmbedError(f"--on-duplicate must be error, first or reject, got {self.on_duplicate!r}")
         if self.limit is not None and self.limit < 0:
             raise EmbedError(f"--limit must be non-negative, got {self.limit}")
+        if self.reembed_changed and not self.incremental:
+            raise EmbedError("--reembed-changed needs --incremental")
+        if self.incremental and self.limit is not None:
+            raise EmbedError("--incremental cannot be combined with --limit (which rows a limit takes is not fixed)")
 
     def to_manifest(self) -> dict[str, Any]:
         """The manifest's ``config``: every field but the S3 endpoint (a deployment detail)."""

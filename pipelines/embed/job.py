@@ -8,13 +8,18 @@ for the layout, the memory bound and the re-run policy.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
+from thinkfast.store.incremental import write_digests
 from thinkfast.store.layout import (
+    DIGESTS_FILE,
+    EMBED_MANIFEST,
     FAILED_EMBED_MANIFEST,
+    INCREMENTAL_MARKER,
     FAST_DIR,
     REJECTED_DIR,
     TEXTS_DIR,
@@ -24,6 +29,7 @@ from thinkfast.store.layout import (
     EmbedOutputs,
     FastModelRecord,
     SlowModelRecord,
+    rejected_dir,
     tokens_dir,
     write_embed_manifest,
 )
@@ -32,6 +38,14 @@ from thinkfast.utils import fs
 from thinkfast.utils.timer import StageTimer
 from thinkfast_pipelines.embed.config import EmbedConfig, EmbedError
 from thinkfast_pipelines.embed.duplicates import DUPLICATE_REASON, DuplicatePlan, check_duplicates
+from thinkfast_pipelines.embed.incremental import (
+    IncrementalPlan,
+    check_same_models,
+    committed_digests,
+    corpus_digests,
+    plan_run,
+    previous_manifest,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -156,16 +170,19 @@ def _actor_resources(config: EmbedConfig) -> dict[str, float]:
 
 
 def _read(corpus: CorpusInfo, columns: list[str], config: EmbedConfig,
-          duplicates: DuplicatePlan | None = None) -> "ray.data.Dataset":
+          duplicates: DuplicatePlan | None = None, skip: frozenset[str] = frozenset()) -> "ray.data.Dataset":
     """The corpus rows (``columns``), each key at most once: with a duplicate plan, the
-    rows of repeated keys are dropped and the kept copies added back."""
+    rows of repeated keys are dropped and the kept copies added back; then the keys in
+    ``skip`` (already embedded, removed: see ``incremental.py``) are dropped."""
     import ray.data
 
     from thinkfast.store.stream import drop_keys
     from thinkfast_pipelines.embed.duplicates import kept_rows
 
-    filesystem, _ = fs.arrow_fs(corpus.files[0], config.s3_endpoint)
-    ds = ray.data.read_parquet([fs.strip_scheme(f) for f in corpus.files], columns=columns, filesystem=filesystem)
+    from thinkfast_pipelines.embed.stages import read_corpus
+
+    columns = corpus.columns.stream_columns(columns)  # + img2dataset's status, error_message
+    ds = read_corpus(corpus, columns, config.s3_endpoint)  # Parquet or img2dataset webdataset
     if config.limit is not None:
         ds = ds.limit(config.limit)
     if duplicates is not None:
@@ -173,18 +190,20 @@ def _read(corpus: CorpusInfo, columns: list[str], config: EmbedConfig,
         if duplicates.keep:
             kept = kept_rows(duplicates, columns, config.s3_endpoint)
             ds = ds.union(ray.data.from_arrow(kept))
+    if skip:
+        ds = ds.map_batches(drop_keys, batch_format="pyarrow", batch_size=None, fn_kwargs={"keys": skip})
     return ds
 
 
 def run_media_stream(corpus: CorpusInfo, models: ModelInfo, out: str, config: EmbedConfig,
-                     duplicates: DuplicatePlan | None = None) -> dict[str, Any]:
+                     duplicates: DuplicatePlan | None = None, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
     """read ─► decode (tasks) ─► EmbedActor (pool) ─► EmbeddingSink; returns the sink's counts."""
     import ray.data
 
     from thinkfast_pipelines.embed.sink import EmbeddingSink
     from thinkfast_pipelines.embed.stages import EmbedActor, decode_batch
 
-    ds = _read(corpus, ["key", corpus.columns.media], config, duplicates)
+    ds = _read(corpus, ["key", corpus.columns.media], config, duplicates, skip)
     ds = ds.map_batches(
         decode_batch,
         batch_format="pyarrow",
@@ -217,7 +236,7 @@ def run_media_stream(corpus: CorpusInfo, models: ModelInfo, out: str, config: Em
 
 
 def run_text_stream(corpus: CorpusInfo, fast_uri: str, out: str, config: EmbedConfig,
-                    duplicates: DuplicatePlan | None = None) -> dict[str, Any]:
+                    duplicates: DuplicatePlan | None = None, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
     """read captions ─► one row per caption ─► TextEmbedActor (pool) ─► texts/."""
     import ray.data
 
@@ -225,7 +244,7 @@ def run_text_stream(corpus: CorpusInfo, fast_uri: str, out: str, config: EmbedCo
     from thinkfast_pipelines.embed.stages import TextEmbedActor, explode_captions
 
     caption_column = corpus.columns.captions
-    ds = _read(corpus, ["key", caption_column], config, duplicates)
+    ds = _read(corpus, ["key", caption_column], config, duplicates, skip)
     ds = ds.map_batches(explode_captions, batch_format="pyarrow", fn_kwargs={"caption_column": caption_column})
     ds = ds.map_batches(
         TextEmbedActor,
@@ -267,48 +286,77 @@ def run_embed(
     timer = StageTimer(logger)
     endpoint = config.s3_endpoint
     with timer.stage("inspect"):
-        corpus = inspect_corpus(corpus_uri, endpoint)
+        corpus = inspect_corpus(corpus_uri, endpoint, webdataset=True)
         _check_out_not_inside_corpus(corpus.files, out)
         duplicates = check_duplicates(corpus, config)
         models = probe_models(fast, slow if media else None, corpus.columns.media, config)
         # an unreachable endpoint, a missing bucket or a read-only --out: one line in
         # seconds, before the clean-up and before Ray (not a Write-stage traceback later)
         fs.check_writable(out, endpoint)
+        previous = None
+        if config.incremental:
+            if not media:
+                raise EmbedError("--incremental embeds media: it cannot be combined with --no-media")
+            previous = previous_manifest(out, endpoint)
+            if previous is not None:
+                check_same_models(previous, models, texts=texts, out=out)
+    growing = previous is not None
     expected = corpus.num_rows if config.limit is None else min(config.limit, corpus.num_rows)
     logger.info("corpus %s: %d files, %d rows, media column %r", corpus_uri, len(corpus.files), corpus.num_rows, corpus.columns.media)
 
     with timer.stage("clear"):
-        removed = clear_outputs(out, endpoint)
+        removed = [] if growing else clear_outputs(out, endpoint)  # removed.parquet stays: deletes stick
     with timer.stage("ray_init"):
         init_ray(address=address)
+    plan = None
+    if media and config.limit is None:
+        with timer.stage("digests"):
+            digests = corpus_digests(corpus, config, duplicates)
+            if growing:  # from here the directory reads as unfinished; the marker keeps the old manifest
+                fs.write_json(fs.join(out, INCREMENTAL_MARKER), previous.to_json(), endpoint)
+                fs.fsspec_fs(out, endpoint).rm_file(fs.strip_scheme(fs.join(out, EMBED_MANIFEST)))
+            plan = plan_run(out, digests, config, duplicates, incremental=growing)
+    elif fs.exists(fs.join(out, DIGESTS_FILE), endpoint):  # --limit: no digests; stale ones would mislead
+        fs.fsspec_fs(out, endpoint).rm_file(fs.strip_scheme(fs.join(out, DIGESTS_FILE)))
     with _data_context(config, decoded_row_bytes(models, corpus.columns.media)):
         counts, token_manifest, steady = _run_streams(corpus, models, out, config, timer, fast=fast,
                                                       media=media, texts=texts, expected=expected,
-                                                      duplicates=duplicates)
+                                                      duplicates=duplicates, plan=plan, growing=growing)
 
     manifest = _manifest(corpus, models, counts, config, media=media, texts=texts, has_tokens=token_manifest is not None)
     manifest = manifest.replace(replaced_previous=tuple(removed),
                                 media_steady_rows_per_s=None if steady is None else round(steady, 2))
     _check_counts(manifest, token_manifest, out, endpoint, timer)
     with timer.stage("manifest"):
+        if plan is not None:  # the digests are the commit point for keys, the manifest for the run
+            committed = committed_digests(out, plan, endpoint)
+            write_digests(out, committed, endpoint)
+            runs = int((previous.incremental or {}).get("runs", 1)) + 1 if growing else 1
+            manifest = manifest.replace(incremental={**plan.stats, "total_embedded": len(committed), "runs": runs})
+            if growing and fs.exists(rejected_dir(out), endpoint):
+                manifest = manifest.replace(outputs=dataclasses.replace(manifest.outputs, rejected=REJECTED_DIR))
         manifest = manifest.replace(timings_s=timer.as_dict())
         write_embed_manifest(out, manifest, endpoint)
+        if growing:
+            fs.fsspec_fs(out, endpoint).rm_file(fs.strip_scheme(fs.join(out, INCREMENTAL_MARKER)))
     logger.info("embed done: %s", manifest.counts)
     return manifest.to_json()
 
 
 def _run_streams(corpus: CorpusInfo, models: ModelInfo, out: str, config: EmbedConfig, timer: StageTimer, *,
                  fast: str | None, media: bool, texts: bool, expected: int,
-                 duplicates: DuplicatePlan | None = None) -> tuple[EmbedCounts, dict[str, Any] | None, float | None]:
+                 duplicates: DuplicatePlan | None = None, plan: IncrementalPlan | None = None,
+                 growing: bool = False) -> tuple[EmbedCounts, dict[str, Any] | None, float | None]:
     """The media stream, the token store's index, then the caption stream; their counts.
     The driver's own rejects of repeated keys are written first and counted with the
     media stream's (so ``embedded + rejected == in`` holds as for any other reject)."""
     media_result = text_result = None
     token_manifest = None
+    skip = plan.skip if plan is not None else frozenset()
     steady = None
     if media:
         with timer.stage("embed_media"):
-            media_result = run_media_stream(corpus, models, out, config, duplicates)
+            media_result = run_media_stream(corpus, models, out, config, duplicates, skip)
             if duplicates is not None and duplicates.rejects.num_rows:
                 from thinkfast.store.outputs import write_rejected
 
@@ -318,15 +366,18 @@ def _run_streams(corpus: CorpusInfo, models: ModelInfo, out: str, config: EmbedC
                 for name in ("rows", "rejected", f"rejected:read:{DUPLICATE_REASON}"):
                     media_result[name] = int(media_result.get(name, 0)) + n
         steady = media_result.get("steady_rows_per_s")
-        if models.slow and media_result.get("embedded"):
+        if models.slow and (media_result.get("embedded") or (growing and fs.exists(tokens_dir(out), config.s3_endpoint))):
             from thinkfast.store.tokens import finalize_token_store
 
             with timer.stage("finalize_tokens"):
                 token_manifest = finalize_token_store(tokens_dir(out), config.s3_endpoint)
     if texts:
         with timer.stage("embed_texts"):
-            text_result = run_text_stream(corpus, fast, out, config, duplicates)
-    return EmbedCounts.from_streams(expected, media_result, text_result), token_manifest, steady
+            text_result = run_text_stream(corpus, fast, out, config, duplicates, skip)
+    counts = EmbedCounts.from_streams(expected, media_result, text_result)
+    if plan is not None:
+        counts = dataclasses.replace(counts, skipped=plan.skipped_rows)
+    return counts, token_manifest, steady
 
 
 def _manifest(corpus: CorpusInfo, models: ModelInfo, counts: EmbedCounts, config: EmbedConfig, *,

@@ -23,6 +23,7 @@ from thinkfast.store.layout import (
     EMBED_MANIFEST,
     EMBED_OUTPUT_DIRS,
     FAILED_EMBED_MANIFEST,
+    INCREMENTAL_MARKER,
     fast_dir,
     rejected_dir,
     texts_dir,
@@ -86,7 +87,8 @@ def clear_embed_outputs(out: str, s3_endpoint: str | None = None) -> list[str]:
     looks finished), then fast/ tokens/ rejected/ texts/. Returns what was removed."""
     filesystem = fs.fsspec_fs(out, s3_endpoint)
     removed = []
-    for name in (EMBED_MANIFEST, FAILED_EMBED_MANIFEST) + EMBED_OUTPUT_DIRS:
+    # digests.parquet is replaced whole at the end of the run; removed.parquet stays (deletes stick)
+    for name in (EMBED_MANIFEST, FAILED_EMBED_MANIFEST, INCREMENTAL_MARKER) + EMBED_OUTPUT_DIRS:
         path = fs.strip_scheme(fs.join(out, name))
         if filesystem.exists(path):
             filesystem.rm(path, recursive=True)
