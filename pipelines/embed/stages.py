@@ -1,4 +1,4 @@
-"""The Ray Data stages of ``thinkfast embed``: decode (tasks), embed (actor pool), captions.
+"""The Ray Data stages of ``thinkfast embed``: read, decode (tasks), embed (actor pool), captions.
 
 Thin adapters: the decode loop is :func:`thinkfast.data.decode.decode_rows` (the one
 Reject type), the model passes are :mod:`thinkfast.encode`, and the tables that travel
@@ -31,12 +31,47 @@ from thinkfast.store.stream import (  # noqa: F401 - re-exported: the stream's s
 )
 
 if TYPE_CHECKING:
+    import ray.data
+
+    from thinkfast.data.reader import CorpusInfo
     from thinkfast.data.schema import CorpusColumns
 
 logger = logging.getLogger(__name__)
 
 # a model output that the index or token store must never hold
 NON_FINITE_DETAIL = "model output has NaN or inf (tokens may overflow float16)"
+
+
+# --------------------------------------------------------------------------- read
+
+
+def read_corpus(corpus: "CorpusInfo", columns: list[str], s3_endpoint: str | None = None) -> "ray.data.Dataset":
+    """The corpus rows (``columns`` only) as a Ray Dataset, whatever img2dataset wrote.
+
+    Parquet: ``read_parquet``. Webdataset (``.tar`` shards): ``read_webdataset`` with no
+    decoding (raw bytes; the decode stage decodes), each batch turned into corpus rows,
+    plus the rows img2dataset failed on, which are only in the shards' metadata Parquet
+    (small: read whole, so a column img2dataset did not write reads as null). Both give
+    the same rows, so the media stream rejects the failed ones with img2dataset's reason
+    and the caption stream embeds their captions, as for any row with bad media."""
+    import ray.data
+
+    from thinkfast.data import img2dataset
+    from thinkfast.utils import fs
+
+    filesystem, _ = fs.arrow_fs(corpus.files[0], s3_endpoint)
+    if corpus.format != img2dataset.WEBDATASET_FORMAT:
+        return ray.data.read_parquet([fs.strip_scheme(f) for f in corpus.files], columns=columns,
+                                     filesystem=filesystem)
+    media = corpus.columns.media
+    ds = ray.data.read_webdataset([fs.strip_scheme(f) for f in corpus.files], filesystem=filesystem, decoder=None,
+                                  suffixes=[media, "txt", "json"])
+    ds = ds.map_batches(img2dataset.ray_samples_table, batch_format="pyarrow", batch_size=None,
+                        fn_kwargs={"media": media, "columns": columns})
+    failed = ray.data.read_parquet([fs.strip_scheme(f) for f in corpus.metadata_files], filesystem=filesystem)
+    failed = failed.map_batches(img2dataset.failed_rows_batch, batch_format="pyarrow", batch_size=None,
+                                fn_kwargs={"media": media, "columns": columns})
+    return ds.union(failed)
 
 
 # --------------------------------------------------------------------------- decode

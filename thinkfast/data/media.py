@@ -3,7 +3,9 @@ a local path, ``file://`` or ``s3://`` with retries; and the row's captions.
 
 Every failure becomes a ``DecodeError`` whose reason the embed stage writes to
 ``rejected/`` (``missing_media``, ``fetch_failed``, or the decoder's own reason), so one bad
-row never stops a job and never disappears without a trace.
+row never stops a job and never disappears without a trace. A row that img2dataset
+itself failed on (``status`` not ``success``) is rejected with img2dataset's status as the
+reason and its ``error_message`` as the detail, not as an anonymous ``missing_media``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from thinkfast.data.image import DEFAULT_MAX_PIXELS, decode_image, preprocess_image
-from thinkfast.data.schema import CorpusColumns
+from thinkfast.data.schema import ERROR_COLUMN, STATUS_COLUMN, SUCCESS, CorpusColumns
 from thinkfast.data.video import decode_video, preprocess_video
 from thinkfast.errors import DecodeError
 from thinkfast.utils import fs as fsutil
@@ -61,6 +63,9 @@ def _looks_like_video(url: str, data: bytes) -> bool:
 def media_of(row: Mapping[str, Any], columns: CorpusColumns, s3_endpoint: str | None = None,
              retries: int = 3) -> tuple[bytes, bool]:
     """The row's encoded media and whether it is a video."""
+    status = row.get(STATUS_COLUMN) if columns.has_status else None
+    if status is not None and status != SUCCESS:
+        raise DecodeError(str(status), f"img2dataset: {row.get(ERROR_COLUMN) or status}")
     value = row.get(columns.media)
     if value is None or (isinstance(value, (bytes, bytearray, str)) and len(value) == 0):
         raise DecodeError("missing_media", f"row has no {columns.media}")

@@ -4,6 +4,11 @@ A corpus may be far larger than memory (img2dataset shards of 10k images each), 
 main entry point yields record batches file by file, row group by row group; only
 ``read_table`` materialises, and it is meant for small corpora and tests. S3 endpoint and
 credentials come from the AWS environment variables or an explicit ``s3_endpoint``.
+
+img2dataset's webdataset output (``.tar`` shards + a metadata Parquet per shard) is a
+corpus too, but only for callers that ask (``inspect_corpus(..., webdataset=True)``, as
+``thinkfast embed`` does): the rows are then read by
+:mod:`thinkfast.data.img2dataset`, not by :func:`iter_batches`, which reads Parquet only.
 """
 
 from __future__ import annotations
@@ -39,6 +44,13 @@ class CorpusInfo:
     columns: CorpusColumns  # validated column roles
     schema: pa.Schema  # schema of the first file
     num_rows: int  # sum of the files' footer row counts
+    format: str = "parquet"  # "parquet" | "webdataset" (files are then img2dataset's .tar shards)
+    metadata_files: tuple[str, ...] = ()  # webdataset: each tar's metadata Parquet, every row
+
+    @property
+    def key_files(self) -> tuple[str, ...]:
+        """The Parquet files that list every row's key (scanned for repeated keys)."""
+        return self.metadata_files if self.format == "webdataset" else self.files
 
 
 def _with_scheme(uri: str, path: str) -> str:
@@ -50,6 +62,12 @@ def _with_scheme(uri: str, path: str) -> str:
 def list_parquet_files(uri: str, s3_endpoint: str | None = None) -> list[str]:
     """All ``*.parquet`` files under ``uri`` (or ``uri`` itself if it is one), sorted;
     hidden and ``_``-prefixed files (``_SUCCESS``, ``_metadata``) are skipped."""
+    return list_files(uri, ".parquet", s3_endpoint)
+
+
+def list_files(uri: str, suffix: str, s3_endpoint: str | None = None, required: bool = True) -> list[str]:
+    """All files ending in ``suffix`` under ``uri`` (or ``uri`` itself if it is a file), as
+    :func:`list_parquet_files`; an empty list instead of an error when not ``required``."""
     filesystem, path = fsutil.arrow_fs(uri, s3_endpoint)
     try:
         info = filesystem.get_file_info(path)
@@ -58,18 +76,18 @@ def list_parquet_files(uri: str, s3_endpoint: str | None = None) -> list[str]:
     if info.type == pafs.FileType.NotFound:
         raise CorpusNotFoundError(f"corpus not found: {uri}")
     if info.type == pafs.FileType.File:
-        return [_with_scheme(uri, path)]
+        return [_with_scheme(uri, path)] if required or path.endswith(suffix) else []
     try:
         entries = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
     except OSError as exc:
         raise CorpusNotFoundError(f"cannot list corpus {uri}: {exc}") from exc
     files = sorted(
         e.path for e in entries
-        if e.type == pafs.FileType.File and e.path.endswith(".parquet")
+        if e.type == pafs.FileType.File and e.path.endswith(suffix)
         and not any(part.startswith(("_", ".")) for part in e.path[len(path):].split("/") if part)
     )
-    if not files:
-        raise CorpusNotFoundError(f"no .parquet files under {uri}")
+    if not files and required:
+        raise CorpusNotFoundError(f"no {suffix} files under {uri}")
     return [_with_scheme(uri, f) for f in files]
 
 
@@ -86,9 +104,20 @@ def read_schema(uri: str, s3_endpoint: str | None = None) -> pa.Schema:
     return _open(list_parquet_files(uri, s3_endpoint)[0], s3_endpoint).schema_arrow
 
 
-def inspect_corpus(uri: str, s3_endpoint: str | None = None) -> CorpusInfo:
+def inspect_corpus(uri: str, s3_endpoint: str | None = None, *, webdataset: bool = False) -> CorpusInfo:
     """List, validate and count a corpus from its footers; every file must validate the
-    same way (a shard with ``caption`` next to one with ``captions`` is an error)."""
+    same way (a shard with ``caption`` next to one with ``captions`` is an error).
+
+    A folder of ``.tar`` shards is img2dataset's webdataset output: with ``webdataset``
+    it is inspected as such (:func:`inspect_webdataset`), else refused in one line (this
+    caller reads Parquet rows itself)."""
+    tars = list_files(uri, ".tar", s3_endpoint, required=False)
+    if tars:
+        if webdataset:
+            return inspect_webdataset(uri, tars, s3_endpoint)
+        raise CorpusSchemaError(
+            f"{uri} holds webdataset .tar shards (img2dataset --output_format webdataset); only thinkfast embed "
+            "reads those: for this command run img2dataset with --output_format parquet")
     files = list_parquet_files(uri, s3_endpoint)
     first_schema: pa.Schema | None = None
     columns: CorpusColumns | None = None
@@ -106,6 +135,20 @@ def inspect_corpus(uri: str, s3_endpoint: str | None = None) -> CorpusInfo:
         num_rows += pf.metadata.num_rows
     assert columns is not None and first_schema is not None
     return CorpusInfo(uri=uri, files=tuple(files), columns=columns, schema=first_schema, num_rows=num_rows)
+
+
+def inspect_webdataset(uri: str, tars: Sequence[str], s3_endpoint: str | None = None) -> CorpusInfo:
+    """img2dataset webdataset shards as a corpus: the rows are those of the metadata
+    Parquet next to each tar (failed ones included), the image column is named after the
+    first sample's image extension. Reads footers and one tar's first sample only."""
+    from thinkfast.data import img2dataset
+
+    media = img2dataset.image_suffix(tars[0], s3_endpoint)
+    metadata = tuple(img2dataset.metadata_file(t) for t in tars)
+    num_rows = sum(img2dataset.check_metadata(m, s3_endpoint) for m in metadata)
+    schema = img2dataset.webdataset_schema(media)
+    return CorpusInfo(uri=uri, files=tuple(tars), columns=validate_corpus_schema(schema), schema=schema,
+                      num_rows=num_rows, format=img2dataset.WEBDATASET_FORMAT, metadata_files=metadata)
 
 
 @dataclass(frozen=True)
@@ -158,7 +201,8 @@ def find_duplicate_keys(corpus: CorpusInfo, s3_endpoint: str | None = None) -> D
     only."""
     key_column = corpus.columns.key
     parts = []
-    for file_index, file_uri in enumerate(corpus.files):
+    files = corpus.key_files
+    for file_index, file_uri in enumerate(files):
         keys = _open(file_uri, s3_endpoint).read(columns=[key_column]).column(key_column)
         n = len(keys)
         parts.append(pa.table({
@@ -178,7 +222,7 @@ def find_duplicate_keys(corpus: CorpusInfo, s3_endpoint: str | None = None) -> D
     places = places.sort_by([("file", "ascending"), ("row", "ascending")])
     occurrences: dict[str, list[tuple[str, int]]] = {}
     for key, f, r in zip(*(places.column(c).to_pylist() for c in ("key", "file", "row"))):
-        occurrences.setdefault(key, []).append((corpus.files[f], int(r)))
+        occurrences.setdefault(key, []).append((files[f], int(r)))
     logger.warning("corpus %s: %d repeated key(s) in %d rows", corpus.uri, len(occurrences),
                    sum(len(v) for v in occurrences.values()))
     return DuplicateKeys(occurrences)
@@ -188,8 +232,19 @@ def read_rows(file_uri: str, rows: Sequence[int], columns: Sequence[str],
               s3_endpoint: str | None = None) -> pa.Table:
     """``rows`` (indices into ``file_uri``, in that order) of ``columns``, reading only the
     row groups that hold them: the driver fetches the few rows it must treat specially
-    (the kept copy of a repeated key) without reading the file."""
+    (the kept copy of a repeated key) without reading the file. The metadata Parquet of a
+    webdataset shard lacks the image: those rows are completed from the shard's tar."""
     pf = _open(file_uri, s3_endpoint)
+    missing = [c for c in columns if c not in pf.schema_arrow.names]
+    if missing:
+        from thinkfast.data import img2dataset
+
+        tar_uri = img2dataset.tar_file(file_uri)
+        if not file_uri.endswith(".parquet") or not fsutil.exists(tar_uri, s3_endpoint):
+            raise CorpusSchemaError(f"{file_uri} has no column '{missing[0]}'")
+        meta = read_rows(file_uri, rows, [c for c in columns if c not in missing], s3_endpoint)
+        media = next((c for c in missing if c in img2dataset.IMAGE_MEDIA), "jpg")
+        return img2dataset.rows_by_key(meta, tar_uri, media, s3_endpoint).select(list(columns))
     starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
     wanted = np.asarray(list(rows), dtype=np.int64)
     groups = sorted({int(np.searchsorted(starts, r, side="right") - 1) for r in wanted})

@@ -1,9 +1,12 @@
 """The corpus Parquet contract (img2dataset-compatible) and its validator.
 
 One row per image or video: ``key`` string; ``caption`` string or ``captions``
-list<string>; the media as ``jpg`` binary, ``mp4`` binary or ``url`` string; optional
-``split``, ``width``, ``height`` (and ``scene``, the generated corpus's JSON description).
-img2dataset writes ``url`` *and* ``jpg``; the embedded bytes win because they need no fetch.
+list<string>; the media as ``jpg`` / ``png`` / ``webp`` binary, ``mp4`` binary or ``url``
+string; optional ``split``, ``width``, ``height`` (and ``scene``, the generated corpus's
+JSON description). img2dataset writes ``url`` *and* the encoded image (named after its
+``--encode_format``); the embedded bytes win because they need no fetch. It also writes
+``status`` and ``error_message``: a row whose status is not ``success`` has no image, and
+is rejected with img2dataset's own reason (:func:`thinkfast.data.media.media_of`).
 
 The validator runs on the schema alone (no rows read), so a wrong corpus fails in the
 first second with one sentence naming the column, not an hour later inside a Ray worker.
@@ -18,21 +21,27 @@ import pyarrow as pa
 from thinkfast.errors import CorpusSchemaError
 
 # media columns in order of preference when several exist
-MEDIA_COLUMNS = ("jpg", "mp4", "url")
+MEDIA_COLUMNS = ("jpg", "png", "webp", "mp4", "url")
+IMAGE_MEDIA = ("jpg", "png", "webp")  # img2dataset's --encode_format names its image column
 VIDEO_MEDIA = "mp4"
+# img2dataset's outcome per row: "success", "failed_to_download", "failed_to_resize", ...
+STATUS_COLUMN = "status"
+ERROR_COLUMN = "error_message"
+SUCCESS = "success"
 
 
 @dataclass(frozen=True)
 class CorpusColumns:
     """Which columns of a validated corpus carry what."""
 
-    media: str  # "jpg" | "mp4" | "url": where each row's pixels come from
+    media: str  # "jpg" | "png" | "webp" | "mp4" | "url": where each row's pixels come from
     captions: str  # "caption" (one string) | "captions" (list<string>)
     has_split: bool  # a ``split`` column exists (train / val / test)
     has_width: bool  # a ``width`` integer column exists
     has_height: bool  # a ``height`` integer column exists
     has_scene: bool  # a ``scene`` JSON string column exists (generated corpus)
     key: str = "key"  # the unique row id column
+    has_status: bool = False  # img2dataset's ``status`` and ``error_message`` columns both exist
 
     @property
     def is_video(self) -> bool:
@@ -44,7 +53,14 @@ class CorpusColumns:
         cols = [self.key, self.captions, self.media]
         if self.has_split:
             cols.append("split")
-        return cols
+        return self.stream_columns(cols)
+
+    def stream_columns(self, columns: list[str]) -> list[str]:
+        """``columns`` plus img2dataset's ``status`` / ``error_message`` when the corpus has
+        them: a stage that sees a failed row must also see why it failed."""
+        if not self.has_status:
+            return list(columns)
+        return list(columns) + [c for c in (STATUS_COLUMN, ERROR_COLUMN) if c not in columns]
 
 
 def _is_string(t: pa.DataType) -> bool:
@@ -91,10 +107,11 @@ def validate_corpus_schema(schema: pa.Schema) -> CorpusColumns:
     media = next((m for m in MEDIA_COLUMNS if m in names), None)
     if media is None:
         raise CorpusSchemaError(
-            f"corpus has no media column: need 'jpg' (binary), 'mp4' (binary) or 'url' (string) "
+            f"corpus has no media column: need 'jpg', 'png' or 'webp' (binary image), 'mp4' (binary) "
+            f"or 'url' (string) "
             f"(columns: {', '.join(schema.names)})")
     media_type = schema.field(media).type
-    if media in ("jpg", "mp4") and not _is_binary(media_type):
+    if media != "url" and not _is_binary(media_type):
         raise _type_error(media, media_type, "binary (encoded bytes)")
     if media == "url" and not _is_string(media_type):
         raise _type_error("url", media_type, "string")
@@ -106,6 +123,9 @@ def validate_corpus_schema(schema: pa.Schema) -> CorpusColumns:
             raise _type_error(dim, schema.field(dim).type, "integer")
     if "scene" in names and not _is_string(schema.field("scene").type):
         raise _type_error("scene", schema.field("scene").type, "string (JSON)")
+    for name in (STATUS_COLUMN, ERROR_COLUMN):
+        if name in names and not _is_string(schema.field(name).type):
+            raise _type_error(name, schema.field(name).type, "string (img2dataset's)")
 
     return CorpusColumns(
         media=media,
@@ -114,6 +134,7 @@ def validate_corpus_schema(schema: pa.Schema) -> CorpusColumns:
         has_width="width" in names,
         has_height="height" in names,
         has_scene="scene" in names,
+        has_status=STATUS_COLUMN in names and ERROR_COLUMN in names,
     )
 
 
