@@ -4,6 +4,7 @@ dir with a small BERT word-piece tokenizer. The embeddings must equal the checkp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -210,7 +211,7 @@ def test_clip_student_distils_into_a_new_checkpoint(student_corpus, models, tmp_
     assert "train_distill" in result.history[-1] and "val_r1" in result.history[-1]
 
     before, after = FastModel.from_pretrained(init), FastModel.from_pretrained(out)
-    assert isinstance(after, HFDualEncoder) and after.config == dataclasses_replace(before.config, source=out)
+    assert isinstance(after, HFDualEncoder) and after.config == dataclasses.replace(before.config, source=out)
     assert after.identity != before.identity  # an index built with the init model is refused for this one
     old, new = before.model.state_dict(), after.model.state_dict()
     assert old.keys() == new.keys()
@@ -237,12 +238,6 @@ def test_clip_student_distils_into_a_new_checkpoint(student_corpus, models, tmp_
     assert report["fast_model"] == after.identity and report["methods"][0]["R@1"] >= 0
 
 
-def dataclasses_replace(config, **changes):
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
-
-
 def test_siglip_student_fine_tunes_with_nce_and_refuses_the_wrong_roles(student_corpus, models, tmp_path) -> None:
     """``train-fast --init SIGLIP_DIR`` by the same path; a dual encoder is never a slow model."""
     from thinkfast.training import fit
@@ -260,6 +255,8 @@ def test_siglip_student_fine_tunes_with_nce_and_refuses_the_wrong_roles(student_
         check_model_kinds("slow", init, None)
     with pytest.raises(CheckpointError, match="not a slow model"):
         check_model_kinds("distill", None, init)
+    with pytest.raises(CheckpointError, match="not a model directory"):
+        check_model_kinds("distill", None, "someone/slow-model")  # hub-id shaped, but no such directory
     check_model_kinds("distill", init, slow)  # the student's role is fine
 
 
@@ -303,3 +300,23 @@ def test_text_encoder_is_the_text_tower_below_its_projection(kind: str, tmp_path
     projection = "text_projection" if kind == "clip" else "text_model.head"
     assert any(n.startswith(projection) for n in trainable) and any(n.startswith("vision_model.") for n in trainable)
     assert not [n for n in trainable if n.startswith("text_model.") and not n.startswith(projection)]
+
+
+@pytest.mark.ray
+def test_thinkfast_distill_cli_trains_a_clip_student_with_ray_train(student_corpus, models, ray_session, tmp_path):
+    """``thinkfast distill --teacher SLOW --init CLIP_DIR --out OUT`` (Ray Train: checkpoints
+    of the CLIP layout, exported to OUT) gives the same kind of student as the in-process fit."""
+    from thinkfast_pipelines.cli import main
+
+    from thinkfast.models.fast import FastModel
+
+    _, slow = models
+    init, out = str(tmp_path / "clip"), str(tmp_path / "student")
+    _save_tiny("clip", init, image_size=32)
+    flags = ["--preset", "tiny", "--batch-size", "8", "--epochs", "1", "--workers", "1", "--lr", "1e-3",
+             "--val-images", "8", "--val-pool", "8"]
+    assert main(["distill", "--corpus", student_corpus, "--teacher", slow, "--init", init, "--out", out, *flags]) == 0
+    student = FastModel.from_pretrained(out)
+    assert isinstance(student, HFDualEncoder) and student.identity != FastModel.from_pretrained(init).identity
+    record = json.loads((tmp_path / "student" / "training.json").read_text())
+    assert record["trainer"] == "ray" and record["steps"] > 0 and "train_distill" in record["history"][-1]

@@ -71,6 +71,9 @@ def check_model_kinds(objective: str, init: str | None, teacher: str | None) -> 
         if is_hf_dual_reference(uri):
             if kind == "fast":
                 continue
+            if not (fs.is_s3(uri) or os.path.exists(fs.strip_scheme(uri))):
+                raise CheckpointError(f"{name} {uri} is not a model directory (no such path; a hub id can only "
+                                      f"name a CLIP / SigLIP fast model)")
             raise CheckpointError(f"{name} {uri} is a Hugging Face dual encoder (a fast model), not a {kind} "
                                   f"model (objective {objective})")
         try:
