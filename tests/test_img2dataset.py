@@ -176,3 +176,20 @@ def test_live_img2dataset_writes_what_the_fixture_holds(models, tmp_path):
         fixture.select(["key", "caption", "status", "error_message"]).to_pylist()
     _check_embeds_agree({fmt: _embed_in_process(tmp_path / fmt, models[0]) for fmt in FORMATS})
     print(f"img2dataset venv created in {created_s:.1f} s (0 = reused); runs: {report['img2dataset_s']}")
+
+
+def test_webdataset_on_s3_reads_as_locally(s3_bucket):
+    """The shards on S3 (the moto server): listed, inspected and streamed like local ones."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    bucket = s3_bucket[len("s3://"):]
+    for path in sorted((FIXTURE / "webdataset").iterdir()):
+        client.upload_file(str(path), bucket, f"i2d/{path.name}")
+    corpus = inspect_corpus(f"{s3_bucket}/i2d", webdataset=True)
+    assert corpus.format == "webdataset" and corpus.num_rows == 6
+    assert corpus.files == (f"{s3_bucket}/i2d/00000.tar",) and corpus.metadata_files == (f"{s3_bucket}/i2d/00000.parquet",)
+    remote = img2dataset.read_webdataset_table(corpus.files, corpus.columns.media).sort_by("key")
+    assert remote.to_pylist() == _rows(FIXTURE / "webdataset").to_pylist()
+    got = read_rows(corpus.metadata_files[0], [1], ["key", "jpg"])
+    assert got.column("jpg")[0].as_py() == {r["key"]: r["jpg"] for r in remote.to_pylist()}[got.column("key")[0].as_py()]
