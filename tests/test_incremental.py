@@ -168,8 +168,66 @@ def _fast_rows(emb):
     return dict(zip(keys, vectors))
 
 
+def test_incremental_plan_skips_known_reports_changed_drops_leftovers(tmp_path):
+    """The driver's decision, without Ray: an embeddings dir written by hand (a, b, c
+    committed; x a crashed run's leftover; bad rejected before; r removed)."""
+    from thinkfast.store.incremental import read_digests, write_digests, write_removed
+    from thinkfast.store.outputs import write_rejected
+    from thinkfast.data.decode import Reject, rejects_table
+    from thinkfast_pipelines.embed import EmbedConfig
+    from thinkfast_pipelines.embed.incremental import plan_run
+
+    out = str(tmp_path / "emb")
+    rng = np.random.default_rng(0)
+    have = ["a", "b", "c", "x"]
+    write_embeddings(os.path.join(out, "fast"), have, rng.standard_normal((4, 8)).astype(np.float32))
+    TokenStoreWriter(os.path.join(out, "tokens")).write(have, rng.standard_normal((4, 3, 2)).astype(np.float32))
+    finalize_token_store(os.path.join(out, "tokens"))
+    write_digests(out, {"a": "da", "b": "db", "c": "dc"})
+    write_removed(out, {"r"})
+    write_rejected(out, rejects_table([Reject("bad", "decode", "corrupt", "x")]))
+    digests = {"a": "da", "b": "db-new", "n": "dn", "r": "dr", "bad": "dbad"}
+
+    plan = plan_run(out, digests, EmbedConfig(incremental=True), None, incremental=True)
+    assert plan.skip == {"a", "b", "r"} and sorted(plan.embed) == ["bad", "n"] and plan.skipped_rows == 3
+    assert plan.stats["changed"] == 1 and plan.stats["changed_examples"] == ["b"]
+    assert (plan.stats["leftovers_dropped"], plan.stats["skipped_removed"], plan.stats["skipped_unchanged"]) == (1, 1, 1)
+    assert sorted(read_embeddings(out)[0]) == ["a", "b", "c"] and sorted(TokenStore.open(out).keys()) == ["a", "b", "c"]
+    assert not os.path.exists(os.path.join(out, "rejected")) or not pq.read_table(os.path.join(out, "rejected")).num_rows
+
+    again = plan_run(out, digests, EmbedConfig(incremental=True, reembed_changed=True), None, incremental=True)
+    assert again.skip == {"a", "r"} and sorted(again.embed) == ["b", "bad", "n"]
+    assert sorted(read_embeddings(out)[0]) == ["a", "c"] and "b" not in TokenStore.open(out)
+    assert sorted(read_digests(out)) == ["a", "c"]  # b's old digest goes with its rows
+    with pytest.raises(ThinkfastError, match="--incremental"):
+        EmbedConfig(reembed_changed=True).validate()
+
+
+def test_incremental_refuses_other_models_and_unfinished_dirs(tmp_path):
+    from thinkfast.store.layout import EmbedCounts, EmbedManifest, EmbedOutputs, FastModelRecord
+    from thinkfast_pipelines.embed.incremental import check_same_models, previous_manifest
+    from thinkfast_pipelines.embed.job import ModelInfo
+
+    old = EmbedManifest(corpus="c", corpus_files=1, image_size=32, counts=EmbedCounts(rows_in=1, embedded=1),
+                        fast=FastModelRecord("f", "fast-1", 8), outputs=EmbedOutputs(fast="fast"))
+    same = ModelInfo(image_size=32, num_frames=8, fast=FastModelRecord("g", "fast-1", 8), slow=None)
+    check_same_models(old, same, texts=False, out="emb")
+    other = ModelInfo(image_size=32, num_frames=8, fast=FastModelRecord("g", "fast-2", 8), slow=None)
+    with pytest.raises(ThinkfastError, match="fast model fast-1, this run has fast-2"):
+        check_same_models(old, other, texts=False, out="emb")
+    with pytest.raises(ThinkfastError, match="texts"):
+        check_same_models(old, same, texts=True, out="emb")
+    assert previous_manifest(str(tmp_path / "empty"), None) is None
+    write_embeddings(str(tmp_path / "half" / "fast"), ["a"], np.ones((1, 8), np.float32))
+    with pytest.raises(ThinkfastError, match="unfinished"):
+        previous_manifest(str(tmp_path / "half"), None)
+
+
 @pytest.mark.ray
-def test_incremental_embed_skips_known_keys_reports_changed_and_honours_removed(ray_session, models, tmp_path):
+def test_incremental_embed_grows_a_directory_without_writing_anything_twice(ray_session, models, tmp_path):
+    """Two Ray runs: --incremental into an empty --out (a full run), then the grown corpus
+    (5 new rows, a corrupt one, key 0 with new media, one key taken down before) with
+    --reembed-changed."""
     from thinkfast.data.synth import SynthConfig, write_synth
     from thinkfast.store.incremental import read_digests, remove_from_embeddings
     from thinkfast_pipelines.embed import EmbedConfig, embed
@@ -183,47 +241,37 @@ def test_incremental_embed_skips_known_keys_reports_changed_and_honours_removed(
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     pq.write_table(first, str(corpus / "part-00000.parquet"))
-    config = EmbedConfig(batch_size=8, decode_batch_size=8, progress=False)
+    config = EmbedConfig(batch_size=8, decode_batch_size=8, progress=False, incremental=True)
     out = str(tmp_path / "emb")
-    full = embed(str(corpus), out, fast=fast, slow=slow, config=config)
-    assert full["counts"]["embedded"] == 12 and full["incremental"]["mode"] == "full"
+    created = embed(str(corpus), out, fast=fast, slow=slow, config=config)
+    assert created["counts"]["embedded"] == 12 and created["incremental"]["mode"] == "full"
     before = _fast_rows(out)
     assert len(read_digests(out)) == 12
 
-    # the corpus grows: 5 new rows and a corrupt one in a new shard; key 0's media changes
     keys = first.column("key").to_pylist()
-    changed_media = rest.column("jpg")[0].as_py()
+    new_keys = rest.column("key").to_pylist()
     rows = first.to_pylist()
-    rows[0]["jpg"] = changed_media
+    rows[0]["jpg"] = rest.column("jpg")[0].as_py()  # same key, other bytes
     pq.write_table(pa.Table.from_pylist(rows, schema=first.schema), str(corpus / "part-00000.parquet"))
     bad = {**rest.to_pylist()[0], "key": "bad-1", "jpg": b"\x00not an image" * 8}
     pq.write_table(pa.Table.from_pylist(rest.to_pylist() + [bad], schema=rest.schema), str(corpus / "part-00001.parquet"))
-    grown = embed(str(corpus), out, fast=fast, slow=slow, config=EmbedConfig(**{**config.__dict__, "incremental": True}))
+    remove_from_embeddings(out, [new_keys[1]])  # a takedown of a key not embedded yet
+    grown = embed(str(corpus), out, fast=fast, slow=slow,
+                  config=EmbedConfig(**{**config.__dict__, "reembed_changed": True}))
     c, inc = grown["counts"], grown["incremental"]
-    assert (c["in"], c["embedded"], c["rejected"], c["skipped"]) == (18, 5, 1, 12)
+    assert (c["in"], c["embedded"], c["rejected"], c["skipped"]) == (18, 5, 1, 12), c  # 4 new + key 0
     assert c["embedded"] + c["rejected"] + c["skipped"] == c["in"]
-    assert (inc["skipped_unchanged"], inc["changed"], inc["changed_examples"], inc["total_embedded"]) == (11, 1, [keys[0]], 17)
+    assert (inc["mode"], inc["skipped_unchanged"], inc["skipped_removed"], inc["changed_reembedded"]) == (
+        "incremental", 11, 1, 1)
+    assert inc["changed_examples"] == [keys[0]] and inc["total_embedded"] == 16
     after = _fast_rows(out)
-    assert sorted(after) == sorted(keys + rest.column("key").to_pylist())
-    for k in keys:  # old rows untouched, the changed key too (no --reembed-changed)
+    assert sorted(after) == sorted(keys + new_keys[:1] + new_keys[2:])
+    assert not np.allclose(after[keys[0]], before[keys[0]])
+    for k in keys[1:]:  # untouched rows are the same bytes
         np.testing.assert_array_equal(after[k], before[k])
     assert sorted(TokenStore.open(out).keys()) == sorted(after)
-
-    # a takedown, then the same shards again with --reembed-changed
-    remove_from_embeddings(out, [rest.column("key")[1].as_py()])
-    again = embed(str(corpus), out, fast=fast, slow=slow,
-                  config=EmbedConfig(**{**config.__dict__, "incremental": True, "reembed_changed": True}))
-    c, inc = again["counts"], again["incremental"]
-    assert (c["embedded"], c["rejected"], c["skipped"]) == (1, 1, 16), c  # key 0 re-embedded, bad-1 tried again
-    assert (inc["changed_reembedded"], inc["skipped_removed"], inc["total_embedded"]) == (1, 1, 16)
-    final = _fast_rows(out)
-    assert len(final) == 16 and rest.column("key")[1].as_py() not in final
-    assert not np.allclose(final[keys[0]], before[keys[0]]) and np.array_equal(final[keys[1]], before[keys[1]])
-    store = TokenStore.open(out)
-    assert sorted(store.keys()) == sorted(final)
-    rejected = pq.read_table(os.path.join(out, "rejected")).column("key").to_pylist()
-    assert rejected == ["bad-1"]  # the old reject replaced, not repeated
-    assert read_digests(out).keys() == final.keys()
-    # other models: one line, before any work
-    with pytest.raises(ThinkfastError, match="same models"):
-        embed(str(corpus), out, fast=fast, config=EmbedConfig(**{**config.__dict__, "incremental": True}))
+    assert read_digests(out).keys() == after.keys()
+    assert pq.read_table(os.path.join(out, "rejected")).column("key").to_pylist() == ["bad-1"]
+    assert not os.path.exists(os.path.join(out, "incremental_in_progress.json"))
+    with pytest.raises(ThinkfastError, match="same models"):  # fast only now: one line, before any work
+        embed(str(corpus), out, fast=fast, config=config)

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHANGED_EXAMPLES = 5
+DRIVER_DIGEST_ROWS = 20_000  # corpora up to this many rows are hashed on the driver, larger ones by Ray Data
 
 
 def previous_manifest(out: str, s3_endpoint: str | None) -> EmbedManifest | None:
@@ -95,20 +96,37 @@ def _digest_batch(batch: pa.Table, *, media_column: str) -> pa.Table:
     return digest_table(batch.column("key").to_pylist(), batch.column(media_column).to_pylist())
 
 
+def _driver_digests(corpus: "CorpusInfo", media: str, s3_endpoint: str | None) -> list[pa.Table]:
+    """The digests computed on the driver, streaming one Parquet batch at a time."""
+    import pyarrow.parquet as pq
+
+    tables = []
+    for f in corpus.files:
+        filesystem, path = fs.arrow_fs(f, s3_endpoint)
+        for batch in pq.ParquetFile(path, filesystem=filesystem).iter_batches(batch_size=1024, columns=["key", media]):
+            tables.append(_digest_batch(pa.Table.from_batches([batch]), media_column=media))
+    return tables
+
+
 def corpus_digests(corpus: "CorpusInfo", config: EmbedConfig, duplicates: "DuplicatePlan | None") -> dict[str, str]:
     """key -> media digest of every input key (repeated keys: the copy ``--on-duplicate
-    first`` keeps; ``reject`` keeps none). A Ray Data pass over the key and media columns."""
-    import ray
-    import ray.data
-
+    first`` keeps; ``reject`` keeps none). A Ray Data pass over the key and media columns,
+    or, for a corpus of at most :data:`DRIVER_DIGEST_ROWS` rows, a pass on the driver (a
+    Ray Data job costs seconds of start-up; hashing a few thousand rows costs less)."""
     from thinkfast_pipelines.embed.duplicates import kept_rows
 
     media = corpus.columns.media
-    filesystem, _ = fs.arrow_fs(corpus.files[0], config.s3_endpoint)
-    ds = ray.data.read_parquet([fs.strip_scheme(f) for f in corpus.files], columns=["key", media],
-                               filesystem=filesystem)
-    ds = ds.map_batches(_digest_batch, batch_format="pyarrow", fn_kwargs={"media_column": media})
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    if corpus.num_rows <= DRIVER_DIGEST_ROWS:
+        tables = _driver_digests(corpus, media, config.s3_endpoint)
+    else:
+        import ray
+        import ray.data
+
+        filesystem, _ = fs.arrow_fs(corpus.files[0], config.s3_endpoint)
+        ds = ray.data.read_parquet([fs.strip_scheme(f) for f in corpus.files], columns=["key", media],
+                                   filesystem=filesystem)
+        ds = ds.map_batches(_digest_batch, batch_format="pyarrow", fn_kwargs={"media_column": media})
+        tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     drop = duplicates.drop if duplicates is not None else frozenset()
     out: dict[str, str] = {}
     for t in tables:

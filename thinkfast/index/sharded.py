@@ -327,6 +327,8 @@ class ShardedIndex:
             quantizer = after_append(self.manifest.quantizer, trained, x)  # drift: the running residual sums
             self._commit(self.manifest.replace(shards=self.manifest.shards + (record,), quantizer=quantizer),
                          self._shards + [shard])
+            live.update((k, (len(self._shards) - 1, row)) for row, k in enumerate(keys))  # O(batch), not O(N)
+            self._positions = live
         logger.info("added %d vectors to %s as %s", len(keys), self.uri, name)
         return record
 

@@ -157,7 +157,7 @@ def drop_keys_everywhere(emb: str, keys: set[str], s3_endpoint: str | None = Non
 
     counts = {"fast": drop_keys_from_parquet_dir(fast_dir(emb), keys, s3_endpoint),
               "texts": drop_keys_from_parquet_dir(texts_dir(emb), keys, s3_endpoint),
-              "tokens": remove_token_keys(tokens_dir(emb), keys, s3_endpoint, finalize=False)}
+              "tokens": remove_token_keys(tokens_dir(emb), keys, s3_endpoint)}  # re-indexes the store
     if rejected:
         counts["rejected"] = drop_keys_from_parquet_dir(rejected_dir(emb), keys, s3_endpoint)
     digests = read_digests(emb, s3_endpoint)
@@ -172,12 +172,8 @@ def remove_from_embeddings(emb: str, keys: Iterable[str], s3_endpoint: str | Non
     catalog hides them and ``embed --incremental`` never embeds them again), and the
     manifest's counts are updated. Keys ``emb`` never held are still recorded as removed
     (a takedown list may name keys of shards not embedded yet). Returns the counts."""
-    from thinkfast.store.tokens import finalize_token_store
-
     keys = {str(k) for k in keys}
     counts = drop_keys_everywhere(emb, keys, s3_endpoint)
-    if counts["tokens"]:
-        finalize_token_store(tokens_dir(emb), s3_endpoint)
     removed = read_removed(emb, s3_endpoint)
     counts["newly_recorded"] = len(keys - removed)
     write_removed(emb, removed | keys, s3_endpoint)
