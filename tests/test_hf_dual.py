@@ -300,23 +300,3 @@ def test_text_encoder_is_the_text_tower_below_its_projection(kind: str, tmp_path
     projection = "text_projection" if kind == "clip" else "text_model.head"
     assert any(n.startswith(projection) for n in trainable) and any(n.startswith("vision_model.") for n in trainable)
     assert not [n for n in trainable if n.startswith("text_model.") and not n.startswith(projection)]
-
-
-@pytest.mark.ray
-def test_thinkfast_distill_cli_trains_a_clip_student_with_ray_train(student_corpus, models, ray_session, tmp_path):
-    """``thinkfast distill --teacher SLOW --init CLIP_DIR --out OUT`` (Ray Train: checkpoints
-    of the CLIP layout, exported to OUT) gives the same kind of student as the in-process fit."""
-    from thinkfast_pipelines.cli import main
-
-    from thinkfast.models.fast import FastModel
-
-    _, slow = models
-    init, out = str(tmp_path / "clip"), str(tmp_path / "student")
-    _save_tiny("clip", init, image_size=32)
-    flags = ["--preset", "tiny", "--batch-size", "8", "--epochs", "1", "--workers", "1", "--lr", "1e-3",
-             "--val-images", "8", "--val-pool", "8"]
-    assert main(["distill", "--corpus", student_corpus, "--teacher", slow, "--init", init, "--out", out, *flags]) == 0
-    student = FastModel.from_pretrained(out)
-    assert isinstance(student, HFDualEncoder) and student.identity != FastModel.from_pretrained(init).identity
-    record = json.loads((tmp_path / "student" / "training.json").read_text())
-    assert record["trainer"] == "ray" and record["steps"] > 0 and "train_distill" in record["history"][-1]
