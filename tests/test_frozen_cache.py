@@ -119,3 +119,18 @@ def test_what_cannot_be_cached_says_so(corpus, models, tmp_path):
         build_config({"preset": "tiny", "cache_frozen": True, "data_order": "stream"})
     with pytest.raises(ThinkfastError, match="image corpora only"):
         trunk_fields(SlowModel.from_pretrained(models[1]), np.zeros((2, 3, 3, 32, 32), dtype=np.float16))
+
+
+@pytest.mark.ray
+def test_ray_train_worker_caches_and_takes_the_in_process_steps(corpus, frozen_models, ray_session, tmp_path):
+    """The Ray Train rank caches the frozen parts of the rows it holds (distill: the student's
+    frozen trunk and the teacher's tokens) and trains exactly as the in-process trainer."""
+    from thinkfast.training import fit
+    from thinkfast_pipelines.train import distill
+
+    kwargs = {**FIT, "epochs": 1, "cache_frozen": True}
+    local = fit("distill", corpus, str(tmp_path / "local"), teacher=frozen_models[1], init=frozen_models[0], **kwargs)
+    ray_run = distill(corpus, str(tmp_path / "ray"), teacher=frozen_models[1], init=frozen_models[0], workers=1,
+                      cpus_per_worker=1.0, **kwargs)
+    assert ray_run.trainer == "ray" and ray_run.steps == local.steps > 0
+    np.testing.assert_allclose(ray_run.losses, local.losses, rtol=1e-4, atol=1e-5)
