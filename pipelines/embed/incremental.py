@@ -100,6 +100,10 @@ def _driver_digests(corpus: "CorpusInfo", media: str, s3_endpoint: str | None) -
     """The digests computed on the driver, streaming one Parquet batch at a time."""
     import pyarrow.parquet as pq
 
+    if corpus.format == "webdataset":  # img2dataset's .tar shards: the rows as embed reads them
+        from thinkfast.data.img2dataset import iter_webdataset_tables
+
+        return [_digest_batch(t, media_column=media) for t in iter_webdataset_tables(corpus.files, media, s3_endpoint)]
     tables = []
     for f in corpus.files:
         filesystem, path = fs.arrow_fs(f, s3_endpoint)
@@ -122,9 +126,9 @@ def corpus_digests(corpus: "CorpusInfo", config: EmbedConfig, duplicates: "Dupli
         import ray
         import ray.data
 
-        filesystem, _ = fs.arrow_fs(corpus.files[0], config.s3_endpoint)
-        ds = ray.data.read_parquet([fs.strip_scheme(f) for f in corpus.files], columns=["key", media],
-                                   filesystem=filesystem)
+        from thinkfast_pipelines.embed.stages import read_corpus
+
+        ds = read_corpus(corpus, ["key", media], config.s3_endpoint)  # Parquet or img2dataset webdataset
         ds = ds.map_batches(_digest_batch, batch_format="pyarrow", fn_kwargs={"media_column": media})
         tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     drop = duplicates.drop if duplicates is not None else frozenset()
