@@ -117,7 +117,7 @@ class Catalog:
     def __init__(self, args: ServeArgs) -> None:
         from thinkfast.serving.catalog import CorpusCatalog
 
-        self.catalog = CorpusCatalog.open(args.corpus, s3_endpoint=args.s3_endpoint)
+        self.catalog = CorpusCatalog.open(args.corpus, s3_endpoint=args.s3_endpoint, embeddings=args.embeddings)
 
     def captions(self, keys: list[str]) -> list[str]:
         return self.catalog.captions(keys)
