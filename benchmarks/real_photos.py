@@ -69,48 +69,66 @@ def _init_models(root: str, corpus: str, seed: int, pretrained: bool) -> tuple[s
     return fast_dir, slow_dir
 
 
-def run_one(corpus: str, root: str, seed: int, pretrained: bool, epochs: dict[str, int]) -> dict[str, Any]:
-    """Train slow, fast (NCE) and distilled fast for one (seed, init); evaluate on test."""
+def _fit_or_reuse(objective: str, corpus: str, out: str, reuse: bool, **kwargs: Any) -> dict[str, Any]:
+    """Train, or with ``reuse`` take a finished run's ``training.json`` in ``out`` (a resumed
+    benchmark re-evaluates what it trained before instead of training it again)."""
+    from thinkfast.training import TRAINING_FILE, fit
+
+    saved = os.path.join(out, TRAINING_FILE)
+    if reuse and os.path.exists(saved):
+        logger.info("reusing %s", out)
+        return json.loads(Path(saved).read_text())
+    return fit(objective, corpus, out, **kwargs).to_dict()
+
+
+def run_one(corpus: str, root: str, seed: int, pretrained: bool, epochs: dict[str, int], reuse: bool = False,
+            fast_only: bool = False) -> dict[str, Any]:
+    """Train slow, fast (NCE) and distilled fast for one (seed, init); evaluate on test.
+    ``fast_only``: only the fast (NCE) model (the from-scratch comparison of the image tower
+    at a fraction of the cost: a trained 224 px trunk is most of it)."""
     from thinkfast.evaluate import evaluate
     from thinkfast.evaluation.beta import choose_beta
     from thinkfast.evaluation.unseen import subset_rows, unseen_mask
-    from thinkfast.training import fit
     from thinkfast.training.data import inspect_corpus
 
     os.makedirs(root, exist_ok=True)
     common = {"preset": "photo", "seed": seed}
     started = time.perf_counter()
-    init_fast, init_slow = _init_models(root, corpus, seed, pretrained)
+    init_fast, init_slow = os.path.join(root, "init_fast"), os.path.join(root, "init_slow")
+    if not (reuse and os.path.exists(os.path.join(init_slow, "config.json"))):
+        init_fast, init_slow = _init_models(root, corpus, seed, pretrained)
     times = {"init": time.perf_counter() - started}
     runs = {}
-    for name, objective, kwargs in (
-        ("slow", "slow", {"init": init_slow}),
-        ("fast_nce", "fast", {"init": init_fast}),
-        ("fast", "distill", {"init": os.path.join(root, "fast_nce"), "teacher": os.path.join(root, "slow")}),
-    ):
+    stages = [("slow", "slow", {"init": init_slow}), ("fast_nce", "fast", {"init": init_fast}),
+              ("fast", "distill", {"init": os.path.join(root, "fast_nce"), "teacher": os.path.join(root, "slow")})]
+    for name, objective, kwargs in stages[1:2] if fast_only else stages:
         t0 = time.perf_counter()
-        runs[name] = fit(objective, corpus, os.path.join(root, name), epochs=epochs[objective], **common, **kwargs)
+        runs[name] = _fit_or_reuse(objective, corpus, os.path.join(root, name), reuse, epochs=epochs[objective],
+                                   **common, **kwargs)
         times[name] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    beta, beta_scores = choose_beta(corpus, os.path.join(root, "fast"), os.path.join(root, "slow"))
+    beta, beta_scores = (None, {}) if fast_only else choose_beta(corpus, os.path.join(root, "fast"),
+                                                                 os.path.join(root, "slow"))
     times["beta"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    zero = evaluate(corpus, init_fast, None, rerank=[], precision=False, fast_name="zero-shot (ConSE)",
-                    per_query_ranks=True)
-    nce = evaluate(corpus, os.path.join(root, "fast_nce"), None, rerank=[], precision=False, fast_name="fast (NCE)",
-                   per_query_ranks=True)
-    full = evaluate(corpus, os.path.join(root, "fast"), os.path.join(root, "slow"), rerank=list(RERANK), beta=beta,
-                    precision=False, fast_name="fast distilled", per_query_ranks=True)
+    reports = []
+    if pretrained:
+        reports.append(evaluate(corpus, init_fast, None, rerank=[], precision=False, fast_name="zero-shot (ConSE)",
+                                per_query_ranks=True))
+    reports.append(evaluate(corpus, os.path.join(root, "fast_nce"), None, rerank=[], precision=False,
+                            fast_name="fast (NCE)", per_query_ranks=True))
+    if not fast_only:
+        reports.append(evaluate(corpus, os.path.join(root, "fast"), os.path.join(root, "slow"), rerank=list(RERANK),
+                                beta=beta, precision=False, fast_name="fast distilled", per_query_ranks=True))
     times["eval"] = time.perf_counter() - t0
-    reports = ([zero] if pretrained else []) + [nce, full]
-    mask = unseen_mask(full["queries"], inspect_corpus(corpus).train_captions)
+    mask = unseen_mask(reports[-1]["queries"], inspect_corpus(corpus).train_captions)
     rows, unseen = [], []
     for report in reports:
         rows += report["methods"]
         unseen += subset_rows(report, mask)
     return {"seed": seed, "init": "pretrained" if pretrained else "scratch", "beta": beta, "beta_val_r1": {str(b): r for b, r in beta_scores.items()},
             "queries": len(mask), "unseen_queries": int(mask.sum()), "rows": rows, "unseen_rows": unseen,
-            "train_val_r1": {k: r.history[-1].get("val_r1") for k, r in runs.items()},
+            "train_val_r1": {k: (r["history"][-1].get("val_r1") if r["history"] else None) for k, r in runs.items()},
             "seconds": {k: round(v, 1) for k, v in times.items()}}
 
 
@@ -149,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the pretrained runs")
     parser.add_argument("--scratch-seeds", type=int, nargs="*", default=[0],
                         help="seeds of the from-scratch runs (each trains the 224 px trunk: ~5x the cost)")
+    parser.add_argument("--scratch-fast-only", action="store_true",
+                        help="from scratch, train and report only the fast (NCE) model (its 224 px trunk is most of the cost)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="re-evaluate runs already trained under --workdir (their training.json) instead of training them again")
     parser.add_argument("--quick", action="store_true", help="1 epoch per stage, seed 0 only")
     parser.add_argument("--out", default=str(RESULTS / "real_photos.json"))
     args = parser.parse_args(argv)
@@ -170,10 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     for pretrained, seed_list in ((True, seeds), (False, scratch)):
         for seed in seed_list:
             root = os.path.abspath(os.path.join(args.workdir, f"{'pretrained' if pretrained else 'scratch'}-{seed}"))
-            results.append(run_one(corpus, root, seed, pretrained, epochs))
+            results.append(run_one(corpus, root, seed, pretrained, epochs, reuse=args.reuse,
+                                   fast_only=args.scratch_fast_only and not pretrained))
             logger.info("done %s seed %d in %s", results[-1]["init"], seed, results[-1]["seconds"])
     rows = aggregate(results)
-    summary = {"corpus": corpus, "epochs": epochs, "seeds": seeds, "scratch_seeds": scratch, "table": rows,
+    summary = {"corpus": corpus, "epochs": epochs, "seeds": seeds, "scratch_seeds": scratch,
+               "scratch_fast_only": args.scratch_fast_only, "reused": args.reuse, "table": rows,
                "runs": results, "seconds": round(time.perf_counter() - started, 1),
                "load_average": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)}}
     print(format_table(rows))
