@@ -131,7 +131,8 @@ def test_embed_sigkilled_midway_then_rerun_is_exactly_once(ray_session, models, 
     config = EmbedConfig(batch_size=4, decode_batch_size=4, rows_per_write=8, progress=False)
     manifest = embed(corpus, out, fast=models[0], slow=models[1], config=config)
     assert "fast" in manifest["replaced_previous"] and "tokens" in manifest["replaced_previous"]
-    assert manifest["counts"] == {"in": len(rows), "embedded": len(rows), "rejected": 0, "rejected_by_reason": {}}
+    assert manifest["counts"] == {"in": len(rows), "embedded": len(rows), "rejected": 0, "rejected_by_reason": {},
+                                  "skipped": 0}
     keys, vectors = read_embeddings(out)
     token_keys = list(TokenStore.open(out).keys())
     shard_keys = [k for f in sorted(os.listdir(os.path.join(out, "tokens"))) if f.endswith(".keys.parquet")

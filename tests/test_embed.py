@@ -231,7 +231,7 @@ def test_s3_url_corpus_with_models_and_output_on_s3(ray_session, s3_bucket, mode
 
     manifest = embed(corpus, out, fast=fast_uri, slow=slow_uri, config=EmbedConfig(batch_size=4, progress=False))
     assert manifest["counts"] == {"in": 10, "embedded": 8, "rejected": 2,
-                                  "rejected_by_reason": {"decode:fetch_failed": 2}}
+                                  "rejected_by_reason": {"decode:fetch_failed": 2}, "skipped": 0}
     assert fs.read_json(f"{out}/manifest.json")["counts"]["embedded"] == 8
 
     keys, vectors = read_embeddings(out)
