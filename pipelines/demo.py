@@ -118,8 +118,8 @@ def _example_queries(corpus: str, free: tuple[str, ...] = FREE_QUERIES, n: int =
     from thinkfast.data.reader import read_table
 
     table = read_table(corpus, columns=["captions"], filter_split="test")
-    captions = [caps[0] for caps in table.column("captions").to_pylist()[:n] if caps]
-    return captions + list(free)
+    captions = list(dict.fromkeys(caps[0] for caps in table.column("captions").to_pylist() if caps))[:n]
+    return captions + list(free)  # distinct captions: stamps may share one ("A frog." twice)
 
 
 def _unseen_rows(corpus: str, nce: dict[str, Any], report: dict[str, Any]) -> list[dict[str, Any]]:
