@@ -10,6 +10,7 @@ its ``train_s`` is reported as shared. Results are appended to the JSON after ev
 configuration, so a run stopped early keeps what it measured.
 
     python benchmarks/index_bench.py --quick
+    python benchmarks/index_bench.py --shard-compare --workdir /tmp/idxbench   # 1 vs 2 / 4 shards, 1M x 256
     nice -n 10 python benchmarks/index_bench.py --sizes 100000 1000000 --shards 4
 """
 
@@ -205,6 +206,106 @@ def table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+SHARD_RESULTS = REPO / "benchmarks" / "results" / "index_shards.json"
+
+
+def shard_compare(args: argparse.Namespace) -> int:
+    """One index vs S shards over the same vectors, in one process and one run.
+
+    Builds (or reuses, from ``--workdir``) a 1-shard and an S-shard ``ShardedIndex`` of each
+    kind over the same vectors -- the sharded builds reuse the single build's trained
+    quantizer, as ``add`` and the Ray build do -- then times ``search`` at each query batch
+    size, interleaving the configurations round by round so that a change in machine load
+    hits them alike. Reports QPS, the sharded / single ratio, whether the sharded keys equal
+    the single index's, and the load average at start and end."""
+    from thinkfast.index.factory import choose_factory
+    from thinkfast.index.files import load_trained
+    from thinkfast.index.sharded import ShardedIndex
+    from thinkfast.index.synthetic import clustered_vectors, noisy_queries
+
+    work = Path(args.workdir or "/tmp/idxbench")
+    work.mkdir(parents=True, exist_ok=True)
+    n, dim = args.sizes[0] if not args.quick else QUICK_SIZE, args.dim
+    load_start = os.getloadavg()
+    if load_start[0] >= 2:
+        logger.warning("load average %.2f >= 2 at start: figures are flagged as loaded", load_start[0])
+    vec_path, q_path = work / f"vectors-{n}-{dim}.npy", work / f"queries-{n}-{dim}.npy"
+    if not vec_path.exists():
+        x, _ = clustered_vectors(n, dim, clusters=max(100, n // 1000), seed=0)
+        np.save(q_path, noisy_queries(x, max(args.batches) * 4, seed=1))
+        np.save(vec_path, x)
+        del x
+    x = np.load(vec_path, mmap_mode="r")
+    q = np.load(q_path)
+    keys = [str(i) for i in range(n)]
+    kinds = {"Flat": "Flat", "IVF": choose_factory(n, dim)}
+    kinds = {k: v for k, v in kinds.items() if k in args.kinds} or kinds
+    counts = [1] + [s for s in args.shard_counts if s > 1]
+    indexes: dict[tuple[str, int], ShardedIndex] = {}
+    for kind, factory in kinds.items():
+        for s in counts:
+            out = work / f"{kind}-{n}-{dim}-{s}"
+            if not (out / "manifest.json").exists():
+                shutil.rmtree(out, ignore_errors=True)
+                trained = load_trained(str(work / f"{kind}-{n}-{dim}-1")) if s > 1 and kind != "Flat" else None
+                logger.info("building %s (%s) with %d shard(s) in %s", kind, factory, s, out)
+                ShardedIndex.build(keys, x, str(out), shards=s, factory=factory, store_vectors=False,
+                                   trained=trained).close()
+            indexes[kind, s] = ShardedIndex.load(str(out), mmap=True)
+    del x
+    records: list[dict[str, Any]] = []
+    for kind in kinds:
+        for batch in args.batches:
+            qb = q[: batch * max(1, args.min_batches)]
+            blocks = [qb[i : i + batch] for i in range(0, len(qb), batch)]
+            qps: dict[int, list[float]] = {s: [] for s in counts}
+            for s in counts:  # warm-up: page in the mapped files, start the pools
+                indexes[kind, s].search(blocks[0], args.k)
+            for _ in range(args.rounds):
+                for s in counts:
+                    index, done, start = indexes[kind, s], 0, time.perf_counter()
+                    while True:  # cycle over the batches, at least one, for min_time seconds
+                        index.search(blocks[(done // batch) % len(blocks)], args.k)
+                        done += batch
+                        if time.perf_counter() - start >= args.min_time:
+                            break
+                    qps[s].append(done / (time.perf_counter() - start))
+            ref_keys, ref_scores = indexes[kind, 1].search(blocks[0], args.k)
+            for s in counts:
+                got_keys, got_scores = indexes[kind, s].search(blocks[0], args.k)
+                best = max(qps[s])
+                records.append({
+                    "kind": kind, "factory": kinds[kind], "shards": s, "batch": batch, "k": args.k,
+                    "qps": best, "qps_rounds": qps[s], "ratio": best / max(qps[1]),
+                    "same_keys": bool((got_keys == ref_keys).all()),
+                    "max_score_diff": float(np.max(np.abs(got_scores - ref_scores))),
+                })
+                logger.info("%s batch=%d shards=%d: %.0f QPS (%.2fx)", kind, batch, s, best, records[-1]["ratio"])
+    for index in indexes.values():
+        index.close()
+    load_end = os.getloadavg()
+    report = {
+        "benchmark": "index_bench --shard-compare",
+        "argv": sys.argv[1:],
+        "label": args.label,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "load_avg_start": load_start, "load_avg_end": load_end, "loaded": load_start[0] >= 2},
+        "env": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
+        "n": n, "dim": dim, "records": records,
+    }
+    out_path = Path(args.out if args.out != str(RESULTS) else SHARD_RESULTS)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    runs = json.loads(out_path.read_text()).get("runs", []) if out_path.exists() else []
+    out_path.write_text(json.dumps({"runs": runs + [report]}, indent=2, default=float))
+    head = f"{'type':<5} {'batch':>5} {'shards':>6} {'QPS':>9} {'ratio':>6} {'same':>5}"
+    print(head + "\n" + "-" * len(head))
+    for r in records:
+        print(f"{r['kind']:<5} {r['batch']:>5} {r['shards']:>6} {r['qps']:>9.0f} {r['ratio']:>6.2f} {str(r['same_keys']):>5}")
+    print(f"load average start {load_start[0]:.2f}, end {load_end[0]:.2f}" + ("  (LOADED)" if load_start[0] >= 2 else ""))
+    print(f"wrote {out_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="corpus sizes")
@@ -223,7 +324,22 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-existing", action="store_true",
         help="keep the records already in --out for configurations this run does not repeat (a long run in parts)",
     )
+    parser.add_argument("--shard-compare", action="store_true",
+                        help="one index vs --shard-counts shards, same vectors, one process (index_shards.json)")
+    parser.add_argument("--shard-counts", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256], help="--shard-compare batch sizes")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="--shard-compare: interleaved rounds (best kept)")
+    parser.add_argument("--min-time", type=float, default=1.0, help="--shard-compare: seconds a timing lasts")
+    parser.add_argument("--min-batches", type=int, default=4, help="--shard-compare: distinct query batches")
+    parser.add_argument("--label", default="", help="--shard-compare: tag of this run (e.g. before / after)")
     args = parser.parse_args(argv)
+    if args.shard_compare:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
+        if args.sizes == [100_000, 1_000_000]:
+            args.sizes = [1_000_000]
+        return shard_compare(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sizes = [QUICK_SIZE] if args.quick else args.sizes
     # spawned workers inherit this: OpenMP threads that spin while waiting fight every other
