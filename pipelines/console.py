@@ -63,6 +63,8 @@ def setup(verbose: bool, path: str | None) -> None:
         os.environ[LOG_FILE_ENV] = path
     if not verbose:
         _quiet_ray_data(path)
+        if path:
+            _native_stderr_to(path)
     if verbose or not path:
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(logging.Formatter(_FORMAT))
@@ -70,6 +72,63 @@ def setup(verbose: bool, path: str | None) -> None:
         stream._thinkfast = True  # type: ignore[attr-defined]
         root.addHandler(stream)
     quiet_libraries()
+
+
+def _native_stderr_to(path: str) -> None:
+    """Send what native code writes to file descriptor 2 to the log, keeping ``sys.stderr``
+    on the terminal.
+
+    The driver's Ray core worker (C++, glog) prints warnings such as ``core_worker.cc: Actor
+    ... has constructor arguments in the object store`` straight to fd 2, past Python's
+    logging. Pointing fd 2 at the log file and ``sys.stderr`` at a duplicate of the original
+    descriptor keeps this process's own lines (progress, results, the one-line error) on
+    the terminal. Only done when ``sys.stderr`` is the process's own stream: under a test
+    runner that captures output, fd 2 is the runner's to manage."""
+    if sys.stderr is not sys.__stderr__ or sys.__stderr__ is None:
+        return
+    try:
+        terminal_fd = os.dup(2)
+        log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    except OSError:
+        return
+    sys.stderr.flush()
+    encoding = getattr(sys.__stderr__, "encoding", None) or "utf-8"
+    terminal = os.fdopen(terminal_fd, "w", buffering=1, encoding=encoding, errors="backslashreplace")
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    sys.stderr = terminal
+
+
+def route_ray_driver_messages() -> None:
+    """Log, instead of print, the messages Ray's driver pushes to the terminal unasked.
+
+    ``ray.init(log_to_driver=False)`` stops worker output, but the driver's error listener
+    still prints raylet notices (``(raylet) Task ServeController.graceful_shutdown failed
+    ...``, "N worker processes have been started") to ``sys.stdout`` / ``sys.stderr``
+    through ``ray._private.worker.print_to_stdstream``. Ray offers no switch for it, so in
+    quiet mode that function is wrapped to send the lines to the ``ray.driver`` logger (the
+    log file). Private API: if it is absent in another Ray version nothing is changed."""
+    if is_verbose():
+        return
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:
+        return
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_thinkfast", False):
+        return
+    ray_driver = logging.getLogger("ray.driver")
+
+    def to_log(data: dict, ignore_prefix: bool = False) -> None:
+        if is_verbose():
+            original(data, ignore_prefix)
+            return
+        level = logging.WARNING if data.get("is_err") else logging.INFO
+        for line in data.get("lines", ()):
+            ray_driver.log(level, "(%s) %s", data.get("pid", "ray"), line)
+
+    to_log._thinkfast = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = to_log
 
 
 # Ray Data configures its loggers from a YAML file named by this variable (its documented

@@ -49,6 +49,8 @@ class DemoConfig:
     fast_epochs: int = option(12, "epochs of L_DE before distillation (val R@1 plateaus around 12-15)")
     distill_epochs: int = option(2, "epochs of L_DE + alpha L_distill from the fast model (B^2 teacher scores)")
     batch_size: int = option(64, "pairs per worker per step")
+    distill_batch_size: int | None = option(
+        None, "pairs per step while distilling (default: batch_size); the teacher scores B^2 pairs a step")
     workers: int = option(1, "Ray Train workers (on 2 cores one 2-thread worker takes twice the steps per epoch)")
     embed_actors: int = option(1, "model replicas in the embed actor pool")
     shards: int = option(2, "FAISS index shards (one Retriever deployment each)")
@@ -61,7 +63,7 @@ class DemoConfig:
 # --real: the Tux Paint photos on the photo preset (pretrained EfficientNet-Lite0 and MiniLM,
 # frozen, trained on cached trunk features); images / captions_per_image do not apply
 REAL = DemoConfig(preset="photo", images=0, captions_per_image=1, image_size=224, slow_epochs=10, fast_epochs=6,
-                  distill_epochs=2, batch_size=64, workers=1, shards=2, rerank=(5, 10, 20), serve_rerank=20)
+                  distill_epochs=2, batch_size=64, distill_batch_size=32, workers=1, shards=2, rerank=(5, 10, 20), serve_rerank=20)
 REAL_QUERIES = ("a zebra", "a red apple", "a musical instrument")
 
 TINY = DemoConfig(preset="tiny", images=64, captions_per_image=2, image_size=32, slow_epochs=1, fast_epochs=1,
@@ -212,7 +214,8 @@ def demo(
             train_fast(paths["corpus"], paths["fast_nce"], epochs=cfg.fast_epochs, **train), _trained))
         progress.run("distill", lambda: _detail(
             distill(paths["corpus"], paths["fast"], teacher=paths["slow"], init=paths["fast_nce"],
-                    epochs=cfg.distill_epochs, **train), _trained))
+                    epochs=cfg.distill_epochs,
+                    **{**train, "batch_size": cfg.distill_batch_size or cfg.batch_size}), _trained))
         progress.run("embed", lambda: _detail(
             embed(paths["corpus"], paths["emb"], paths["fast"], paths["slow"],
                   config=EmbedConfig(actors=cfg.embed_actors, progress=False)),

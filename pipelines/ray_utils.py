@@ -70,6 +70,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
     console.quiet_libraries()
     if ray.is_initialized():
         return
+    console.route_ray_driver_messages()
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = kwargs.pop("runtime_env", None) or {}
     env_vars = {k: v for k, v in {**worker_env(), **runtime_env.get("env_vars", {})}.items() if k not in SECRET_ENV}

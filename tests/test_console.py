@@ -85,3 +85,60 @@ def test_quiet_mode_sends_library_loggers_to_the_file(tmp_path, capsys):
     text = path.read_text()
     assert "controller report" in text and "AVX2" in text
     assert os.environ[console.VERBOSE_ENV] == "0"
+
+
+def test_native_stderr_goes_to_the_log_and_python_stderr_stays(tmp_path):
+    """What C++ code (Ray's core worker) writes to fd 2 lands in the log; this process's own
+    lines and its children's logging stay where they were asked to go."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "run.log"
+    script = (
+        "import os, sys\n"
+        "from thinkfast_pipelines import console\n"
+        f"console.setup(False, {str(log)!r})\n"
+        "os.write(2, b'core_worker.cc:2465: native warning\\n')\n"
+        "print('stage 1/9 done', file=sys.stderr)\n"
+        "sys.stderr.write('progress 50%\\n')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "stage 1/9 done" in proc.stderr and "progress 50%" in proc.stderr
+    assert "native warning" not in proc.stderr
+    assert "core_worker.cc:2465: native warning" in log.read_text()
+
+
+def test_verbose_mode_leaves_native_stderr_on_the_terminal(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import os\n"
+        "from thinkfast_pipelines import console\n"
+        f"console.setup(True, {str(tmp_path / 'run.log')!r})\n"
+        "os.write(2, b'native warning\\n')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "native warning" in proc.stderr
+
+
+def test_ray_driver_notices_are_logged_not_printed(tmp_path, capsys, monkeypatch):
+    """The raylet notices Ray's driver prints on its own ("(raylet) Task ... failed. There
+    are infinite retries remaining") go to the log file in quiet mode."""
+    from ray._private import worker as ray_worker
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored after
+    path = tmp_path / "run.log"
+    try:
+        console.setup(False, str(path))
+        console.route_ray_driver_messages()
+        console.route_ray_driver_messages()  # idempotent: wrapped once
+        assert getattr(ray_worker.print_to_stdstream, "_thinkfast", False)
+        ray_worker.print_to_stdstream({"lines": ["Task ServeController.graceful_shutdown failed."],
+                                       "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    finally:
+        console.setup(False, None)
+    captured = capsys.readouterr()
+    assert "graceful_shutdown" not in captured.out + captured.err
+    assert "(raylet) Task ServeController.graceful_shutdown failed." in path.read_text()
