@@ -196,3 +196,70 @@ def test_webdataset_on_s3_reads_as_locally(s3_bucket):
     assert remote.to_pylist() == _rows(FIXTURE / "webdataset").to_pylist()
     got = read_rows(corpus.metadata_files[0], [1], ["key", "jpg"])
     assert got.column("jpg")[0].as_py() == {r["key"]: r["jpg"] for r in remote.to_pylist()}[got.column("key")[0].as_py()]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_corpus_img2dataset_command_writes_a_training_corpus(fmt, tmp_path, monkeypatch, capsys):
+    """``thinkfast corpus img2dataset``: the 4 fetched images become corpus rows with a
+    split and their url; the 2 rows img2dataset failed on are rejected with its own status
+    and message, so 4 + 2 = the 6 rows it recorded. Relative paths, as a user types them."""
+    import shutil
+
+    from thinkfast.data.loaders import REJECTED_NAME
+    from thinkfast.data.schema import validate_corpus_schema
+    from thinkfast.data.splits import split_of_key
+    from thinkfast_pipelines.cli import main
+
+    shutil.copytree(FIXTURE / fmt, tmp_path / "shots")
+    monkeypatch.chdir(tmp_path)
+    assert main(["corpus", "img2dataset", "--input", "shots", "--out", "corpus"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 4 rows" in out and "failed_to_download 1" in out and "failed_to_resize 1" in out
+
+    table = read_table(str(tmp_path / "corpus")).sort_by("key")
+    cols = validate_corpus_schema(table.schema)
+    assert cols.captions == "captions" and cols.has_split and cols.media == "jpg"
+    source = _rows(tmp_path / "shots").filter(pa.compute.equal(pa.compute.field("status"), "success"))
+    assert table.column("key").to_pylist() == source.column("key").to_pylist()
+    assert table.column("jpg").to_pylist() == source.column("jpg").to_pylist()  # bytes kept as fetched
+    assert table.column("url").to_pylist() == source.column("url").to_pylist()
+    assert [c[0] for c in table.column("captions").to_pylist()] == source.column("caption").to_pylist()
+    assert table.column("split").to_pylist() == [split_of_key(k) for k in table.column("key").to_pylist()]
+
+    rejected = pq.read_table(tmp_path / "corpus" / REJECTED_NAME).sort_by("key").to_pylist()
+    failed = _rows(tmp_path / "shots").filter(pa.compute.not_equal(pa.compute.field("status"), "success"))
+    assert [(r["key"], r["reason"], r["detail"]) for r in rejected] == [
+        (r["key"], r["status"], r["error_message"]) for r in failed.sort_by("key").to_pylist()]
+    assert all(r["detail"] for r in rejected)  # img2dataset's message, e.g. the HTTP 404
+
+
+def test_corpus_img2dataset_rejects_a_repeated_key_and_keeps_the_first(tmp_path):
+    """img2dataset run twice into one folder: each key is written once; the repeats are
+    rejected rows with their reason, so written + rejected = rows read."""
+    import shutil
+
+    from thinkfast.data.loaders import REJECTED_NAME, load_img2dataset
+
+    src = tmp_path / "shots"
+    shutil.copytree(FIXTURE / "parquet", src)
+    (first,) = sorted(p for p in src.glob("*.parquet"))
+    shutil.copy(first, src / ("1" + first.name))  # the same rows again, read second
+    result = load_img2dataset(str(src), str(tmp_path / "corpus"))
+    assert result.num_rows == 4
+    assert result.rejected == {"duplicate_key": 4, "failed_to_download": 2, "failed_to_resize": 2}
+    assert result.num_rows + sum(result.rejected.values()) == 12
+    keys = read_table(str(tmp_path / "corpus")).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 4
+    reasons = pq.read_table(tmp_path / "corpus" / REJECTED_NAME).column("reason").to_pylist()
+    assert reasons.count("duplicate_key") == 4
+
+
+def test_corpus_img2dataset_refuses_a_folder_that_is_not_img2dataset_output(tmp_path):
+    from thinkfast.data.loaders import load_img2dataset
+    from thinkfast.errors import ThinkfastError
+
+    table = pa.table({"key": ["a"], "captions": [["x"]], "jpg": [b"\xff"]})
+    (tmp_path / "c").mkdir()
+    pq.write_table(table, tmp_path / "c" / "part-0.parquet")
+    with pytest.raises(ThinkfastError, match="not img2dataset output"):
+        load_img2dataset(str(tmp_path / "c"), str(tmp_path / "out"))

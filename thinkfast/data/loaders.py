@@ -3,6 +3,9 @@
 * Flickr30K / COCO "Karpathy split" JSON (``dataset_flickr30k.json``, ``dataset_coco.json``):
   ``{"images": [{"filename", "filepath"?, "split", "sentences": [{"raw", "tokens"}]}]}``,
   plus the folder of images. ``restval`` (COCO) counts as ``train``, as in the papers.
+* img2dataset's output (``--output_format parquet`` or ``webdataset``): one caption per
+  image, the image bytes, ``url``, and img2dataset's ``status`` / ``error_message``; rows it
+  failed on are rejected with its own reason, and the split comes from a hash of the key.
 * VATEX JSON (``vatex_training_v1.0.json``...): ``[{"videoID", "enCap": [...]}]`` plus a
   folder of clips named ``<videoID>.mp4`` (or .webm / .mkv); the split is taken from the
   file name or given.
@@ -12,7 +15,7 @@ A row whose file is missing, unreadable or has no caption is not dropped silentl
 to ``_rejected.parquet`` (key, reason, detail) next to the shards, and the counts come back.
 Output is written shard by shard, so a 30k-image set never sits in memory.
 
-From the command line: ``thinkfast corpus karpathy|vatex|tuxpaint ...`` (``thinkfast_pipelines.corpus``).
+From the command line: ``thinkfast corpus karpathy|vatex|tuxpaint|img2dataset ...`` (``thinkfast_pipelines.corpus``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import pyarrow as pa
 from thinkfast.data.image import decode_image
 from thinkfast.data.media import fetch_bytes
 from thinkfast.data.reader import write_table
-from thinkfast.data.schema import corpus_schema
+from thinkfast.data.schema import ERROR_COLUMN, IMAGE_MEDIA, STATUS_COLUMN, SUCCESS, corpus_schema
+from thinkfast.data.splits import split_of_key
 from thinkfast.data.video import decode_video
 from thinkfast.errors import DecodeError, ThinkfastError
 from thinkfast.utils import fs as fsutil
@@ -176,7 +180,7 @@ def write_corpus(items: "Iterable[_Item | _Rejected]", out: str, media: str, emb
             width = height = None
             if embed:
                 data = item.data if item.data is not None else fetch_bytes(uri, s3_endpoint=s3_endpoint)
-                if media == "jpg":
+                if media in IMAGE_MEDIA:
                     width, height = decode_image(data).size
                 else:
                     _, info = decode_video(data, 1)
@@ -217,3 +221,74 @@ def load_vatex(json_uri: str, video_dir: str, out: str, split: str | None = None
                shard_size: int = 200, s3_endpoint: str | None = None) -> LoadResult:
     """VATEX JSON + clip folder -> corpus Parquet (``mp4`` column) with ``split``."""
     return write_corpus(vatex_items(json_uri, video_dir, split), out, "mp4", embed, shard_size, s3_endpoint)
+
+
+def img2dataset_tables(uri: str, s3_endpoint: str | None = None) -> tuple[str, Iterator[pa.Table]]:
+    """The image column name and the rows of an img2dataset output folder, a batch at a
+    time (Parquet output: its files' record batches; webdataset output: each shard's tar
+    samples, then the rows its metadata Parquet records as failed)."""
+    import pyarrow.parquet as pq
+
+    from thinkfast.data import img2dataset
+    from thinkfast.data.reader import inspect_corpus
+
+    info = inspect_corpus(uri, s3_endpoint, webdataset=True)
+    media = info.columns.media
+    if media not in IMAGE_MEDIA or info.columns.captions != "caption":
+        raise ThinkfastError(f"{uri} is not img2dataset output: it has a {info.columns.captions!r} column and a "
+                             f"{media!r} media column (img2dataset writes 'caption' and jpg / png / webp bytes)")
+    if info.format == img2dataset.WEBDATASET_FORMAT:
+        return media, img2dataset.iter_webdataset_tables(info.files, media, s3_endpoint)
+
+    def batches() -> Iterator[pa.Table]:
+        for f in info.files:
+            filesystem, path = fsutil.arrow_fs(f, s3_endpoint)
+            with filesystem.open_input_file(path) as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=256):
+                    yield pa.Table.from_batches([batch])
+
+    return media, batches()
+
+
+def img2dataset_items(tables: Iterable[pa.Table], media: str) -> Iterator["_Item | _Rejected"]:
+    """img2dataset rows -> loader items. A row img2dataset did not fetch is rejected with its
+    ``status`` as the reason and its ``error_message`` as the detail; a key seen before is
+    rejected as ``duplicate_key`` (the first row is kept, so re-running img2dataset into the
+    same folder never writes an image twice)."""
+    seen: set[str] = set()
+    for table in tables:
+        names = set(table.column_names)
+        for row in table.to_pylist():
+            key = row.get("key")
+            if key is None or str(key) == "":
+                yield _Rejected("", DecodeError("no_key", f"a row without a key (url {row.get('url')})"))
+                continue
+            key = str(key)
+            status = row.get(STATUS_COLUMN) if STATUS_COLUMN in names else SUCCESS
+            if status != SUCCESS:
+                yield _Rejected(key, DecodeError(str(status or "no_status"), str(row.get(ERROR_COLUMN) or "")))
+                continue
+            if key in seen:
+                yield _Rejected(key, DecodeError("duplicate_key", "an earlier row has this key; the first is kept"))
+                continue
+            seen.add(key)
+            data = row.get(media)
+            if not data:
+                yield _Rejected(key, DecodeError("missing_media", f"img2dataset reported success but the row "
+                                                                  f"has no {media} bytes"))
+                continue
+            caption = row.get("caption")
+            url = row.get("url")
+            yield _Item(key=key, captions=[caption] if caption else [], candidates=(str(url or key),),
+                        split=split_of_key(key), data=bytes(data), extra={"url": url})
+
+
+def load_img2dataset(uri: str, out: str, shard_size: int = 1000, s3_endpoint: str | None = None) -> LoadResult:
+    """img2dataset output (Parquet or webdataset) -> corpus Parquet with ``split`` and ``url``.
+
+    ``thinkfast embed`` reads img2dataset output directly; this copy is for what wants the
+    corpus layout (a ``captions`` list and a ``split`` column: training, evaluation) and
+    checks that every image decodes, once."""
+    media, tables = img2dataset_tables(uri, s3_endpoint)
+    return write_corpus(img2dataset_items(tables, media), out, media, True, shard_size, s3_endpoint,
+                        extra_fields=[pa.field("url", pa.string())])
