@@ -25,6 +25,7 @@ _EXPORTS = {
     "decode_video": "thinkfast.data.video",
     "ShardedIndex": "thinkfast.index.sharded",
     "TokenStore": "thinkfast.store",
+    "Client": "thinkfast.client",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
