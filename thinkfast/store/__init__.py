@@ -61,6 +61,7 @@ from thinkfast.store.tokens import (
     MAX_OPEN_SHARDS,
     TOKEN_DTYPE,
     TOKEN_FORMAT,
+    TOKEN_FORMATS,
     TOKEN_KEY_TABLE,
     TOKEN_MANIFEST,
     TokenShape,
@@ -71,7 +72,7 @@ from thinkfast.store.tokens import (
 
 __all__ = [
     "EMBED_FORMAT", "EMBED_MANIFEST", "EMBED_OUTPUT_DIRS", "FAILED_EMBED_MANIFEST", "FAST_DIR",
-    "MAX_OPEN_SHARDS", "REJECTED_DIR", "TEXTS_DIR", "TOKENS_DIR", "TOKEN_DTYPE", "TOKEN_FORMAT",
+    "MAX_OPEN_SHARDS", "REJECTED_DIR", "TEXTS_DIR", "TOKENS_DIR", "TOKEN_DTYPE", "TOKEN_FORMAT", "TOKEN_FORMATS",
     "TOKEN_KEY_TABLE", "TOKEN_MANIFEST",
     "EmbedCounts", "EmbedManifest", "EmbedManifestError", "EmbedOutputs", "FastModelRecord",
     "MissingEmbedManifestError", "SlowModelRecord", "StoreError", "TokenShape", "TokenStore",

@@ -1,8 +1,13 @@
-"""Slow tokens: ``<emb>/tokens/``, the slow model's visual tokens ``φ(x)`` as float16,
-too big for Parquet cells to be read by key quickly.
+"""Slow tokens: ``<emb>/tokens/``, the slow model's visual tokens ``φ(x)``, too big for
+Parquet cells to be read by key quickly.
 
-Each writer (one per Ray Data write call) writes its own shard: ``shard-<id>.f16``
-(fixed-size records of ``T*D`` float16, row-major) and ``shard-<id>.keys.parquet`` (key ->
+Two record formats (``token_format``, one per store): ``float16`` (``T*D`` float16,
+row-major, ``2TD`` bytes) and ``int8`` (``T*D`` int8 codes then ``T`` float16 per-token
+scales, ``T(D+2)`` bytes: 49.6% at D = 256; :mod:`thinkfast.store.quantize`). Readers
+always get float16 back.
+
+Each writer (one per Ray Data write call) writes its own shard: ``shard-<id>.f16`` (or
+``.i8``: fixed-size records) and ``shard-<id>.keys.parquet`` (key ->
 row, plus the shape in the schema metadata), key table last so that its presence marks a
 complete shard. The shard id is a hash of the keys, so a retried batch overwrites its own
 files instead of adding a copy. :func:`finalize_token_store` (driver, after the writers)
@@ -17,6 +22,7 @@ import io
 import logging
 import os
 import posixpath
+import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -30,6 +36,7 @@ import pyarrow.parquet as pq
 from thinkfast.store.embeddings import keys_digest as _keys_digest
 from thinkfast.store.errors import StoreError, UnknownKeyError
 from thinkfast.store.layout import TOKENS_DIR, resolve_artifact_dir
+from thinkfast.store.quantize import dequantize_int8, quantize_int8
 from thinkfast.utils import fs
 
 if TYPE_CHECKING:
@@ -42,21 +49,57 @@ TOKEN_KEY_TABLE = "keys.parquet"
 TOKEN_FORMAT = "thinkfast-token-store"
 TOKEN_DTYPE = np.float16
 MAX_OPEN_SHARDS = 256  # memory-mapped token shards kept open per TokenStore (LRU)
-_SHARD_DATA_SUFFIX = ".f16"
+TOKEN_FORMATS = ("float16", "int8")
+_DATA_SUFFIX = {"float16": ".f16", "int8": ".i8"}
+_SHARD_DATA_SUFFIX = _DATA_SUFFIX["float16"]
 _SHARD_KEYS_SUFFIX = ".keys.parquet"
+CACHE_ENV = "THINKFAST_TOKEN_CACHE_MB"  # records kept in memory by a TokenStore on S3
+DEFAULT_CACHE_MB = 256
+
+
+def check_token_format(token_format: str) -> str:
+    if token_format not in TOKEN_FORMATS:
+        raise StoreError(f"unknown token format {token_format!r}; expected one of {', '.join(TOKEN_FORMATS)}")
+    return token_format
 
 
 
 @dataclass(frozen=True)
 class TokenShape:
-    """Shape of one record: ``T`` visual tokens of width ``D``, stored as float16."""
+    """Shape of one record: ``T`` visual tokens of width ``D`` in ``token_format``."""
 
     num_tokens: int  # T: tokens per item (all levels, all frames)
     dim: int  # D: token width
+    token_format: str = "float16"  # "float16" | "int8"
 
     @property
     def record_bytes(self) -> int:
+        if self.token_format == "int8":
+            return self.num_tokens * (self.dim + np.dtype(np.float16).itemsize)
         return self.num_tokens * self.dim * np.dtype(TOKEN_DTYPE).itemsize
+
+    @property
+    def data_suffix(self) -> str:
+        return _DATA_SUFFIX[self.token_format]
+
+    def encode(self, tokens: np.ndarray) -> bytes:
+        """``(B, T, D)`` float16 -> ``B`` records of this format, concatenated."""
+        if self.token_format == "float16":
+            return np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).tobytes()
+        codes, scales = quantize_int8(tokens)  # (B, T, D) int8, (B, T) float16
+        b = tokens.shape[0]
+        return np.concatenate([codes.reshape(b, -1).view(np.uint8), scales.reshape(b, -1).view(np.uint8)],
+                              axis=1).tobytes()
+
+    def decode(self, records: np.ndarray, out: np.ndarray) -> None:
+        """``(K, record_bytes)`` uint8 records -> ``out`` ``(K, T, D)`` float16."""
+        t, d = self.num_tokens, self.dim
+        if self.token_format == "float16":
+            out[...] = records.view(TOKEN_DTYPE).reshape(-1, t, d)
+            return
+        codes = np.ascontiguousarray(records[:, : t * d]).view(np.int8).reshape(-1, t, d)
+        scales = np.ascontiguousarray(records[:, t * d:]).view(np.float16).reshape(-1, t)
+        out[...] = dequantize_int8(codes, scales, TOKEN_DTYPE)
 
 
 class TokenStoreWriter:
@@ -64,11 +107,13 @@ class TokenStoreWriter:
 
     Each :meth:`write` call makes one self-contained shard named by a hash of its keys:
     concurrent writers never share a file, and a retried batch rewrites its own shard.
-    Construct it inside the worker (it holds no open handles, so it also pickles)."""
+    Construct it inside the worker (it holds no open handles, so it also pickles).
+    ``token_format`` ``int8`` stores each token as int8 codes and a float16 scale."""
 
-    def __init__(self, uri: str, s3_endpoint: str | None = None) -> None:
+    def __init__(self, uri: str, s3_endpoint: str | None = None, token_format: str = "float16") -> None:
         self.uri = str(uri)
         self.s3_endpoint = s3_endpoint
+        self.token_format = check_token_format(token_format)
 
     def write(self, keys: Sequence[str], tokens: np.ndarray) -> str:
         """Write ``tokens`` (B, T, D) for ``keys`` (B) as one shard; returns the shard id."""
@@ -86,16 +131,16 @@ class TokenStoreWriter:
         if not np.isfinite(data).all():
             raise StoreError("tokens are NaN/inf (or overflow float16) for some rows; refusing to store them")
         shard = "shard-" + _keys_digest(keys)
-        shape = TokenShape(int(data.shape[1]), int(data.shape[2]))
+        shape = TokenShape(int(data.shape[1]), int(data.shape[2]), self.token_format)
         filesystem = fs.fsspec_fs(self.uri, self.s3_endpoint)
         base = fs.strip_scheme(fs.join(self.uri, shard))
         if not fs.is_s3(self.uri):
             os.makedirs(fs.strip_scheme(self.uri), exist_ok=True)
         # data first, key table last: a key table always points at complete data
-        _atomic_put(filesystem, base + _SHARD_DATA_SUFFIX, data.tobytes(), local=not fs.is_s3(self.uri))
+        _atomic_put(filesystem, base + shape.data_suffix, shape.encode(data), local=not fs.is_s3(self.uri))
         table = pa.table({"key": pa.array(keys, pa.string()), "row": pa.array(np.arange(len(keys)), pa.int64())})
         table = table.replace_schema_metadata(
-            {"thinkfast.shape": f"{shape.num_tokens},{shape.dim}", "thinkfast.dtype": "float16"}
+            {"thinkfast.shape": f"{shape.num_tokens},{shape.dim}", "thinkfast.dtype": shape.token_format}
         )
         sink = io.BytesIO()
         pq.write_table(table, sink)
@@ -144,12 +189,16 @@ def finalize_token_store(uri: str, s3_endpoint: str | None = None) -> dict[str, 
             t, d = (int(v) for v in meta[b"thinkfast.shape"].decode().split(","))
         except (KeyError, ValueError) as exc:
             raise StoreError(f"{key_file}: key table lacks the thinkfast.shape metadata") from exc
-        this = TokenShape(t, d)
+        token_format = meta.get(b"thinkfast.dtype", b"float16").decode()
+        if token_format not in TOKEN_FORMATS:
+            raise StoreError(f"{key_file}: unknown token format {token_format!r}")
+        this = TokenShape(t, d, token_format)
         if shape is None:
             shape = this
         elif this != shape:
-            raise StoreError(f"{key_file}: token shape {this} differs from {shape} in other shards")
-        data_path = posixpath.join(root, name + _SHARD_DATA_SUFFIX)
+            raise StoreError(f"{key_file}: token shape {this} differs from {shape} in other shards "
+                             "(one store holds one shape and one format: re-embed into a new directory)")
+        data_path = posixpath.join(root, name + shape.data_suffix)
         size = filesystem.size(data_path) if filesystem.exists(data_path) else -1
         records = _shard_records(table)  # rows in the data file; the key table may have dropped some
         if size != records * shape.record_bytes:
@@ -182,7 +231,7 @@ def finalize_token_store(uri: str, s3_endpoint: str | None = None) -> dict[str, 
     manifest = {
         "format": TOKEN_FORMAT,
         "version": 1,
-        "dtype": "float16",
+        "dtype": shape.token_format,
         "num_tokens": shape.num_tokens,
         "dim": shape.dim,
         "count": len(out_keys),
@@ -244,13 +293,29 @@ class TokenStore:
     """Random access to slow tokens by key: ``TokenStore.open(uri).get(keys) -> (K, T, D)``.
 
     Locally each shard is a read-only ``np.memmap`` (the OS page cache does the caching);
-    on S3 the K records are fetched with one concurrent ``cat_ranges`` call."""
+    on S3 the records not in this store's LRU cache (``cache_mb``, default
+    ``$THINKFAST_TOKEN_CACHE_MB`` or 256 MB; 0 turns it off) are fetched with one concurrent
+    ``cat_ranges`` call. Either format reads back as float16."""
 
-    def __init__(self, uri: str, manifest: dict[str, Any], key_table: pa.Table, s3_endpoint: str | None) -> None:
+    def __init__(self, uri: str, manifest: dict[str, Any], key_table: pa.Table, s3_endpoint: str | None,
+                 cache_mb: float | None = None) -> None:
         self.uri = str(uri)
         self.manifest = manifest
         self.s3_endpoint = s3_endpoint
-        self.token_shape = TokenShape(int(manifest["num_tokens"]), int(manifest["dim"]))
+        token_format = str(manifest.get("dtype", "float16"))
+        if token_format not in TOKEN_FORMATS:
+            raise StoreError(f"{uri}: unknown token format {token_format!r} in the manifest")
+        self.token_shape = TokenShape(int(manifest["num_tokens"]), int(manifest["dim"]), token_format)
+        if cache_mb is None:
+            cache_mb = float(os.environ.get(CACHE_ENV, DEFAULT_CACHE_MB))
+        if cache_mb < 0:
+            raise StoreError(f"cache_mb must be >= 0, got {cache_mb}")
+        self.cache_bytes = int(cache_mb * 2**20)
+        self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()  # (shard, row) -> record, LRU
+        self._cached_bytes = 0
+        self._lock = threading.Lock()
+        self.cache_hits = 0
+        self.cache_misses = 0
         self._shard_names: list[str] = [s["name"] for s in manifest["shards"]]
         keys = key_table.column("key").to_pylist()
         self._shard_of = np.asarray(key_table.column("shard"), dtype=np.int64)
@@ -261,7 +326,7 @@ class TokenStore:
         self._fs: "fsspec.AbstractFileSystem | None" = None
 
     @classmethod
-    def open(cls, uri: str, s3_endpoint: str | None = None) -> "TokenStore":
+    def open(cls, uri: str, s3_endpoint: str | None = None, cache_mb: float | None = None) -> "TokenStore":
         """Open ``<emb>/tokens`` (or ``<emb>``); needs the manifest that finalize wrote."""
         uri = resolve_artifact_dir(uri, TOKENS_DIR, s3_endpoint)
         manifest_uri = fs.join(uri, TOKEN_MANIFEST)
@@ -278,7 +343,7 @@ class TokenStore:
             key_table = pq.read_table(f)
         if key_table.num_rows != manifest["count"]:
             raise StoreError(f"{uri}: key table has {key_table.num_rows} rows, manifest says {manifest['count']}")
-        return cls(uri, manifest, key_table, s3_endpoint)
+        return cls(uri, manifest, key_table, s3_endpoint, cache_mb=cache_mb)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -311,9 +376,16 @@ class TokenStore:
         if fs.is_s3(self.uri):
             self._get_remote(shards, rows, out)
         else:
-            for shard in np.unique(shards):
+            unique = np.unique(shards)
+            for shard in unique:
                 mask = shards == shard
-                out[mask] = self._memmap(int(shard))[rows[mask]]
+                records = self._memmap(int(shard))[rows[mask]]  # (k, record_bytes) uint8: one gather
+                if len(unique) == 1:
+                    self.token_shape.decode(records, out)
+                    continue
+                part = np.empty((len(records), t, d), dtype=TOKEN_DTYPE)
+                self.token_shape.decode(records, part)
+                out[mask] = part
         return out
 
     def _memmap(self, shard: int) -> np.memmap:
@@ -321,34 +393,76 @@ class TokenStore:
         if mm is not None:
             self._memmaps.move_to_end(shard)
         else:
-            t, d = self.token_shape.num_tokens, self.token_shape.dim
-            path = fs.strip_scheme(fs.join(self.uri, self._shard_names[shard] + _SHARD_DATA_SUFFIX))
+            path = fs.strip_scheme(fs.join(self.uri, self._shard_names[shard] + self.token_shape.data_suffix))
             count = int(self.manifest["shards"][shard]["count"])
-            if os.path.getsize(path) != count * self.token_shape.record_bytes:
+            size = self.token_shape.record_bytes
+            if os.path.getsize(path) != count * size:
                 raise StoreError(f"{path}: size does not match {count} records; the shard is damaged")
-            mm = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=(count, t, d))
+            mm = np.memmap(path, dtype=np.uint8, mode="r", shape=(count, size))
             self._memmaps[shard] = mm
             if len(self._memmaps) > MAX_OPEN_SHARDS:  # one shard per embed batch: there can be thousands
                 self._memmaps.popitem(last=False)
         return mm
 
     def _get_remote(self, shards: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
-        if self._fs is None:
-            self._fs = fs.fsspec_fs(self.uri, self.s3_endpoint)
         size = self.token_shape.record_bytes
-        root = fs.strip_scheme(self.uri).rstrip("/")
-        paths = [posixpath.join(root, self._shard_names[s] + _SHARD_DATA_SUFFIX) for s in shards.tolist()]
-        starts = [int(r) * size for r in rows.tolist()]
-        ends = [s + size for s in starts]
-        blobs = self._fs.cat_ranges(paths, starts, ends)
-        for i, blob in enumerate(blobs):
-            if isinstance(blob, Exception) or len(blob) != size:
-                raise StoreError(f"{paths[i]}: short read at record {rows[i]}; the shard is damaged")
-            out[i] = np.frombuffer(blob, dtype=TOKEN_DTYPE).reshape(out.shape[1:])
+        wanted = list(zip(shards.tolist(), rows.tolist()))
+        blobs: list[bytes | None] = [None] * len(wanted)
+        with self._lock:
+            for i, ref in enumerate(wanted):
+                blob = self._cache.get(ref)
+                if blob is not None:
+                    self._cache.move_to_end(ref)
+                    blobs[i] = blob
+        missing = sorted({ref for ref, blob in zip(wanted, blobs) if blob is None})
+        self.cache_hits += len(wanted) - sum(blob is None for blob in blobs)
+        self.cache_misses += len(missing)
+        if missing:
+            if self._fs is None:
+                self._fs = fs.fsspec_fs(self.uri, self.s3_endpoint)
+            root = fs.strip_scheme(self.uri).rstrip("/")
+            paths = [posixpath.join(root, self._shard_names[s] + self.token_shape.data_suffix) for s, _ in missing]
+            starts = [int(r) * size for _, r in missing]
+            fetched = self._fs.cat_ranges(paths, starts, [s + size for s in starts])
+            got: dict[tuple[int, int], bytes] = {}
+            for ref, path, blob in zip(missing, paths, fetched):
+                if isinstance(blob, Exception) or len(blob) != size:
+                    raise StoreError(f"{path}: short read at record {ref[1]}; the shard is damaged")
+                got[ref] = blob
+            blobs = [blob if blob is not None else got[ref] for ref, blob in zip(wanted, blobs)]
+            self._remember(got)
+        records = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(wanted), size)  # type: ignore[arg-type]
+        self.token_shape.decode(records, out)
+
+    def _remember(self, records: dict[tuple[int, int], bytes]) -> None:
+        """Keep fetched records up to ``cache_bytes``, evicting the least recently used."""
+        if self.cache_bytes <= 0:
+            return
+        with self._lock:
+            for ref, blob in records.items():
+                if ref in self._cache or len(blob) > self.cache_bytes:
+                    continue
+                self._cache[ref] = blob
+                self._cached_bytes += len(blob)
+            while self._cached_bytes > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= len(old)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of records held by the S3 cache now (never above ``cache_bytes``)."""
+        return self._cached_bytes
 
     def __getstate__(self) -> dict[str, Any]:
         # memmaps and s3fs clients are per process: reopen lazily after unpickling
         state = self.__dict__.copy()
         state["_memmaps"] = OrderedDict()
         state["_fs"] = None
+        state["_cache"] = OrderedDict()
+        state["_cached_bytes"] = 0
+        state.pop("_lock", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
