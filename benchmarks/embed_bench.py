@@ -143,6 +143,48 @@ def bare_loop(corpus: str, fast_dir: str, slow_dir: str, batch_size: int, thread
     return Row("bare torch loop", n, seconds, n / seconds, mem.peak / 2**20, f"1 process, {threads} threads, batch {batch_size}")
 
 
+def bare_full_loop(corpus: str, fast_dir: str, slow_dir: str, out: str, batch_size: int, threads: int,
+                   rows_per_write: int) -> Row:
+    """The fair baseline for the pipeline: one process doing exactly the pipeline's work,
+    with the pipeline's own stage functions, and nothing else. For each ``rows_per_write``
+    rows of the corpus Parquet: ``decode_batch`` (decode + preprocess), ``EmbedActor``
+    (both models, the same NaN checks and output table) in ``batch_size`` model batches,
+    ``write_media_bundle`` (fast/ Parquet + a token-store shard); then
+    ``finalize_token_store``. Timed from the first read to the finalized store; model
+    loading is left out, as the pipeline's actor start-up is charged only to its
+    end-to-end row. Peak memory is this process's RSS."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from thinkfast.data.reader import inspect_corpus
+    from thinkfast.store.layout import tokens_dir
+    from thinkfast.store.outputs import write_media_bundle
+    from thinkfast.store.tokens import finalize_token_store
+    from thinkfast_pipelines.embed.config import EmbedConfig
+    from thinkfast_pipelines.embed.job import probe_models
+    from thinkfast_pipelines.embed.stages import EmbedActor, decode_batch
+
+    info = inspect_corpus(corpus)
+    media = info.columns.media
+    models = probe_models(fast_dir, slow_dir, media, EmbedConfig())  # image size and frames, as embed() picks them
+    actor = EmbedActor(fast_dir, slow_dir, threads=threads, pool_size=1)
+    n = 0
+    with MemorySampler(children=False) as mem:
+        start = time.perf_counter()
+        for path in info.files:
+            parquet = pq.ParquetFile(path)
+            for batch in parquet.iter_batches(batch_size=rows_per_write, columns=["key", media]):
+                decoded = decode_batch(pa.Table.from_batches([batch]), columns=info.columns,
+                                       image_size=models.image_size, num_frames=models.num_frames)
+                parts = [actor(decoded.slice(i, batch_size)) for i in range(0, decoded.num_rows, batch_size)]
+                write_media_bundle(out, pa.concat_tables(parts, promote_options="permissive"))
+                n += batch.num_rows
+        finalize_token_store(tokens_dir(out))
+        seconds = time.perf_counter() - start
+    return Row("bare full loop", n, seconds, n / seconds, mem.peak / 2**20,
+               f"1 process, {threads} threads, batch {batch_size}, {rows_per_write} rows/write: read+decode+models+write")
+
+
 def pipeline(corpus: str, fast_dir: str, slow_dir: str, out: str, actors: int, batch_size: int,
              threads: int, rows_per_write: int) -> tuple[list[Row], dict]:
     """Run ``embed``: one row end to end (its ``embed_media`` stage, actor start-up
