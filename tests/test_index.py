@@ -196,3 +196,50 @@ def test_removed_keys_never_come_back(small, tmp_path, factory):
     found, scores = index.search(x[:20], 10, nprobe=8, rescore=False)
     assert not set(gone) & set(found.ravel()) and None not in found
     assert np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16_HNSW8,Flat"])
+def test_ivf_shards_equal_one_index(tmp_path, factory):
+    # sharded IVF search assigns each query block to its lists once and scans every shard's
+    # part of them; it must give the single index's keys and scores exactly: with tied
+    # scores (duplicate vectors), -1 slots (few lists probed, k above a shard's size),
+    # tombstones, and any batch size
+    from thinkfast.index.files import load_trained
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((600, 16)).astype(np.float32)
+    x[500:] = x[:100]  # exact duplicates: tied scores across shards
+    keys = _keys(len(x))
+    q = np.concatenate([x[:8], rng.standard_normal((32, 16)).astype(np.float32)])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # the index normalizes; so the check below can score
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    one = ShardedIndex.build(keys, x, str(tmp_path / "one"), shards=1, factory=factory, exact_below=0)
+    four = ShardedIndex.build(keys, x, str(tmp_path / "four"), shards=4, factory=factory, exact_below=0,
+                              trained=load_trained(str(tmp_path / "one")))
+    assert four._shared_quantizer(four._shards) is not None  # the shared-assignment path runs
+    for index in (one, four):
+        index.remove(keys[::37])
+    for k, nprobe in ((10, 4), (200, 2), (600, 16)):
+        for batch in (1, 16, 40):
+            k1, s1 = one.search(q[:batch], k, nprobe=nprobe, rescore=False)
+            k4, s4 = four.search(q[:batch], k, nprobe=nprobe, rescore=False)
+            np.testing.assert_array_equal(s1, s4)
+            _assert_same_up_to_boundary_ties(k1, k4, s1, x, keys, q[:batch])
+    _, s = four.search(q, 200, nprobe=2, rescore=False)
+    assert np.isinf(s).any()  # the -1 slots were exercised
+
+
+def _assert_same_up_to_boundary_ties(k1, k4, scores, x, keys, q) -> None:
+    """Keys equal, except where several vectors tie with a row's last kept score: which of
+    them fill the last slots depends on scan order (one index, or one shard, keeps the
+    first it meets), in FAISS itself as much as in the merge. There each key must still be
+    a true tie: its vector scores exactly the boundary score."""
+    row_of = {key: i for i, key in enumerate(keys)}
+    for r, c in np.argwhere(k1 != k4):
+        finite = scores[r][np.isfinite(scores[r])]
+        assert finite.size and scores[r, c] == finite.min(), f"keys differ above the boundary at {(r, c)}"
+        for key in (k1[r, c], k4[r, c]):
+            assert np.float32(x[row_of[key]] @ q[r]) == pytest.approx(float(scores[r, c]), abs=1e-5)
+    for row in k4:
+        live = [key for key in row if key is not None]
+        assert len(set(live)) == len(live), "a key came back twice"

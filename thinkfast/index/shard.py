@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import faiss
@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from thinkfast.errors import IndexMismatchError, ThinkfastError
 from thinkfast.index.manifest import ShardRecord
-from thinkfast.index.params import SearchSettings, search_with
+from thinkfast.index.params import SearchSettings, make_search_params, search_with
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class Shard:
     selector: faiss.IDSelector | None = None  # hides removed ids; None when nothing is removed
     bitmap: np.ndarray | None = None  # backing store of the selector (SWIG does not own it)
     selector_ok: bool = True  # False once FAISS refused selectors for this index type (e.g. IndexPQ)
+    _ivf: faiss.IndexIVF | None = field(default=None, repr=False)  # the index downcast, for search_preassigned
 
     def search(self, x: np.ndarray, k: int, settings: SearchSettings) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of live vectors: (scores, local ids), -inf / -1 where fewer were found."""
@@ -52,12 +53,86 @@ class Shard:
         order = np.argsort(-dist, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(dist, order, 1), np.take_along_axis(local, order, 1)
 
+    def search_preassigned(
+        self, x: np.ndarray, k: int, settings: SearchSettings, assign: np.ndarray, coarse_dis: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of live vectors in the IVF lists ``assign`` (from the shared coarse
+        quantizer, see :class:`SharedQuantizer`): the same result as :meth:`search`
+        without repeating the coarse search. Only for plain ``IndexIVF`` shards."""
+        if self._ivf is None:
+            self._ivf = faiss.downcast_index(self.index)
+        params, keep = make_search_params(self.index, settings, self.selector, k)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        assign = np.ascontiguousarray(assign, dtype=np.int64)
+        coarse_dis = np.ascontiguousarray(coarse_dis, dtype=np.float32)
+        dist = np.empty((len(x), k), dtype=np.float32)
+        ids = np.empty((len(x), k), dtype=np.int64)
+        try:
+            # the C++ call: the Python wrapper of search_preassigned refuses per-call params
+            # (nprobe, the tombstone selector) and insists on the index's own nprobe
+            self._ivf.search_preassigned_c(
+                len(x), faiss.swig_ptr(x), k, faiss.swig_ptr(assign), faiss.swig_ptr(coarse_dis),
+                faiss.swig_ptr(dist), faiss.swig_ptr(ids), False, params,
+            )
+            return dist, ids
+        except RuntimeError as exc:
+            raise IndexMismatchError(f"FAISS refused the preassigned search on {self.record.name}: {exc}") from exc
+        finally:
+            del keep
+
     def refresh_selector(self) -> None:
         if not self.removed.any():
             self.selector, self.bitmap = None, None
             return
         self.bitmap = np.packbits(~self.removed, bitorder="little")
         self.selector = faiss.IDSelectorBitmap(len(self.removed), faiss.swig_ptr(self.bitmap))
+
+
+@dataclass(frozen=True)
+class SharedQuantizer:
+    """The coarse quantizer that IVF shards cloned from one trained index have in common.
+
+    A query's IVF lists depend only on the quantizer, so one ``assign`` per query block
+    serves every shard (FAISS's ``IndexShardsIVF`` does the same). :meth:`of` accepts the
+    shards only if their quantizers serialize to the same bytes, so the shared
+    assignment is exactly what each shard's own search would compute."""
+
+    quantizer: faiss.Index
+    owner: faiss.Index  # the IVF index that owns ``quantizer`` (SWIG does not keep it alive)
+
+    @classmethod
+    def of(cls, shards: Sequence[Shard]) -> "SharedQuantizer | None":
+        """The common quantizer of ``shards``, or None when they have none to share."""
+        if not shards:
+            return None
+        ivfs = []
+        for shard in shards:
+            inner = faiss.downcast_index(shard.index)
+            if not isinstance(inner, faiss.IndexIVF):
+                return None  # pre-transforms (OPQ, PCA), Flat, HNSW, PQ: searched whole
+            ivfs.append(inner)
+        first = ivfs[0]
+        if len(ivfs) > 1:
+            reference = faiss.serialize_index(first.quantizer)
+            for ivf in ivfs[1:]:
+                if ivf.nlist != first.nlist or ivf.metric_type != first.metric_type:
+                    return None
+                if not np.array_equal(faiss.serialize_index(ivf.quantizer), reference):
+                    logger.info("shards have different coarse quantizers; each shard runs its own coarse search")
+                    return None
+        return cls(quantizer=first.quantizer, owner=shards[0].index)
+
+    def assign(self, shard: Shard, x: np.ndarray, settings: SearchSettings) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, list ids) of the ``nprobe`` lists of each query, with the same
+        nprobe and quantizer parameters that ``search`` on ``shard`` would use."""
+        params, keep = make_search_params(shard.index, settings, None, 1)
+        try:
+            quantizer_params = params.quantizer_params
+            if quantizer_params is None:
+                return self.quantizer.search(x, int(params.nprobe))
+            return self.quantizer.search(x, int(params.nprobe), params=quantizer_params)
+        finally:
+            del keep
 
 
 def read_local_shard(directory: str, record: ShardRecord, dim: int, mmap: bool) -> Shard:
