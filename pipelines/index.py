@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local", action="store_true", help="build shards in local threads instead of Ray tasks")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: local Ray or RAY_ADDRESS)")
     parser.add_argument("--cpus-per-task", type=float, default=1.0, help="Ray CPUs per shard task")
+    parser.add_argument("--gpu", action="store_true",
+                        help="train the IVF quantizer on all GPUs (faiss.index_cpu_to_all_gpus; needs a GPU faiss build)")
     parser.add_argument("--seed", type=int, default=0, help="sampling and k-means seed")
     parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
 
@@ -113,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             address=args.address,
             cpus_per_task=args.cpus_per_task,
             s3_endpoint=args.s3_endpoint,
+            gpu=args.gpu,
         )
     print(
         f"index {args.out}: {manifest.count} vectors, {manifest.num_shards} shard(s), {manifest.factory}, "
@@ -138,8 +141,10 @@ def build_index(
     cpus_per_task: float = 1.0,
     s3_endpoint: str | None = None,
     mapper: ShardMapper | None = None,
+    gpu: bool = False,
 ) -> IndexManifest:
     """Build the index at ``out`` from the fast embeddings at ``embeddings``; returns the manifest.
+    ``gpu``: the quantizer's k-means on all GPUs of this process (a GPU faiss build).
 
     The shards are Ray tasks (``use_ray``, the default) or local threads; everything else
     is :func:`thinkfast.index.build.build_from_embeddings`."""
@@ -151,7 +156,7 @@ def build_index(
         return B.build_from_embeddings(
             source, out, shards=shards, factory=factory, train_sample=train_sample,
             model_identity=model_identity or recorded_identity, store_vectors=store_vectors,
-            exact_below=exact_below, seed=seed, s3_endpoint=s3_endpoint, mapper=mapper,
+            exact_below=exact_below, seed=seed, s3_endpoint=s3_endpoint, mapper=mapper, gpu=gpu,
         )
 
 

@@ -23,6 +23,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="thinkfast-state-")
 
 
+# a Ray custom resource standing in for GPUs in the session cluster (see ray_session)
+FAKE_GPU, FAKE_GPUS = "fake_gpu", 2
+
 # the session's S3 secret: distinctive, so a test can prove it never reaches a log
 SECRET_MARKER = "tf-secret-" + os.urandom(8).hex()
 
@@ -83,12 +86,15 @@ def s3_bucket(s3_server, request):
 def ray_session(s3_server):
     """One local Ray for the whole session (4 logical CPUs on 2 cores, so an actor pool
     never starves the read stage). Depends on ``s3_server`` so that workers inherit the
-    S3 environment."""
+    S3 environment. Two units of the custom resource ``fake_gpu`` let GPU placement be
+    tested without a GPU (``THINKFAST_GPU_RESOURCE=fake_gpu``, tests/test_devices.py);
+    nothing else asks for it."""
     import ray
 
     from thinkfast_pipelines.ray_utils import init_ray
 
-    init_ray(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024 * 1024)
+    init_ray(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024 * 1024,
+             resources={FAKE_GPU: FAKE_GPUS})
     yield ray
     try:
         from ray import serve

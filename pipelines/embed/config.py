@@ -30,7 +30,11 @@ class EmbedConfig:
     actors: int = option(1, "model replicas in the actor pool")
     device: Literal["cpu", "cuda"] = option("cpu", "model device; cuda reserves --gpus-per-actor GPUs per actor")
     cpus_per_actor: float = option(0.5, "logical CPUs Ray reserves per actor (fractional so read/decode always fit)")
-    gpus_per_actor: float = option(1.0, "GPUs per actor with --device cuda")
+    gpus_per_actor: float = option(1.0, "GPUs per actor with --gpu / --device cuda")
+    gpu: bool = option(False, "run the models on GPUs (same as --device cuda): one actor per --gpus-per-actor GPUs, "
+                              "the pool sized to --num-gpus, else --actors when > 1, else every visible GPU")
+    num_gpus: float | None = option(None, "with --gpu: GPUs the actor pool uses (default: every GPU Ray reports)")
+    amp: bool = option(False, "with --gpu: run the slow (token) model under fp16 autocast (tokens are stored fp16)")
     threads: int | None = option(None, "torch threads per actor (default: the node's cores // actors, at least 1)")
     decode_batch_size: int = option(32, "rows per decode task call")
     rows_per_write: int = option(1024, "rows per output file / token shard (one write call)")
@@ -59,6 +63,10 @@ class EmbedConfig:
             raise EmbedError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
             raise EmbedError("--cpus-per-actor and --gpus-per-actor must be non-negative")
+        if self.num_gpus is not None and not self.uses_gpu:
+            raise EmbedError("--num-gpus needs --gpu")
+        if self.amp and not self.uses_gpu:
+            raise EmbedError("--amp needs --gpu (autocast is for CUDA; the CPU path stays float32)")
         if self.on_duplicate not in ("error", "first", "reject"):
             raise EmbedError(f"--on-duplicate must be error, first or reject, got {self.on_duplicate!r}")
         if self.limit is not None and self.limit < 0:
@@ -67,6 +75,11 @@ class EmbedConfig:
             raise EmbedError("--reembed-changed needs --incremental")
         if self.incremental and self.limit is not None:
             raise EmbedError("--incremental cannot be combined with --limit (which rows a limit takes is not fixed)")
+
+    @property
+    def uses_gpu(self) -> bool:
+        """``--gpu`` or its older spelling ``--device cuda``."""
+        return self.gpu or self.device == "cuda"
 
     def to_manifest(self) -> dict[str, Any]:
         """The manifest's ``config``: every field but the S3 endpoint (a deployment detail)."""

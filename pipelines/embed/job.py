@@ -35,6 +35,7 @@ from thinkfast.store.layout import (
 )
 from thinkfast.store.outputs import clear_embed_outputs, files_inside_outputs
 from thinkfast.utils import fs
+from thinkfast.utils.devices import Placement, placement_for
 from thinkfast.utils.timer import StageTimer
 from thinkfast_pipelines.embed.config import EmbedConfig, EmbedError
 from thinkfast_pipelines.embed.duplicates import DUPLICATE_REASON, DuplicatePlan, check_duplicates
@@ -162,11 +163,17 @@ def _data_context(config: EmbedConfig, row_bytes: int) -> Iterator[None]:
         ctx.retried_io_errors = list(saved_retries)
 
 
-def _actor_resources(config: EmbedConfig) -> dict[str, float]:
-    resources = {"num_cpus": config.cpus_per_actor}
-    if config.device == "cuda":
-        resources["num_gpus"] = config.gpus_per_actor
-    return resources
+def embed_placement(config: EmbedConfig) -> Placement:
+    """Where the model actors go (Ray must be up: on GPU the pool is sized to what the
+    cluster reports). The CPU path is ``--actors`` actors with no GPU request, as before."""
+    return placement_for(config.uses_gpu, num_gpus=config.num_gpus, gpus_per_actor=config.gpus_per_actor,
+                         actors=config.actors, amp=config.amp)
+
+
+def _actor_resources(config: EmbedConfig, placement: Placement) -> dict[str, Any]:
+    """``map_batches`` resource options of one model actor: its CPUs, and its GPUs
+    (``num_gpus``, or the test's custom resource) when placed on GPU."""
+    return {"num_cpus": config.cpus_per_actor, **placement.ray_options()}
 
 
 def _read(corpus: CorpusInfo, columns: list[str], config: EmbedConfig,
@@ -203,6 +210,7 @@ def run_media_stream(corpus: CorpusInfo, models: ModelInfo, out: str, config: Em
     from thinkfast_pipelines.embed.sink import EmbeddingSink
     from thinkfast_pipelines.embed.stages import EmbedActor, decode_batch
 
+    placement = embed_placement(config)
     ds = _read(corpus, ["key", corpus.columns.media], config, duplicates, skip)
     ds = ds.map_batches(
         decode_batch,
@@ -220,15 +228,16 @@ def run_media_stream(corpus: CorpusInfo, models: ModelInfo, out: str, config: Em
         EmbedActor,
         batch_format="pyarrow",
         batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=config.actors, max_tasks_in_flight_per_actor=2),
+        compute=ray.data.ActorPoolStrategy(size=placement.actors, max_tasks_in_flight_per_actor=2),
         fn_constructor_kwargs={
             "fast_uri": models.fast.uri if models.fast else None,
             "slow_uri": models.slow.uri if models.slow else None,
-            "device": config.device,
+            "device": placement.device,
             "threads": config.threads,
-            "pool_size": config.actors,
+            "pool_size": placement.actors,
+            "amp": placement.amp,
         },
-        **_actor_resources(config),
+        **_actor_resources(config, placement),
     )
     sink = EmbeddingSink(out, kind="media", rows_per_write=config.rows_per_write, s3_endpoint=config.s3_endpoint)
     ds.write_datasink(sink)
@@ -244,20 +253,21 @@ def run_text_stream(corpus: CorpusInfo, fast_uri: str, out: str, config: EmbedCo
     from thinkfast_pipelines.embed.stages import TextEmbedActor, explode_captions
 
     caption_column = corpus.columns.captions
+    placement = embed_placement(config)
     ds = _read(corpus, ["key", caption_column], config, duplicates, skip)
     ds = ds.map_batches(explode_captions, batch_format="pyarrow", fn_kwargs={"caption_column": caption_column})
     ds = ds.map_batches(
         TextEmbedActor,
         batch_format="pyarrow",
         batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=config.actors, max_tasks_in_flight_per_actor=2),
+        compute=ray.data.ActorPoolStrategy(size=placement.actors, max_tasks_in_flight_per_actor=2),
         fn_constructor_kwargs={
             "fast_uri": fast_uri,
-            "device": config.device,
+            "device": placement.device,
             "threads": config.threads,
-            "pool_size": config.actors,
+            "pool_size": placement.actors,
         },
-        **_actor_resources(config),
+        **_actor_resources(config, placement),
     )
     sink = EmbeddingSink(out, kind="texts", rows_per_write=config.rows_per_write, s3_endpoint=config.s3_endpoint)
     ds.write_datasink(sink)

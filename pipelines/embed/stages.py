@@ -124,10 +124,12 @@ class EmbedActor:
         device: str = "cpu",
         threads: int | None = None,
         pool_size: int = 1,
+        amp: bool = False,
     ) -> None:
         import torch
 
         self.torch = torch
+        self.amp = amp  # fp16 autocast for the token model (CUDA only; a no-op on CPU)
         self.num_threads = _select_threads(threads, pool_size)
         torch.set_num_threads(self.num_threads)
         self.device = torch.device(device)
@@ -150,10 +152,17 @@ class EmbedActor:
         """Same-shape inputs -> (embeddings (B, d) float32, tokens (B, T, D) float16)."""
         from thinkfast.encode import image_vectors, visual_tokens
 
-        x = self.torch.from_numpy(np.stack(arrays)).to(self.device, non_blocking=True)
+        from thinkfast.utils.devices import autocast, to_device
+
+        # pinned host memory on CUDA, so the copy is asynchronous; unchanged on CPU
+        x = to_device(self.torch.from_numpy(np.stack(arrays)), self.device)
         n = len(arrays)
         emb = image_vectors(self.fast, x, batch_size=n) if self.fast is not None else None
-        tok = visual_tokens(self.slow, x, batch_size=n) if self.slow is not None else None
+        if self.slow is not None:
+            with autocast(self.device, self.amp):
+                tok = visual_tokens(self.slow, x, batch_size=n)
+        else:
+            tok = None
         return emb, tok
 
     def _embed_group(self, arrays: list[np.ndarray]) -> list[tuple[np.ndarray | None, np.ndarray | None] | str]:

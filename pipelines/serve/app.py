@@ -14,6 +14,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from thinkfast.utils.devices import gpu_ray_options
 from thinkfast_pipelines.serve.args import DeploymentSize, RerankerSize, ServeArgs, ServiceLimits
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def _limits(size: DeploymentSize | RerankerSize, limits: ServiceLimits) -> dict[
         "health_check_period_s": limits.health_check_period_s,
         "health_check_timeout_s": limits.health_check_timeout_s,
         "graceful_shutdown_timeout_s": limits.graceful_shutdown_timeout_s,
-        "ray_actor_options": {"num_cpus": size.num_cpus},
+        "ray_actor_options": {"num_cpus": size.num_cpus, **gpu_ray_options(size.num_gpus)},
     }
 
 

@@ -20,6 +20,9 @@ class DeploymentSize(_Strict):
 
     num_replicas: int = Field(1, ge=1, description="replicas of this deployment")
     num_cpus: float = Field(0.25, gt=0, description="logical CPUs reserved per replica")
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs reserved per replica (fractional shares one GPU); 0: a CPU replica"
+    )
     max_ongoing_requests: int = Field(
         64, ge=1, description="requests in flight per replica; Serve's default of 5 starves batching (STACK_NOTES 5)"
     )
@@ -45,6 +48,9 @@ class RerankerSize(_Strict):
     max_batch_size: int = Field(8, ge=1, description="requests whose candidates share one forward pass")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a partial batch waits for company")
     num_cpus: float = Field(0.5, gt=0, description="logical CPUs reserved per replica")
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs reserved per replica (fractional shares one GPU); 0: a CPU replica"
+    )
     max_ongoing_requests: int = Field(32, ge=1, description="must be >= max_batch_size or batches never fill")
     max_queued_requests: int = Field(
         128, ge=-1, description="requests each ingress replica queues for the re-ranker; more are a 503. -1: unbounded"

@@ -92,6 +92,26 @@ def distill(corpus: str, out: str, teacher: str | None = None, *, teacher_scores
 # ---------------------------------------------------------------- driver
 
 
+def scaling_options(config: TrainConfig, visible: float | None = None) -> tuple[dict[str, Any], str]:
+    """(``ScalingConfig`` kwargs, torch backend) for ``config``: ``--workers`` workers with
+    ``--cpus-per-worker`` CPUs each and, with ``--gpu``, one GPU each (nccl; Ray Train sets
+    each worker's ``CUDA_VISIBLE_DEVICES`` and ``get_device()`` returns its GPU). Under the
+    test override (``THINKFAST_GPU_RESOURCE``) the GPU is that custom resource and the
+    workers stay on CPU with gloo. ``visible``: GPUs Ray reports (default: asked of Ray)."""
+    from thinkfast.utils.devices import RAY_GPU, gpu_resource, require_gpus, visible_gpus
+
+    if not config.use_gpu:
+        return {"num_workers": config.workers, "use_gpu": False,
+                "resources_per_worker": {"CPU": config.cpus_per_worker}}, "gloo"
+    resource = gpu_resource()
+    require_gpus(visible_gpus(resource) if visible is None else visible, resource)
+    if resource == RAY_GPU:  # Ray Train adds GPU: 1 per worker to these
+        return {"num_workers": config.workers, "use_gpu": True,
+                "resources_per_worker": {"CPU": config.cpus_per_worker}}, "nccl"
+    return {"num_workers": config.workers, "use_gpu": False,
+            "resources_per_worker": {"CPU": config.cpus_per_worker, resource: 1.0}}, "gloo"
+
+
 def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, storage: str | None = None,
                  resume: bool = False, run_name: str | None = None, init: str | None = None,
                  teacher: str | None = None, teacher_scores: str | None = None,
@@ -111,6 +131,7 @@ def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, 
     fs.check_writable(out)
     fs.check_writable(storage)
     _start_ray(config)
+    scaling, backend = scaling_options(config)  # --gpu on a cluster without GPUs: one line, before any work
     info = inspect_corpus(corpus)
     image_size = image_size_for(objective, config, init)
     tokenizer = build_tokenizer(config, info, init, objective)
@@ -124,10 +145,8 @@ def run_training(objective: str, corpus: str, out: str, config: TrainConfig, *, 
         return TorchTrainer(
             _train_loop_entry,
             train_loop_config=train_loop_config,
-            torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=config.workers, use_gpu=config.use_gpu,
-                resources_per_worker=None if config.use_gpu else {"CPU": config.cpus_per_worker}),
+            torch_config=TorchConfig(backend=backend),
+            scaling_config=ray.train.ScalingConfig(**scaling),
             run_config=ray.train.RunConfig(
                 name=name,
                 storage_path=storage_path,

@@ -37,6 +37,7 @@ from thinkfast.index.factory import (  # noqa: F401 - re-exported
     MAX_FLAT_CODE_BYTES,
     TUNE_SAMPLE,
     TUNE_TARGET_RECALL,
+    require_faiss_gpus,
     choose_factory,
     default_nlist,
     default_train_size,
@@ -203,7 +204,7 @@ def sample_rows(plan: BuildPlan, size: int, seed: int = 0) -> np.ndarray:
 
 
 def train_on_sample(plan: BuildPlan, train_sample: int | None = None, seed: int = 0,
-                    stats: dict[str, Any] | None = None) -> tuple[faiss.Index, dict, int]:
+                    stats: dict[str, Any] | None = None, gpu: bool = False) -> tuple[faiss.Index, dict, int]:
     """Train once on a sample; save ``trained.faiss``; return it, tuned defaults, sample size.
     ``stats``, when given, receives the quantizer's drift baseline (:mod:`thinkfast.index.drift`)."""
     from thinkfast.index.drift import training_stats
@@ -211,7 +212,7 @@ def train_on_sample(plan: BuildPlan, train_sample: int | None = None, seed: int 
     size = min(plan.count, train_sample or default_train_size(plan.factory, plan.dim, plan.count))
     sample = prepare_vectors(sample_rows(plan, max(size, min(plan.count, TUNE_SAMPLE)), seed), plan.dim)
     order = np.random.default_rng(seed).permutation(len(sample))  # sample_rows keeps file order
-    trained = train_index(plan.factory, plan.dim, sample[np.sort(order[:size])], seed)
+    trained = train_index(plan.factory, plan.dim, sample[np.sort(order[:size])], seed, gpu=gpu)
     save_trained(plan.out_uri, trained, plan.s3_endpoint)
     if stats is not None:
         stats.update(training_stats(trained, sample[np.sort(order[:size])]))
@@ -316,9 +317,12 @@ def build_from_embeddings(
     seed: int = 0,
     s3_endpoint: str | None = None,
     mapper: ShardMapper | None = None,
+    gpu: bool = False,
 ) -> IndexManifest:
     """Build the index at ``out`` from the fast embeddings at ``embeddings`` (an embed
     output or a Parquet dir/file); ``mapper`` runs the shards (default: local threads).
+    ``gpu``: train the IVF quantizer on all GPUs (a GPU faiss build; refused in one line
+    before any reading otherwise).
 
     The old manifest goes first and the new one is written last, so a directory with a
     manifest is always a complete index; shard files a larger previous build left behind
@@ -327,6 +331,8 @@ def build_from_embeddings(
     # here in seconds, in one line naming the URI and the cause
     fs.check_readable(embeddings, s3_endpoint)
     fs.check_writable(out, s3_endpoint)
+    if gpu:
+        require_faiss_gpus()
     timer = StageTimer(logger)
     with timer.stage("plan"):
         plan = plan_build(embeddings, out, shards, factory, store_vectors, exact_below, s3_endpoint)
@@ -338,7 +344,7 @@ def build_from_embeddings(
     forget_previous(out, s3_endpoint)
     quantizer: dict[str, Any] = {}
     with timer.stage("train"):
-        trained, defaults, train_count = train_on_sample(plan, train_sample, seed, stats=quantizer)
+        trained, defaults, train_count = train_on_sample(plan, train_sample, seed, stats=quantizer, gpu=gpu)
     with timer.stage("add"):
         records = (mapper or thread_mapper)(plan, serialize(trained))
     with timer.stage("finalize"):

@@ -92,15 +92,47 @@ def deserialize(data: bytes) -> faiss.Index:
 # --------------------------------------------------------------------------- training and tuning
 
 
-def train_index(factory: str, dim: int, sample: np.ndarray, seed: int = 0) -> faiss.Index:
-    """An empty index with trained quantizers (``sample`` already prepared)."""
+def faiss_gpus(faiss_module: Any = None) -> int:
+    """GPUs this faiss build can use (0 for the CPU-only wheel, which has ``get_num_gpus``
+    returning 0 or lacks it)."""
+    module = faiss_module or faiss
+    get = getattr(module, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def require_faiss_gpus(faiss_module: Any = None) -> int:
+    """The GPU count, or the one-line error for ``index --gpu`` without a GPU faiss build."""
+    count = faiss_gpus(faiss_module)
+    if count <= 0:
+        raise ThinkfastError(
+            "index --gpu needs a GPU build of faiss (faiss.get_num_gpus() is 0: the faiss-cpu wheel, or no CUDA "
+            "device); install faiss-gpu on a GPU machine or drop --gpu")
+    return count
+
+
+def gpu_clustering(ivf: Any, dim: int, faiss_module: Any = None) -> None:
+    """Run ``ivf``'s k-means assignment on every GPU (``index_cpu_to_all_gpus`` of a flat
+    index of the same metric), the costly part of training. The trained index itself
+    stays a CPU index: shards are added, saved and served exactly as without ``--gpu``."""
+    module = faiss_module or faiss
+    flat = module.IndexFlatIP(dim) if ivf.metric_type == module.METRIC_INNER_PRODUCT else module.IndexFlatL2(dim)
+    ivf.clustering_index = module.index_cpu_to_all_gpus(flat)
+
+
+def train_index(factory: str, dim: int, sample: np.ndarray, seed: int = 0, gpu: bool = False) -> faiss.Index:
+    """An empty index with trained quantizers (``sample`` already prepared). ``gpu``: the
+    IVF k-means on all GPUs (needs a GPU faiss build; an index without IVF ignores it)."""
     index = new_index(factory, dim)
+    if gpu:
+        require_faiss_gpus()
     if not index.is_trained:
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None and len(sample) < ivf.nlist:
             raise ThinkfastError(f"{factory} needs at least {ivf.nlist} training vectors, got {len(sample)}")
         if ivf is not None:
             ivf.cp.seed = seed
+            if gpu:
+                gpu_clustering(ivf, dim)
         inner = faiss.downcast_index(ivf if ivf is not None else index)
         if hasattr(inner, "do_polysemous_training"):
             # polysemous codes only pay off with Hamming filtering, which we never use, and

@@ -24,6 +24,7 @@ from thinkfast.training.config import TrainConfig
 from thinkfast.training.data import PairBatch, to_pairs
 from thinkfast.training.state import LoopState, learning_rate
 from thinkfast.utils import fs
+from thinkfast.utils.devices import to_device
 
 if TYPE_CHECKING:
     from thinkfast.data.tokenizer import WordTokenizer
@@ -172,8 +173,9 @@ def train_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
     lr = learning_rate(step, total_steps, config.lr, config.warmup_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    pixels = batch.pixels.to(device)
-    visual = pixels if batch.trunk is None else {k: v.to(device) for k, v in batch.trunk.items()}
+    # pinned + non_blocking on CUDA (thinkfast.utils.devices.to_device); the same tensor on CPU
+    pixels = to_device(batch.pixels, device)
+    visual = pixels if batch.trunk is None else {k: to_device(v, device) for k, v in batch.trunk.items()}
     enc = model.tokenize(batch.captions)
     input_ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     scores = batch.teacher_scores
