@@ -442,3 +442,12 @@ def test_sink_splits_a_bundle_and_a_retried_write_replaces_its_files(tmp_path):
     manifest = finalize_token_store(os.path.join(out, "tokens"))
     assert manifest["count"] == 2 and manifest["duplicates_dropped"] == 0
     np.testing.assert_array_equal(TokenStore.open(out).get(["b", "a"]), tokens[::-1])
+
+    # --token-format int8: the same bundle, stored as codes + per-token scales
+    from thinkfast.store.quantize import dequantize_int8, quantize_int8
+
+    out8 = str(tmp_path / "emb8")
+    sink8 = EmbeddingSink(out8, rows_per_write=8, token_format="int8")
+    sink8.on_write_complete(WriteResult(num_rows=3, size_bytes=0, write_returns=[sink8.write([bundle], ctx=None)]))
+    assert finalize_token_store(os.path.join(out8, "tokens"))["dtype"] == "int8"
+    np.testing.assert_array_equal(TokenStore.open(out8).get(["b", "a"]), dequantize_int8(*quantize_int8(tokens[::-1])))

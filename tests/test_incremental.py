@@ -217,6 +217,12 @@ def test_incremental_refuses_other_models_and_unfinished_dirs(tmp_path):
         check_same_models(old, other, texts=False, out="emb")
     with pytest.raises(ThinkfastError, match="texts"):
         check_same_models(old, same, texts=True, out="emb")
+    with_tokens = EmbedManifest(corpus="c", corpus_files=1, image_size=32, counts=EmbedCounts(rows_in=1, embedded=1),
+                                fast=FastModelRecord("f", "fast-1", 8), outputs=EmbedOutputs(fast="fast", tokens="tokens"),
+                                config={"token_format": "int8"})
+    check_same_models(with_tokens, same, texts=False, out="emb", token_format="int8")
+    with pytest.raises(ThinkfastError, match="stores int8 tokens, this run writes float16"):
+        check_same_models(with_tokens, same, texts=False, out="emb")
     assert previous_manifest(str(tmp_path / "empty"), None) is None
     write_embeddings(str(tmp_path / "half" / "fast"), ["a"], np.ones((1, 8), np.float32))
     with pytest.raises(ThinkfastError, match="unfinished"):

@@ -38,6 +38,8 @@ class EmbedConfig:
     threads: int | None = option(None, "torch threads per actor (default: the node's cores // actors, at least 1)")
     decode_batch_size: int = option(32, "rows per decode task call")
     rows_per_write: int = option(1024, "rows per output file / token shard (one write call)")
+    token_format: Literal["float16", "int8"] = option(
+        "float16", "slow-token records: float16 (2TD bytes) or int8 with a per-token scale (T(D+2) bytes, ~half)")
     num_frames: int | None = option(
         None, "frames sampled per video (default 8, at most the slow model's max_frames)", flag="--frames")
     max_pixels: int | None = option(None, "reject images with more pixels than this (default: the data layer's)")
@@ -67,6 +69,8 @@ class EmbedConfig:
             raise EmbedError("--num-gpus needs --gpu")
         if self.amp and not self.uses_gpu:
             raise EmbedError("--amp needs --gpu (autocast is for CUDA; the CPU path stays float32)")
+        if self.token_format not in ("float16", "int8"):
+            raise EmbedError(f"--token-format must be float16 or int8, got {self.token_format!r}")
         if self.on_duplicate not in ("error", "first", "reject"):
             raise EmbedError(f"--on-duplicate must be error, first or reject, got {self.on_duplicate!r}")
         if self.limit is not None and self.limit < 0:

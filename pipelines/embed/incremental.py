@@ -76,8 +76,13 @@ def previous_manifest(out: str, s3_endpoint: str | None) -> EmbedManifest | None
     return None
 
 
-def check_same_models(previous: EmbedManifest, models: "ModelInfo", *, texts: bool, out: str) -> None:
+def check_same_models(previous: EmbedManifest, models: "ModelInfo", *, texts: bool, out: str,
+                      token_format: str = "float16") -> None:
     """Refuse (one line) to grow a directory with other models or other outputs."""
+    old_format = previous.config.get("token_format", "float16")
+    if previous.outputs.tokens is not None and old_format != token_format:
+        raise EmbedError(f"{out} stores {old_format} tokens, this run writes {token_format}; --incremental needs "
+                         f"--token-format {old_format} (one store holds one format)")
     for name, old, new in (("fast", previous.fast, models.fast), ("slow", previous.slow, models.slow)):
         old_id = old.identity if old is not None else None
         new_id = new.identity if new is not None else None

@@ -239,7 +239,8 @@ def run_media_stream(corpus: CorpusInfo, models: ModelInfo, out: str, config: Em
         },
         **_actor_resources(config, placement),
     )
-    sink = EmbeddingSink(out, kind="media", rows_per_write=config.rows_per_write, s3_endpoint=config.s3_endpoint)
+    sink = EmbeddingSink(out, kind="media", rows_per_write=config.rows_per_write, s3_endpoint=config.s3_endpoint,
+                         token_format=config.token_format)
     ds.write_datasink(sink)
     return {**sink.result, "steady_rows_per_s": sink.steady_rows_per_s()}
 
@@ -309,7 +310,7 @@ def run_embed(
                 raise EmbedError("--incremental embeds media: it cannot be combined with --no-media")
             previous = previous_manifest(out, endpoint)
             if previous is not None:
-                check_same_models(previous, models, texts=texts, out=out)
+                check_same_models(previous, models, texts=texts, out=out, token_format=config.token_format)
     growing = previous is not None
     expected = corpus.num_rows if config.limit is None else min(config.limit, corpus.num_rows)
     logger.info("corpus %s: %d files, %d rows, media column %r", corpus_uri, len(corpus.files), corpus.num_rows, corpus.columns.media)

@@ -45,6 +45,7 @@ class EmbeddingSink(Datasink[dict]):
         kind: str = "media",
         rows_per_write: int = 1024,
         s3_endpoint: str | None = None,
+        token_format: str = "float16",
     ) -> None:
         if kind not in ("media", "texts"):
             raise ValueError(f"kind must be 'media' or 'texts', got {kind!r}")
@@ -52,6 +53,7 @@ class EmbeddingSink(Datasink[dict]):
         self.kind = kind
         self.rows_per_write = int(rows_per_write)
         self.s3_endpoint = s3_endpoint
+        self.token_format = token_format
         self.result: dict[str, Any] = {}
         self.first_batch: tuple[float, int] | None = None  # (unix time, rows) of the first model batch out
         self.last_write_end: float | None = None  # unix time the last write finished
@@ -77,8 +79,10 @@ class EmbeddingSink(Datasink[dict]):
             if "embedded_at" in table.column_names:
                 stamps = np.asarray(table.column("embedded_at"))
                 first = (float(stamps.min()), int((stamps == stamps.min()).sum()))
-            write = write_texts_bundle if self.kind == "texts" else write_media_bundle
-            counts = write(self.out, table, self.s3_endpoint)
+            if self.kind == "texts":
+                counts = write_texts_bundle(self.out, table, self.s3_endpoint)
+            else:
+                counts = write_media_bundle(self.out, table, self.s3_endpoint, token_format=self.token_format)
         return {"counts": counts, "t_end": time.time(), "first_embedded": first}
 
     # ------------------------------------------------------------------ driver

@@ -53,8 +53,10 @@ def write_rejected(out: str, rejected: pa.Table, s3_endpoint: str | None = None)
     return write_parquet(rejected, fs.join(rejected_dir(out), name), s3_endpoint)
 
 
-def write_media_bundle(out: str, table: pa.Table, s3_endpoint: str | None = None) -> dict[str, int]:
-    """Split one embed-stage bundle into ``fast/``, one ``tokens/`` shard and ``rejected/``.
+def write_media_bundle(out: str, table: pa.Table, s3_endpoint: str | None = None,
+                       token_format: str = "float16") -> dict[str, int]:
+    """Split one embed-stage bundle into ``fast/``, one ``tokens/`` shard (records in
+    ``token_format``) and ``rejected/``.
 
     Returns its counts: ``rows``, ``embedded``, ``rejected`` and one
     ``rejected:<stage>:<reason>`` per reason (summed over bundles on the driver)."""
@@ -63,7 +65,7 @@ def write_media_bundle(out: str, table: pa.Table, s3_endpoint: str | None = None
     if bundle.vectors is not None:
         write_embeddings(fast_dir(out), bundle.keys, bundle.vectors, s3_endpoint=s3_endpoint)
     if bundle.tokens is not None:
-        TokenStoreWriter(tokens_dir(out), s3_endpoint).write(bundle.keys, bundle.tokens)
+        TokenStoreWriter(tokens_dir(out), s3_endpoint, token_format=token_format).write(bundle.keys, bundle.tokens)
     counts["embedded"] = len(bundle.keys)
     write_rejected(out, bundle.rejected, s3_endpoint)
     for reason in bundle.rejected_reasons():
