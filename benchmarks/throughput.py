@@ -18,7 +18,7 @@ recorded at start and end; a run started at load >= 2 is flagged ``loaded`` (not
 result). Sections run one after another so they do not compete for the cores.
 
     python benchmarks/throughput.py --quick    # a few minutes -> results/throughput_quick.json
-    python benchmarks/throughput.py            # < 30 min     -> results/throughput.json
+    python benchmarks/throughput.py            # full sizes (estimated ~20 min on 2 cores, not yet run) -> results/throughput.json
     python benchmarks/throughput.py --quick --only embed   # one section (profiling)
 """
 
@@ -69,7 +69,7 @@ class Sizes:
 
 QUICK = Sizes(embed_images=2048, photo_images=128, train_images=300, train_preset="tiny", train_batch=16,
               shard_n=100_000, shard_dim=256, shard_count=4, serve_images=1000, serve_seconds=4.0)
-FULL = Sizes(embed_images=20_000, photo_images=1000, train_images=2000, train_preset="small", train_batch=64,
+FULL = Sizes(embed_images=20_000, photo_images=500, train_images=2000, train_preset="small", train_batch=64,
              shard_n=1_000_000, shard_dim=256, shard_count=4, serve_images=10_000, serve_seconds=10.0)
 
 
