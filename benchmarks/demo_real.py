@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"seconds": round(seconds, 1), "stages": summary["stages"], "eval": summary["eval"]["methods"],
               "unseen": summary["eval"].get("unseen"), "beta": summary["eval"]["beta"], "problems": problems,
               "terminal_lines": len(proc.stdout.splitlines()),
+              "stderr": proc.stderr.splitlines()[-20:],  # what a user's terminal shows besides stdout
               "load_average": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
