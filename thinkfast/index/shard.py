@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import faiss
 import numpy as np
@@ -34,6 +34,19 @@ class Shard:
     bitmap: np.ndarray | None = None  # backing store of the selector (SWIG does not own it)
     selector_ok: bool = True  # False once FAISS refused selectors for this index type (e.g. IndexPQ)
     _ivf: faiss.IndexIVF | None = field(default=None, repr=False)  # the index downcast, for search_preassigned
+    _params: dict = field(default_factory=dict, repr=False)  # (settings, k, selector) -> (params, keep)
+
+    def params_for(self, settings: SearchSettings, k: int) -> Any:
+        """Per-call FAISS parameters for this shard, built once per (settings, k, selector):
+        building the SWIG objects costs more than scanning a shard's lists for one query.
+        FAISS only reads them, so threads share them; the cache holds what they reference."""
+        key = (settings, k, id(self.selector))
+        found = self._params.get(key)
+        if found is None:
+            if len(self._params) >= 32:
+                self._params.clear()
+            found = self._params[key] = make_search_params(self.index, settings, self.selector, k)
+        return found[0]
 
     def search(self, x: np.ndarray, k: int, settings: SearchSettings) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of live vectors: (scores, local ids), -inf / -1 where fewer were found."""
@@ -61,7 +74,7 @@ class Shard:
         without repeating the coarse search. Only for plain ``IndexIVF`` shards."""
         if self._ivf is None:
             self._ivf = faiss.downcast_index(self.index)
-        params, keep = make_search_params(self.index, settings, self.selector, k)
+        params = self.params_for(settings, k)
         x = np.ascontiguousarray(x, dtype=np.float32)
         assign = np.ascontiguousarray(assign, dtype=np.int64)
         coarse_dis = np.ascontiguousarray(coarse_dis, dtype=np.float32)
@@ -77,8 +90,6 @@ class Shard:
             return dist, ids
         except RuntimeError as exc:
             raise IndexMismatchError(f"FAISS refused the preassigned search on {self.record.name}: {exc}") from exc
-        finally:
-            del keep
 
     def refresh_selector(self) -> None:
         if not self.removed.any():
@@ -125,14 +136,11 @@ class SharedQuantizer:
     def assign(self, shard: Shard, x: np.ndarray, settings: SearchSettings) -> tuple[np.ndarray, np.ndarray]:
         """(distances, list ids) of the ``nprobe`` lists of each query, with the same
         nprobe and quantizer parameters that ``search`` on ``shard`` would use."""
-        params, keep = make_search_params(shard.index, settings, None, 1)
-        try:
-            quantizer_params = params.quantizer_params
-            if quantizer_params is None:
-                return self.quantizer.search(x, int(params.nprobe))
-            return self.quantizer.search(x, int(params.nprobe), params=quantizer_params)
-        finally:
-            del keep
+        params = shard.params_for(settings, 1)
+        quantizer_params = params.quantizer_params
+        if quantizer_params is None:
+            return self.quantizer.search(x, int(params.nprobe))
+        return self.quantizer.search(x, int(params.nprobe), params=quantizer_params)
 
 
 def read_local_shard(directory: str, record: ShardRecord, dim: int, mmap: bool) -> Shard:

@@ -270,11 +270,15 @@ class ShardedIndex:
             _, a, b = task
             block = x[a:b]
             coarse_dis, assign = quantizer.assign(shards[live[0]], block, settings)
-            return [
+            parts = [
                 scan(i, a, *shards[i].search_preassigned(block, min(k, shards[i].record.count), settings,
                                                          assign, coarse_dis))
                 for i in live
             ]
+            if len(parts) == 1:
+                return parts
+            # side by side, (block, S * k): one heap insertion per block instead of S
+            return [(a, np.hstack([d for _, d, _ in parts]), np.hstack([g for _, _, g in parts]))]
 
         if quantizer is not None:
             tasks = [(-1, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
