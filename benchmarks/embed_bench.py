@@ -161,7 +161,7 @@ def bare_full_loop(corpus: str, fast_dir: str, slow_dir: str, out: str, batch_si
     from thinkfast.store.outputs import write_media_bundle
     from thinkfast.store.tokens import finalize_token_store
     from thinkfast_pipelines.embed.config import EmbedConfig
-    from thinkfast_pipelines.embed.job import probe_models
+    from thinkfast_pipelines.embed.models import probe_models
     from thinkfast_pipelines.embed.stages import EmbedActor, decode_batch
 
     info = inspect_corpus(corpus)

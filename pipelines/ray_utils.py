@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from thinkfast.utils.devices import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -87,3 +90,29 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         logger.info("starting local Ray (num_cpus=%s, auth mode %s)", num_cpus, os.environ["RAY_AUTH_MODE"])
         ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, **init_kwargs)
     console.quiet_libraries()
+
+
+def cluster_gpus(resource: str | None = None) -> float:
+    """GPUs (or the test's custom resource) the running Ray cluster has, else this
+    process's CUDA devices: what :func:`thinkfast.utils.devices.resolve_placement` sees."""
+    import ray
+
+    from thinkfast.utils.devices import visible_gpus
+
+    return visible_gpus(resource, cluster=ray.cluster_resources() if ray.is_initialized() else None)
+
+
+def placement_for(gpu: bool, *, num_gpus: float | None = None, gpus_per_actor: float = 1.0, actors: int = 1,
+                  amp: bool = False) -> "Placement":
+    """:func:`thinkfast.utils.devices.resolve_placement` with what the cluster has now
+    (after Ray is up)."""
+    from thinkfast.utils.devices import gpu_resource, resolve_placement
+
+    resource = gpu_resource()
+    visible = cluster_gpus(resource) if gpu else 0.0
+    placement = resolve_placement(gpu, visible=visible, num_gpus=num_gpus, gpus_per_actor=gpus_per_actor,
+                                  actors=actors, amp=amp, resource=resource)
+    if gpu:
+        logger.info("GPU placement: %d actor(s) x %g %s, device %s, amp %s (visible %g)", placement.actors,
+                    placement.gpus_per_actor, resource, placement.device, placement.amp, visible)
+    return placement

@@ -206,7 +206,7 @@ def test_incremental_plan_skips_known_reports_changed_drops_leftovers(tmp_path):
 def test_incremental_refuses_other_models_and_unfinished_dirs(tmp_path):
     from thinkfast.store.layout import EmbedCounts, EmbedManifest, EmbedOutputs, FastModelRecord
     from thinkfast_pipelines.embed.incremental import check_same_models, previous_manifest
-    from thinkfast_pipelines.embed.job import ModelInfo
+    from thinkfast_pipelines.embed.models import ModelInfo
 
     old = EmbedManifest(corpus="c", corpus_files=1, image_size=32, counts=EmbedCounts(rows_in=1, embedded=1),
                         fast=FastModelRecord("f", "fast-1", 8), outputs=EmbedOutputs(fast="fast"))

@@ -52,7 +52,7 @@ from thinkfast_pipelines.embed.config import EmbedConfig, EmbedError
 if TYPE_CHECKING:
     from thinkfast.data.reader import CorpusInfo
     from thinkfast_pipelines.embed.duplicates import DuplicatePlan
-    from thinkfast_pipelines.embed.job import ModelInfo
+    from thinkfast_pipelines.embed.models import ModelInfo
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from thinkfast.store.incremental import write_digests
@@ -27,15 +26,13 @@ from thinkfast.store.layout import (
     EmbedCounts,
     EmbedManifest,
     EmbedOutputs,
-    FastModelRecord,
-    SlowModelRecord,
     rejected_dir,
     tokens_dir,
     write_embed_manifest,
 )
 from thinkfast.store.outputs import clear_embed_outputs, files_inside_outputs
 from thinkfast.utils import fs
-from thinkfast.utils.devices import Placement, placement_for
+from thinkfast.utils.devices import Placement
 from thinkfast.utils.timer import StageTimer
 from thinkfast_pipelines.embed.config import EmbedConfig, EmbedError
 from thinkfast_pipelines.embed.duplicates import DUPLICATE_REASON, DuplicatePlan, check_duplicates
@@ -47,6 +44,8 @@ from thinkfast_pipelines.embed.incremental import (
     plan_run,
     previous_manifest,
 )
+from thinkfast_pipelines.embed.models import DEFAULT_NUM_FRAMES, ModelInfo, probe_models  # noqa: F401 - old home
+from thinkfast_pipelines.ray_utils import placement_for
 
 if TYPE_CHECKING:
     import ray.data
@@ -55,60 +54,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_NUM_FRAMES = 8
 FAILED_MANIFEST = FAILED_EMBED_MANIFEST  # old name
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """Identity and output shapes of the models, probed once on the driver."""
-
-    image_size: int  # input side both models share
-    num_frames: int  # frames per video the decoder samples
-    fast: FastModelRecord | None
-    slow: SlowModelRecord | None
-
-
 # --------------------------------------------------------------------------- checks
-
-
-def probe_models(fast: str | None, slow: str | None, media: str, config: EmbedConfig) -> ModelInfo:
-    """Load each model once on the driver: a bad checkpoint fails here, and one forward
-    pass on zeros gives the exact output shapes for the manifest."""
-    import torch
-
-    fast_model = slow_model = None
-    if fast:
-        from thinkfast.models.fast import FastModel
-
-        fast_model = FastModel.from_pretrained(fast).eval()
-    if slow:
-        from thinkfast.models.slow import SlowModel
-
-        slow_model = SlowModel.from_pretrained(slow).eval()
-    sizes = {m.config.image_size for m in (fast_model, slow_model) if m is not None}
-    if len(sizes) != 1:
-        raise EmbedError(
-            f"the fast and slow models expect different image sizes {sorted(sizes)}; "
-            "run embed once with --fast and once with --slow"
-        )
-    image_size = sizes.pop()
-    num_frames = config.num_frames or DEFAULT_NUM_FRAMES
-    if slow_model is not None and num_frames > slow_model.config.max_frames:
-        if config.num_frames:
-            raise EmbedError(f"--frames {num_frames} exceeds the slow model's max_frames {slow_model.config.max_frames}")
-        num_frames = slow_model.config.max_frames
-    shape = (1, num_frames, 3, image_size, image_size) if media == "mp4" else (1, 3, image_size, image_size)
-    pixels = torch.zeros(shape)
-    info_fast = info_slow = None
-    with torch.inference_mode():
-        if fast_model is not None:
-            dim = int(fast_model.encode_image(pixels).shape[-1])
-            info_fast = FastModelRecord(uri=str(fast), identity=fast_model.identity, dim=dim)
-        if slow_model is not None:
-            _, t, d = slow_model.encode_visual(pixels).shape
-            info_slow = SlowModelRecord(uri=str(slow), identity=slow_model.identity, num_tokens=int(t), dim=int(d))
-    return ModelInfo(image_size=image_size, num_frames=num_frames, fast=info_fast, slow=info_slow)
 
 
 def clear_outputs(out: str, s3_endpoint: str | None) -> list[str]:
@@ -185,7 +134,6 @@ def _read(corpus: CorpusInfo, columns: list[str], config: EmbedConfig,
 
     from thinkfast.store.stream import drop_keys
     from thinkfast_pipelines.embed.duplicates import kept_rows
-
     from thinkfast_pipelines.embed.stages import read_corpus
 
     columns = corpus.columns.stream_columns(columns)  # + img2dataset's status, error_message

@@ -98,13 +98,15 @@ def scaling_options(config: TrainConfig, visible: float | None = None) -> tuple[
     each worker's ``CUDA_VISIBLE_DEVICES`` and ``get_device()`` returns its GPU). Under the
     test override (``THINKFAST_GPU_RESOURCE``) the GPU is that custom resource and the
     workers stay on CPU with gloo. ``visible``: GPUs Ray reports (default: asked of Ray)."""
-    from thinkfast.utils.devices import RAY_GPU, gpu_resource, require_gpus, visible_gpus
+    from thinkfast.utils.devices import RAY_GPU, gpu_resource, require_gpus
+
+    from thinkfast_pipelines.ray_utils import cluster_gpus
 
     if not config.use_gpu:
         return {"num_workers": config.workers, "use_gpu": False,
                 "resources_per_worker": {"CPU": config.cpus_per_worker}}, "gloo"
     resource = gpu_resource()
-    require_gpus(visible_gpus(resource) if visible is None else visible, resource)
+    require_gpus(cluster_gpus(resource) if visible is None else visible, resource)
     if resource == RAY_GPU:  # Ray Train adds GPU: 1 per worker to these
         return {"num_workers": config.workers, "use_gpu": True,
                 "resources_per_worker": {"CPU": config.cpus_per_worker}}, "nccl"

@@ -5,7 +5,7 @@ moves its model to, the Ray resources each actor or worker reserves, how many ac
 pool has, whether host batches are pinned, and whether the token model runs under fp16
 autocast. The decision is a pure function of the request and of what is visible
 (:func:`resolve_placement`), so it is tested without a GPU; only
-:func:`visible_gpus` looks at Ray / torch.
+:func:`visible_gpus` looks at torch; the Ray layer passes in what the cluster has.
 
 Testing placement without a GPU: ``THINKFAST_GPU_RESOURCE=<name>`` (tests only) makes the
 GPU request a Ray *custom* resource of that name (``ray.init(resources={name: 2})``)
@@ -130,18 +130,11 @@ def resolve_placement(
 
 
 def visible_gpus(resource: str | None = None, cluster: Mapping[str, float] | None = None) -> float:
-    """GPUs this job can use: the Ray cluster's count of ``resource`` when Ray is up (a
-    driver on a CPU head node still sees the workers' GPUs), else this process's CUDA
-    devices (real ``GPU`` only)."""
+    """GPUs this job can use: ``cluster``'s count of ``resource`` when given (the Ray layer
+    passes ``ray.cluster_resources()``, so a driver on a CPU head node still sees the
+    workers' GPUs), else this process's CUDA devices (real ``GPU`` only). The library never
+    asks Ray itself: ``thinkfast_pipelines.ray_utils.placement_for`` does."""
     resource = resource or gpu_resource()
-    if cluster is None:
-        try:
-            import ray
-
-            if ray.is_initialized():
-                cluster = ray.cluster_resources()
-        except ImportError:  # pragma: no cover - ray is a dependency
-            cluster = None
     if cluster is not None:
         return float(cluster.get(resource, 0.0))
     if resource != RAY_GPU:
@@ -152,19 +145,6 @@ def visible_gpus(resource: str | None = None, cluster: Mapping[str, float] | Non
         return float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
     except ImportError:  # pragma: no cover
         return 0.0
-
-
-def placement_for(gpu: bool, *, num_gpus: float | None = None, gpus_per_actor: float = 1.0, actors: int = 1,
-                  amp: bool = False) -> Placement:
-    """:func:`resolve_placement` with what is visible now (after Ray is up)."""
-    resource = gpu_resource()
-    visible = visible_gpus(resource) if gpu else 0.0
-    placement = resolve_placement(gpu, visible=visible, num_gpus=num_gpus, gpus_per_actor=gpus_per_actor,
-                                  actors=actors, amp=amp, resource=resource)
-    if gpu:
-        logger.info("GPU placement: %d actor(s) x %g %s, device %s, amp %s (visible %g)", placement.actors,
-                    placement.gpus_per_actor, resource, placement.device, placement.amp, visible)
-    return placement
 
 
 def to_device(tensor: Any, device: Any, pin_memory: bool | None = None) -> Any:
@@ -193,4 +173,4 @@ def autocast(device: Any, enabled: bool) -> ContextManager[Any]:
 
 
 __all__ = ["DeviceError", "GPU_RESOURCE_ENV", "Placement", "autocast", "gpu_ray_options", "gpu_resource",
-           "placement_for", "require_gpus", "resolve_placement", "to_device", "visible_gpus"]
+           "require_gpus", "resolve_placement", "to_device", "visible_gpus"]
