@@ -39,6 +39,7 @@ logger = logging.getLogger("serve_bench")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 APP = "thinkfast-bench"
+LOADED_AT = 2.0  # 1-min load average at start from which a run is flagged as loaded (common rules)
 
 # Ray pushes autoscaling metrics every 10 s by default, too slow to see scaling within a
 # benchmark; these must be set before Ray starts so replicas and handles inherit them.
@@ -61,10 +62,14 @@ class Level:
     p50_ms: float
     p95_ms: float
     p99_ms: float
-    stage_ms: dict[str, float]  # server-side mean per stage (encode / retrieve / rerank / total)
+    stage_ms: dict[str, float]  # server-side mean per stage (encode / retrieve / rerank / captions / total)
     replicas_max: int  # most RUNNING re-ranker replicas seen during the level
     target_max: int  # most RUNNING + STARTING (the autoscaler's target) during the level
     label: str = ""  # "sustained N s" for the final long level at the heaviest setting
+    stage_p50_ms: dict[str, float] = field(default_factory=dict)  # server-side p50 per stage
+    stage_sum_p50_ms: float = 0.0  # p50 over requests of the sum of the stages (encode+retrieve+rerank+captions)
+    overhead_p50_ms: float = 0.0  # p50 HTTP minus stage_sum_p50_ms: the hops, proxy, (de)serialisation
+    proxy_p50_ms: float = 0.0  # p50 of (HTTP latency - server 'total'): client + proxy + proxy->ingress hop
 
 
 @dataclass
@@ -176,6 +181,8 @@ class ReplicaWatcher:
 
 async def _level(url: str, queries: list[str], rerank: int, k: int, concurrency: int, seconds: float,
                  min_requests: int) -> tuple[list[float], int, float, list[dict[str, float]]]:
+    """``concurrency`` clients back to back for ``seconds``: (latencies ms, errors, wall s,
+    the server's ``timings_ms`` of each successful request, in the same order)."""
     import aiohttp
 
     latencies: list[float] = []
@@ -215,12 +222,20 @@ def measure(url: str, queries: list[str], rerank: int, concurrency: int, seconds
     t0 = watcher.now()
     lat, errors, wall, stages = asyncio.run(_level(url, queries, rerank, k, concurrency, seconds, 2 * concurrency))
     arr = np.asarray(lat) if lat else np.asarray([np.nan])
-    stage_mean = {name: round(float(np.mean([s[name] for s in stages])), 2) for name in (stages[0] if stages else {})}
+    names = list(stages[0]) if stages else []
+    stage_mean = {name: round(float(np.mean([s.get(name, 0.0) for s in stages])), 2) for name in names}
+    stage_p50 = {name: round(float(np.median([s.get(name, 0.0) for s in stages])), 2) for name in names}
+    parts = [n for n in names if n != "total"]
+    sums = np.asarray([sum(s.get(n, 0.0) for n in parts) for s in stages]) if stages else np.asarray([np.nan])
+    proxy = np.asarray([l - s.get("total", 0.0) for l, s in zip(lat, stages)]) if stages else np.asarray([np.nan])
+    p50 = float(np.percentile(arr, 50))
     return Level(
         rerank=rerank, concurrency=concurrency, requests=len(lat) + errors, errors=errors, seconds=round(wall, 2),
         qps=round(len(lat) / wall, 2), p50_ms=round(float(np.percentile(arr, 50)), 1),
         p95_ms=round(float(np.percentile(arr, 95)), 1), p99_ms=round(float(np.percentile(arr, 99)), 1),
-        stage_ms=stage_mean, replicas_max=watcher.max_since(t0), target_max=watcher.max_since(t0, 2),
+        stage_ms=stage_mean, stage_p50_ms=stage_p50, stage_sum_p50_ms=round(float(np.median(sums)), 2),
+        overhead_p50_ms=round(p50 - float(np.median(sums)), 2), proxy_p50_ms=round(float(np.median(proxy)), 2),
+        replicas_max=watcher.max_since(t0), target_max=watcher.max_since(t0, 2),
     )
 
 
@@ -229,19 +244,27 @@ def print_table(report: Report) -> None:
     print(f"\nserve_bench: {cfg['images']} images, preset {cfg['preset']}, {cfg['shards']} shards, "
           f"k={cfg['k']}, {cfg['cpus']} cores ({cfg['machine']}); client in-process")
     print(f"{'rerank':>6} {'conc':>5} {'reqs':>6} {'err':>4} {'QPS':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
-          f" {'enc':>6} {'retr':>6} {'rerank':>7} {'replicas':>8}")
-    print(f"{'':>76}(running/target)")
+          f" {'enc':>6} {'retr':>6} {'rerank':>7} {'capt':>6} {'srv':>6} {'sum50':>6} {'ovh50':>6} {'prx50':>6}"
+          f" {'replicas':>8}")
+    print(f"{'':>118}(running/target)")
     for lv in report.levels:
         s = lv.stage_ms
         print(f"{lv.rerank:>6} {lv.concurrency:>5} {lv.requests:>6} {lv.errors:>4} {lv.qps:>7.1f} {lv.p50_ms:>8.1f}"
               f" {lv.p95_ms:>8.1f} {lv.p99_ms:>8.1f} {s.get('encode', 0):>6.1f} {s.get('retrieve', 0):>6.1f}"
-              f" {s.get('rerank', 0):>7.1f} {f'{lv.replicas_max}/{lv.target_max}':>8}  {lv.label}")
+              f" {s.get('rerank', 0):>7.1f} {s.get('captions', 0):>6.1f} {s.get('total', 0):>6.1f}"
+              f" {lv.stage_sum_p50_ms:>6.1f} {lv.overhead_p50_ms:>6.1f} {lv.proxy_p50_ms:>6.1f}"
+              f" {f'{lv.replicas_max}/{lv.target_max}':>8}  {lv.label}")
     timeline = report.replica_timeline
     print(f"re-ranker replicas: before load {report.replicas_before}, during load max running "
           f"{max((r[1] for r in timeline), default=0)} / max target {max((r[2] for r in timeline), default=0)}, "
           f"right after {report.replicas_after_load}, after {report.config['cooldown_s']:.0f} s idle "
           f"{report.replicas_after_cooldown}")
-    print("stage columns: server-side mean ms (timings_ms); enc/retr include queueing on the shared cores")
+    print("stage columns: server-side mean ms (timings_ms); enc/retr include queueing on the shared cores;"
+          " srv = the ingress's own total; sum50 = p50 of enc+retr+rerank+capt; ovh50 = p50 HTTP - sum50;"
+          " prx50 = p50 of (HTTP - srv): client, proxy and the proxy->ingress hop")
+    start, end = cfg["load_avg_at_start"][0], cfg.get("load_avg_at_end", [float("nan")])[0]
+    flag = "  LOADED: not a result" if start >= LOADED_AT else ""
+    print(f"load average (1 min): {start:.2f} at start, {end:.2f} at end{flag}")
 
 
 # --------------------------------------------------------------------------- main
@@ -261,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=None, help="corpus size (default 10000; 500 with --quick)")
     parser.add_argument("--preset", default="tiny", choices=("tiny", "small"), help="model preset (untrained)")
     parser.add_argument("--shards", type=int, default=2, help="index shards = Retriever deployments")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None,
+                        help="client concurrencies (default 1 4 8 16 32; 1 4 8 16 with --quick)")
     parser.add_argument("--rerank", type=int, nargs="+", default=[0, 10, 50])
     parser.add_argument("--k", type=int, default=10, help="results per query")
     parser.add_argument("--seconds", type=float, default=None, help="per level (default 10; 3 with --quick)")
@@ -275,8 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: a free one)")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    load_at_launch = list(os.getloadavg())  # before this run's own Ray start and artifact build
     images = ns.images or (500 if ns.quick else 10_000)
     seconds = ns.seconds or (3.0 if ns.quick else 10.0)
+    ns.concurrency = ns.concurrency or ([1, 4, 8, 16] if ns.quick else [1, 4, 8, 16, 32])
     sustain = ns.sustain if ns.sustain is not None else (30.0 if ns.quick else 60.0)
     cooldown = ns.cooldown if ns.cooldown is not None else (15.0 if ns.quick else 40.0)
     for key, value in {**FAST_METRICS_ENV, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
@@ -288,10 +314,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from thinkfast_pipelines.ray_utils import init_ray
     from thinkfast_pipelines.serve import serve
+    from thinkfast_pipelines.serve.run import SERVE_FAST_PATH_ENV, set_serve_fast_path_env
 
     workdir = Path(ns.workdir) if ns.workdir else Path(tempfile.mkdtemp(prefix="serve_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
     cpus = os.cpu_count() or 1
+    set_serve_fast_path_env()  # as ``serve()`` does when it starts Ray; an explicit env value wins
+    serve_env = {k: os.environ.get(k) for k in SERVE_FAST_PATH_ENV}
     init_ray(num_cpus=max(8, cpus), include_dashboard=False)
     paths, captions, build_s = build_artifacts(workdir, images, ns.preset, ns.shards, ns.seed)
 
@@ -308,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(
         config={"images": images, "preset": ns.preset, "shards": ns.shards, "k": ns.k, "seconds_per_level": seconds,
                 "reranker": reranker, "cpus": cpus, "machine": f"{platform.machine()} {platform.system()}",
-                "load_avg_at_start": list(os.getloadavg()), "quick": ns.quick, "cooldown_s": cooldown,
-                "sustain_s": sustain},
+                "load_avg_at_launch": load_at_launch, "load_avg_at_start": list(os.getloadavg()), "quick": ns.quick, "cooldown_s": cooldown,
+                "sustain_s": sustain, "serve_env": serve_env, "loaded": os.getloadavg()[0] >= LOADED_AT},
         build_s={k: round(v, 1) for k, v in build_s.items()},
         replicas_before=running_replicas(), replicas_after_load=0, replicas_after_cooldown=None,
     )

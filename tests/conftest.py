@@ -92,7 +92,9 @@ def ray_session(s3_server):
     import ray
 
     from thinkfast_pipelines.ray_utils import init_ray
+    from thinkfast_pipelines.serve.run import set_serve_fast_path_env
 
+    set_serve_fast_path_env()  # what `thinkfast serve` sets when it starts Ray: the tests serve the same way
     init_ray(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024 * 1024,
              resources={FAKE_GPU: FAKE_GPUS})
     yield ray

@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import shutil
-import subprocess
 import urllib.parse
 from dataclasses import dataclass
 
@@ -281,24 +280,203 @@ def test_search_cli_prints_results(service, artifacts, capsys) -> None:
     assert "HTTP 422" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("THINKFAST_REQUIRE_CHROMIUM"),
-                    reason="Debian's chromium is not installed (.ci/run installs it and sets THINKFAST_REQUIRE_CHROMIUM=1, "
-                           "so CI fails instead of skipping)")
-def test_page_shows_thumbnails_in_headless_chromium(service, artifacts) -> None:
-    query = urllib.parse.quote(artifacts.captions[4])
-    proc = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--virtual-time-budget=30000", "--dump-dom", f"{service}/?q={query}&k=4&rerank=8"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    dom = proc.stdout
-    assert dom.count('class="card result"') == 4, dom[-3000:]
-    assert dom.count('class="thumb"') == 4 and 'data-loaded="error"' not in dom
-    assert dom.count('data-loaded="32"') == 4  # every thumbnail decoded: a 32-px image from /media
-    expected = _post(service, {"query": artifacts.captions[4], "k": 4, "rerank": 8}).json()["results"]
-    for r in expected:
-        assert f'data-key="{r["key"]}"' in dom
+_needs_chromium = pytest.mark.skipif(
+    shutil.which("chromium") is None and not os.environ.get("THINKFAST_REQUIRE_CHROMIUM"),
+    reason="Debian's chromium is not installed (.ci/run installs it and sets THINKFAST_REQUIRE_CHROMIUM=1, "
+           "so CI fails instead of skipping)")
+
+
+@pytest.fixture(scope="module")
+def chromium_browser():
+    """Playwright driving the system chromium (Debian's package): no downloaded browser, so
+    ``playwright install`` is never needed."""
+    if not os.environ.get("THINKFAST_REQUIRE_CHROMIUM"):
+        pytest.importorskip("playwright.sync_api")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def search_page(chromium_browser):
+    context = chromium_browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, errors  # no uncaught JavaScript error on the page
+
+
+def _shown_keys(page, column: str, count: int) -> list[str]:
+    """Waits for ``count`` result cards in ``column`` with every thumbnail decoded from /media
+    (a 32-px image, alt text = caption); returns their keys in order."""
+    from playwright.sync_api import expect
+
+    # the page marks #columns aria-busy from the moment a search starts (synchronously, in the
+    # submit / click / change / drop handler) until its answers are on screen
+    page.wait_for_selector("#columns:not([aria-busy])", state="attached")
+    cards = page.locator(f"#{column} li.result")
+    expect(cards).to_have_count(count)
+    page.wait_for_function(
+        "sel => [...document.querySelectorAll(sel)].every(img => img.dataset.loaded)", arg=f"#{column} img.thumb")
+    thumbs = cards.locator("img.thumb").evaluate_all(
+        "imgs => imgs.map(img => [img.dataset.loaded, img.alt, img.closest('li').querySelector('.caption').textContent])")
+    assert all(loaded == "32" for loaded, _, _ in thumbs), thumbs
+    assert all(caption.endswith(alt) and alt for _, alt, caption in thumbs), thumbs
+    return cards.evaluate_all("els => els.map(e => e.dataset.key)")
+
+
+def _api_keys(service: str, query: str, k: int, rerank: int) -> list[str]:
+    return [r["key"] for r in _post(service, {"query": query, "k": k, "rerank": rerank}).json()["results"]]
+
+
+@_needs_chromium
+def test_page_query_more_results_and_compare_in_headless_chromium(service, artifacts, search_page) -> None:
+    """Type a query and press Enter; "More results"; the fast-only toggle. Every column shows
+    what the API answers for the same request, with its own per-stage timings."""
+    from playwright.sync_api import expect
+
+    page, query = search_page, artifacts.captions[4]
+    page.goto(service + "/")
+    page.get_by_label("Results (k)").fill("4")
+    page.get_by_label("Re-rank top K").fill("8")
+    page.get_by_label("Query").fill(query)
+    page.get_by_label("Query").press("Enter")
+    assert _shown_keys(page, "col-reranked", 4) == _api_keys(service, query, 4, 8)
+    for stage in ("encode", "retrieve", "rerank", "total"):
+        expect(page.locator("#col-reranked .timings")).to_contain_text(stage)
+    expect(page.locator("#col-fast")).to_have_count(0)
+    assert "k=4" in page.url and "rerank=8" in page.url
+    # more results: k doubles (K grows with it, the service refuses K below k)
+    page.get_by_role("button", name="More results").click()
+    assert _shown_keys(page, "col-reranked", 8) == _api_keys(service, query, 8, 8)
+    expect(page.get_by_label("Results (k)")).to_have_value("8")
+    # the toggle: fast only next to re-ranked, same query and k
+    page.get_by_label("Re-rank top K").fill("24")
+    page.get_by_label("Query").press("Enter")
+    assert _shown_keys(page, "col-reranked", 8) == _api_keys(service, query, 8, 24)
+    page.get_by_label("Compare with fast-only results").check()
+    fast_keys = _shown_keys(page, "col-fast", 8)
+    assert fast_keys == _api_keys(service, query, 8, 0)
+    reranked_keys = _shown_keys(page, "col-reranked", 8)
+    assert reranked_keys == _api_keys(service, query, 8, 24) and "compare=1" in page.url
+    expect(page.locator("#col-fast .timings")).to_contain_text("total")
+    # what re-ranking changed: fast-only results it pushed out of the top k are marked
+    dropped = page.locator("#col-fast li.dropped").evaluate_all("els => els.map(e => e.dataset.key)")
+    assert dropped == [key for key in fast_keys if key not in reranked_keys]
+    shot = os.environ.get("THINKFAST_SEARCH_PAGE_SCREENSHOT")  # docs/search_page.png is made this way
+    png = page.screenshot(path=shot, full_page=True)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    page.get_by_label("Compare with fast-only results").uncheck()
+    expect(page.locator("#col-fast")).to_have_count(0)
+    assert _shown_keys(page, "col-reranked", 8) == reranked_keys
+
+
+@_needs_chromium
+def test_page_url_parameters_and_bad_queries_show_the_services_message(service, artifacts, search_page) -> None:
+    """?q=&k=&rerank= runs on load; a refused query shows the service's own `detail` in the
+    aria-live status region (a string or a validation list), never a blank page."""
+    from playwright.sync_api import expect
+
+    page, query = search_page, artifacts.captions[4]
+    page.goto(f"{service}/?q={urllib.parse.quote(query)}&k=4&rerank=8")
+    assert _shown_keys(page, "col-reranked", 4) == _api_keys(service, query, 4, 8)
+    status = page.get_by_role("status")
+    expect(status).to_have_attribute("aria-live", "polite")
+    # k out of range via the URL: the service's validation message, then the page recovers
+    page.goto(f"{service}/?q={urllib.parse.quote(query)}&k=500&rerank=8")
+    bad = _post(service, {"query": query, "k": 500, "rerank": 8})
+    assert bad.status_code == 422 and isinstance(bad.json()["detail"], list)
+    expect(status).to_contain_text("Error 422")
+    expect(status).to_contain_text(bad.json()["detail"][0]["msg"])
+    expect(status).to_have_class("error")
+    expect(page.locator("li.result")).to_have_count(0)
+    # a 1001-character query typed into the box
+    long_query = "a" * 1001
+    detail = _post(service, {"query": long_query, "k": 4, "rerank": 8}).json()["detail"]
+    page.get_by_label("Results (k)").fill("4")
+    page.get_by_label("Query").fill(long_query)
+    page.get_by_label("Query").press("Enter")
+    expect(status).to_contain_text("Error 422")
+    expect(status).to_contain_text(detail if isinstance(detail, str) else detail[0]["msg"])
+    page.get_by_label("Query").fill(query)
+    page.get_by_label("Query").press("Enter")
+    assert _shown_keys(page, "col-reranked", 4) == _api_keys(service, query, 4, 8)
+    expect(status).not_to_have_class("error")
+
+
+@_needs_chromium
+def test_page_searches_by_picked_and_dropped_image(service, artifacts, search_page) -> None:
+    """The file picker and a drop on the page send the image as multipart (fast only); the
+    cards are the API's answer to the same upload and the image finds itself."""
+    import base64
+
+    from playwright.sync_api import expect
+
+    page = search_page
+    page.goto(service + "/")
+    page.get_by_label("Results (k)").fill("5")
+    for i, (key, png) in enumerate(list(artifacts.media.items())[5:7]):
+        expected = requests.post(service + "/search", files={"image": ("q.png", png, "image/png")},
+                                 data={"k": "5", "rerank": "0"}, timeout=60).json()["results"]
+        if i == 0:
+            page.get_by_label("Search by image file").set_input_files(
+                {"name": "q.png", "mimeType": "image/png", "buffer": png})
+        else:
+            data_transfer = page.evaluate_handle(
+                """b64 => { const dt = new DataTransfer();
+                            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+                            dt.items.add(new File([bytes], "dropped.png", { type: "image/png" })); return dt; }""",
+                base64.b64encode(png).decode())
+            page.dispatch_event("#drop-zone", "drop", {"dataTransfer": data_transfer})
+        keys = _shown_keys(page, "col-fast", 5)
+        assert keys == [r["key"] for r in expected] and key in keys
+        expect(page.get_by_role("status")).to_contain_text("q.png" if i == 0 else "dropped.png")
+        expect(page.locator("#col-fast .timings")).to_contain_text("encode")
+    # dropping something that is not an image says so
+    not_image = page.evaluate_handle(
+        "() => { const dt = new DataTransfer(); dt.items.add(new File(['hi'], 'notes.txt', { type: 'text/plain' })); return dt; }")
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": not_image})
+    expect(page.get_by_role("status")).to_contain_text("Drop an image file")
+
+
+@_needs_chromium
+def test_page_controls_are_labelled_and_keyboard_usable(service, artifacts, search_page) -> None:
+    """Tab reaches every control in order, each has an accessible name, Space flips the
+    toggle (a real checkbox) and Enter in any field submits."""
+    from playwright.sync_api import expect
+
+    page, query = search_page, artifacts.captions[2]
+    page.goto(service + "/")
+    names = {"q": "Query", "k": "Results (k)", "rerank": "Re-rank top K", "compare": "Compare with fast-only results",
+             "image": "Search by image file"}
+    for element_id, name in names.items():
+        assert page.get_by_label(name).get_attribute("id") == element_id
+    expect(page.get_by_role("button", name="Search", exact=True)).to_be_visible()
+    expect(page.get_by_role("checkbox", name="Compare with fast-only results")).not_to_be_checked()
+    order = []
+    for _ in range(6):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.id || document.activeElement.textContent"))
+    assert order == ["q", "k", "rerank", "compare", "Search", "image"]
+    page.get_by_label("Query").focus()
+    page.keyboard.type(query)
+    page.keyboard.press("Tab")  # k
+    page.keyboard.press("Tab")  # rerank
+    page.keyboard.press("Tab")  # the toggle
+    page.keyboard.press("Space")
+    expect(page.get_by_label("Compare with fast-only results")).to_be_checked()
+    page.get_by_label("Results (k)").press("Enter")
+    assert _shown_keys(page, "col-reranked", 10) == _api_keys(service, query, 10, 50)
+    assert _shown_keys(page, "col-fast", 10) == _api_keys(service, query, 10, 0)
+    page.get_by_role("button", name="More results").focus()
+    page.keyboard.press("Enter")
+    assert _shown_keys(page, "col-reranked", 20) == _api_keys(service, query, 20, 50)
 
 
 def test_serve_config_args_go_through_serves_own_builder_validation(artifacts) -> None:
@@ -446,3 +624,18 @@ def test_image_queries_and_explain_over_http(service, artifacts, offline, tmp_pa
                         ({"image": base64.b64encode(png).decode(), "rerank": 10}, "slow model scores captions")):
         bad = _post(service, body)
         assert bad.status_code == 422 and words in bad.text, bad.text
+
+
+def test_serve_fast_path_env_keeps_explicit_values_and_never_breaks_sync_handles(monkeypatch) -> None:
+    """``serve()`` puts Serve's fast-path settings into the environment before it starts Ray;
+    a value the user set wins, and the router-loop setting that would break
+    ``handle.remote().result()`` from sync code is never among them."""
+    from thinkfast_pipelines.serve.run import SERVE_FAST_PATH_ENV, set_serve_fast_path_env
+
+    for key in SERVE_FAST_PATH_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1")
+    set_serve_fast_path_env()
+    assert os.environ["RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"] == "1"
+    assert os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    assert "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP" not in SERVE_FAST_PATH_ENV

@@ -52,7 +52,9 @@ class TextEncoder:
         self.max_image_pixels = args.limits.max_image_pixels
         logger.info("query encoder ready: %s (identity %s)", args.fast, self.stage.identity)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    # no wait for company: a lone query would pay the whole timeout; under load the
+    # queue fills while the previous batch runs, so batches still form (issue 16)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def encode(self, queries: list[str]) -> list[Outcome[np.ndarray]]:
         """``(d,)`` per query, or ``UnscorableQuery``."""
         return await asyncio.to_thread(self.stage.encode, queries)
@@ -80,7 +82,7 @@ class Retriever:
         self.stage = ShardSearcher.load(args.index, shard, args.nprobe, args.s3_endpoint)
         logger.info("retriever for shard %d of %s ready", shard, args.index)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)  # as TextEncoder.encode: no idle wait
     async def search(self, requests: list[tuple[np.ndarray, int]]) -> list[tuple[list[str | None], np.ndarray]]:
         """This shard's ``(keys (k,), scores (k,))`` per ``(vector, k)`` request."""
         return await asyncio.to_thread(self.stage.search, requests)

@@ -258,8 +258,9 @@ class Ingress:
         t = time.perf_counter()
         if req.fast_only or not cands.keys:
             hits: list[SearchHit] = fast_hits(cands.keys, cands.fast_scores, req.k)
-            captions = await self._stage("catalog", self.catalog.captions, [h.key for h in hits], deadline, stage_s)
             timings["rerank"] = 0.0
+            captions = await self._stage("catalog", self.catalog.captions, [h.key for h in hits], deadline, stage_s)
+            timings["captions"] = _ms(t)
         else:
             # overlaps with slow scoring; abandoned if the re-ranker fails
             caption_call = asyncio.ensure_future(
@@ -273,7 +274,9 @@ class Ingress:
                 raise
             hits = raise_if_error(ranked)
             timings["rerank"] = _ms(t)
+            t = time.perf_counter()
             by_key = dict(zip(cands.keys, await caption_call))
+            timings["captions"] = _ms(t)  # what is left of the overlapped catalog call
             captions = [by_key.get(h.key, "") for h in hits]
         explained = explain_hits(hits, cands.keys, cands.fast_scores) if req.explain else [None] * len(hits)
         results = [

@@ -27,6 +27,29 @@ from thinkfast.utils.paths import absolute_model_ref, absolute_uri
 logger = logging.getLogger(__name__)
 
 APP_IMPORT_PATH = "thinkfast_pipelines.serve.app:build_app"
+
+# Serve's per-call overheads that matter on a few cores (issue 16): by default every
+# replica runs user code on a second event loop in its own thread, so each hop crosses
+# threads twice more, and each request writes its access-log line unbuffered. These are
+# two of the in-process parts of Ray's own RAY_SERVE_THROUGHPUT_OPTIMIZED mode. Not its
+# RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0: that makes every handle need a running event
+# loop, so ``handle.remote().result()`` from a user's plain (sync) driver code raises
+# "No event loop running" (tests/test_serve.py caught it). Nor its direct ingress (it
+# changes the HTTP port) or gRPC handles. Serve reads these at import in every worker, so
+# they must be in the environment before Ray starts: ``serve()`` sets them when it starts
+# a local Ray; a cluster (``serve deploy``, KubeRay) sets them in its pods' environment.
+# An explicit value in the environment wins.
+SERVE_FAST_PATH_ENV: dict[str, str] = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+}
+
+
+def set_serve_fast_path_env() -> None:
+    """Put :data:`SERVE_FAST_PATH_ENV` into ``os.environ`` (values already there win);
+    effective only when called before this process starts Ray."""
+    for key, value in SERVE_FAST_PATH_ENV.items():
+        os.environ.setdefault(key, value)
 DEFAULT_APP_NAME = "thinkfast"
 
 
@@ -144,6 +167,10 @@ def serve(
             raise ThinkfastError(f"invalid serve arguments: {_one_line(exc)}") from None
     args = absolute_args(args)
     check_inputs(args)
+    import ray
+
+    if not ray.is_initialized():
+        set_serve_fast_path_env()
     init_ray(address=address)
     ray_serve.start(http_options={"host": host, "port": port})
     real_host, real_port = _http_address(host, port)
