@@ -229,10 +229,11 @@ def demo(
                            fast_name="fast (NCE)", per_query_ranks=real)
             beta = 0.0  # generated captions use only words the slow model was trained on
             if real:  # val concepts are new words to the slow model: how much the fast score counts is chosen on val
-                from thinkfast.evaluation.beta import choose_beta
+                from thinkfast.evaluation.beta import choose_and_save_beta
 
-                beta, by_beta = choose_beta(paths["corpus"], paths["fast"], paths["slow"], k=max(cfg.rerank))
-                echo(f"  beta = {beta:g} (val R@1 at K={max(cfg.rerank)} for beta {by_beta})")
+                chosen = choose_and_save_beta(paths["corpus"], paths["fast"], paths["slow"], k=max(cfg.rerank))
+                beta = chosen.beta  # also saved as slow/rerank_config.json: a later `thinkfast serve` uses it
+                echo(f"  beta = {beta:g} (val R@1 at K={max(cfg.rerank)} for beta {chosen.r1_by_beta})")
             report = evaluate(paths["corpus"], paths["fast"], paths["slow"], index=paths["index"],
                               embeddings=paths["emb"], rerank=cfg.rerank, max_queries=cfg.max_eval_queries,
                               beta=beta, fast_name="fast distilled", per_query_ranks=real,

@@ -25,7 +25,12 @@ from thinkfast.evaluate import (  # noqa: F401 - re-exported for existing caller
     load_gallery,
     make_queries,
 )
+from thinkfast.evaluation.beta import BETAS, choose_and_save_beta
+from thinkfast.evaluation.config import ALL_SPLITS
+from thinkfast.evaluation.rerank_config import RERANK_CONFIG
 from thinkfast.utils.options import HELP, add_config_arguments, config_from_args
+
+CHOSEN_ON = "val"  # the split --choose-beta tunes on
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,11 +44,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rerank = {f.name: f for f in dataclasses.fields(EvalConfig)}["rerank"]
     parser.add_argument("--rerank", dest="rerank", type=int, nargs="*", default=None, metavar="K",
                         help=rerank.metadata[HELP])
+    parser.add_argument("--choose-beta", action="store_true",
+                        help="choose beta on the val split (R@1 of the largest --rerank K, over "
+                             f"{' '.join(f'{b:g}' for b in BETAS)}), evaluate --split with it, and save it as "
+                             "SLOW/rerank_config.json, which thinkfast serve uses unless given --beta")
     add_config_arguments(parser, EvalConfig, exclude=("rerank",))
+
+
+def _choose_beta(args: argparse.Namespace, config: EvalConfig) -> EvalConfig:
+    """``config`` with the β chosen on val (saved beside the slow model for the service)."""
+    if not args.slow or not config.rerank:
+        raise EvalError("--choose-beta needs --slow and at least one --rerank K (beta weighs the re-ranking)")
+    if config.split in (CHOSEN_ON, ALL_SPLITS):
+        raise EvalError(f"--choose-beta chooses on the {CHOSEN_ON} split, so --split must be another one "
+                        f"(got {config.split!r}): a beta tuned on the rows it is reported on would flatter it")
+    # the val rows through the towers, as the demo does (an index or embed output over the whole
+    # corpus would bring other splits' items into stage 1)
+    chosen = choose_and_save_beta(args.corpus, args.fast, args.slow, k=max(config.rerank), split=CHOSEN_ON,
+                                  max_queries=config.max_queries, num_frames=config.num_frames,
+                                  batch_size=config.batch_size, seed=config.seed, s3_endpoint=config.s3_endpoint)
+    print(f"beta {chosen.beta:g} chosen on {CHOSEN_ON} (R@1 at K={chosen.k}: "
+          f"{', '.join(f'{b} -> {r:.1f}' for b, r in chosen.r1_by_beta.items())}); "
+          f"saved to {args.slow}/{RERANK_CONFIG}")
+    return dataclasses.replace(config, beta=chosen.beta)
 
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(EvalConfig, args)
+    if args.choose_beta:
+        config = _choose_beta(args, config)
     report = evaluate(args.corpus, args.fast, args.slow, index=args.index, embeddings=args.embeddings,
                       out=args.out, **config.evaluate_kwargs())
     print(f"{report['num_queries']} queries over {report['gallery_size']} items (split {report['split']}), "

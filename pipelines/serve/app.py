@@ -66,6 +66,23 @@ def index_shard_count(args: ServeArgs) -> int:
     return shards
 
 
+def resolve_beta(args: ServeArgs) -> ServeArgs:
+    """``args`` with β decided: a given β stays; none given takes the slow model's
+    ``rerank_config.json`` (``thinkfast eval --choose-beta``) when it was chosen for the
+    models these embeddings were made with, else 0. Decided once here, so every replica
+    and every answer's reported β agree."""
+    if args.beta is not None:
+        return args
+    from thinkfast.evaluation.rerank_config import served_beta
+    from thinkfast.store.layout import read_embed_manifest
+
+    manifest = read_embed_manifest(args.embeddings, args.s3_endpoint)
+    beta, why = served_beta(args.slow, manifest.fast.identity if manifest.fast else None,
+                            manifest.slow.identity if manifest.slow else None, args.s3_endpoint)
+    logger.info("re-ranking with %s", why)
+    return args.model_copy(update={"beta": beta})
+
+
 def build_app(args: ServeArgs) -> Application:
     """Bind Ingress -> TextEncoder, Retriever x shards, Reranker (autoscaled), Catalog."""
     from thinkfast_pipelines.serve.deployments import Catalog, Reranker, Retriever, TextEncoder
@@ -73,6 +90,7 @@ def build_app(args: ServeArgs) -> Application:
 
     if not isinstance(args, ServeArgs):  # called directly with a dict (e.g. from a notebook)
         args = ServeArgs.model_validate(args)
+    args = resolve_beta(args)
     shards = index_shard_count(args)
     logger.info("building the search app: %d retriever shard(s) over %s", shards, args.index)
     lim = args.limits

@@ -135,7 +135,11 @@ class ServeArgs(_Strict):
     index: str = Field(description="sharded FAISS index directory (`thinkfast index --out`)")
     embeddings: str = Field(description="`thinkfast embed --out`: its tokens/ is the slow-token store")
     corpus: str = Field(description="corpus Parquet: captions for results and media for /media/{key}")
-    beta: float = Field(0.0, description="weight of s_fast in h + beta*s_fast (thinkfast.rerank's and eval's default: 0)")
+    beta: float | None = Field(
+        None, ge=0, le=1e6,
+        description="weight of s_fast in h + beta*s_fast; None: the slow model's rerank_config.json "
+                    "(thinkfast eval --choose-beta) when chosen for these models, else 0",
+    )
     nprobe: int | None = Field(None, ge=1, description="IVF probes per shard search; None = the index's default")
     s3_endpoint: str | None = Field(None, description="S3 endpoint override; else the AWS_* environment")
     api_token_file: str | None = Field(

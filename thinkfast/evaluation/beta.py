@@ -5,13 +5,17 @@
 spoken. Which β is right depends on the data: on the generated corpus the slow model knows
 every word and β = 0 wins; on real photos whose val and test concepts never occur in a
 training caption the slow model sees mostly unknown words, and a large β keeps the fast
-model's ranking. It is chosen on val, never on test, and travels with the report.
+model's ranking. It is chosen on val, never on test, and travels with the report and
+with the slow model (``rerank_config.json``, :mod:`thinkfast.evaluation.rerank_config`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from thinkfast.evaluation.rerank_config import RerankConfig
 
 logger = logging.getLogger(__name__)
 
@@ -35,3 +39,21 @@ def choose_beta(corpus: str, fast: Any, slow: Any, *, betas: Sequence[float] = B
     best = max(scores, key=lambda b: (scores[b], -b))
     logger.info("beta on %s (R@1 at K=%d): %s -> %s", split, k, scores, best)
     return best, scores
+
+
+def choose_and_save_beta(corpus: str, fast: Any, slow: str, *, k: int, split: str = "val",
+                         betas: Sequence[float] = BETAS, s3_endpoint: str | None = None,
+                         **evaluate_kwargs: Any) -> "RerankConfig":
+    """:func:`choose_beta`, then the result saved as ``slow/rerank_config.json`` with both
+    models' identities, so ``thinkfast serve`` uses the β that was evaluated."""
+    from thinkfast import FastModel, SlowModel
+    from thinkfast.evaluation.rerank_config import RerankConfig, save_rerank_config
+
+    fast_model = FastModel.from_pretrained(fast).eval() if isinstance(fast, str) else fast
+    slow_model = SlowModel.from_pretrained(slow).eval()
+    beta, scores = choose_beta(corpus, fast_model, slow_model, betas=betas, k=k, split=split,
+                               s3_endpoint=s3_endpoint, **evaluate_kwargs)
+    config = RerankConfig(beta=beta, k=k, split=split, fast_identity=fast_model.identity,
+                          slow_identity=slow_model.identity, r1_by_beta={f"{b:g}": r for b, r in scores.items()})
+    save_rerank_config(slow, config, s3_endpoint)
+    return config
